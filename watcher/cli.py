@@ -1,0 +1,217 @@
+"""The `dicom-watcher` command line: parses, configures logging, maps errors
+to exit statuses. The work is done by the library modules below it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from watcher import __version__, headers, logs
+from watcher.engine import Sorter, iter_files
+from watcher.errors import NotRoutable, WatcherError
+from watcher.rules import RuleSet, load_rules, single_rule
+
+log = logging.getLogger("watcher.cli")
+
+#: The layout `sort --dest` uses when no --path is given.
+DEFAULT_SORT_TEMPLATE = (
+    "{PatientID}/{StudyDate}_{StudyDescription}/"
+    "{SeriesNumber:03d}_{SeriesDescription|ProtocolName}/{InstanceNumber:05d}.dcm"
+)
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(level=args.log_level, log_format=args.log_format, log_file=args.log_file)
+    headers.configure_pydicom()
+    try:
+        return int(args.handler(args))
+    except WatcherError as error:
+        print(f"dicom-watcher: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-watcher",
+        description="Route DICOM files from a Storage SCP's inbox into lab trees.",
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-watcher {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--log-format", default="kv", choices=["kv", "json"])
+    common.add_argument("--log-file", help="also append log lines to this file (logrotate-safe)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sort = commands.add_parser(
+        "sort", parents=[common], help="sort existing files into lab trees (one shot)"
+    )
+    sort.add_argument("sources", nargs="+", metavar="SRC", help="files or folders to sort")
+    target = sort.add_mutually_exclusive_group(required=True)
+    target.add_argument("--rules", metavar="DIR", help="route by the rule files in DIR")
+    target.add_argument("--dest", metavar="DIR", help="put every instance under DIR")
+    sort.add_argument(
+        "--path", metavar="TEMPLATE", help=f"path template with --dest (default: {DEFAULT_SORT_TEMPLATE})"
+    )
+    sort.add_argument("--subject", metavar="ID", help="only instances with this PatientID")
+    sort.add_argument("--move", action="store_true", help="remove each source once its copies are durable")
+    sort.add_argument("--dry-run", action="store_true", help="show targets, write nothing")
+    sort.set_defaults(handler=cmd_sort)
+
+    preview = commands.add_parser(
+        "preview", parents=[common], help="show what run would do with these files; writes nothing"
+    )
+    preview.add_argument("sources", nargs="+", metavar="SRC")
+    preview.add_argument("--rules", metavar="DIR", default="rules")
+    preview.set_defaults(handler=cmd_preview)
+
+    check = commands.add_parser("check", parents=[common], help="validate rule files")
+    check.add_argument("--rules", metavar="DIR", default="rules")
+    check.set_defaults(handler=cmd_check)
+    return parser
+
+
+# --- check -------------------------------------------------------------------
+
+
+def rules_or_exit(directory: str) -> RuleSet:
+    """Load rules, printing each problem as `file:line: message`; a folder
+    with problems is a usage error for one-shot commands."""
+    ruleset = load_rules(directory)
+    for problem in ruleset.problems:
+        print(problem, file=sys.stderr)
+    if ruleset.problems:
+        raise WatcherError(f"{len(ruleset.problems)} problem(s) in the rules in {directory}")
+    return ruleset
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    ruleset = load_rules(args.rules)
+    for problem in ruleset.problems:
+        print(problem)
+    for rule in ruleset.rules:
+        if not rule.destination.is_dir():
+            print(f"{rule.source}: warning: destination {rule.destination} does not exist now "
+                  "(it is never created; files wait until it appears)")
+    if ruleset.problems:
+        print(f"{len(ruleset.problems)} problem(s) in {args.rules}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    print(f"ok: {len(ruleset.rules)} rule(s) in {args.rules}: "
+          + ", ".join(rule.name for rule in ruleset.rules))
+    return EXIT_OK
+
+
+# --- sort --------------------------------------------------------------------
+
+
+def cmd_sort(args: argparse.Namespace) -> int:
+    if args.dest is not None:
+        if not Path(args.dest).is_dir():
+            raise WatcherError(f"--dest {args.dest} is not an existing folder (it is never created)")
+        ruleset = single_rule(args.dest, args.path or DEFAULT_SORT_TEMPLATE)
+    else:
+        if args.path:
+            raise WatcherError("--path goes with --dest; with --rules each rule has its own path")
+        ruleset = rules_or_exit(args.rules)
+    sorter = Sorter(ruleset, subject=args.subject, move=args.move, dry_run=args.dry_run)
+    files = list(iter_files(args.sources))
+    progress = Progress(len(files))
+    for path in files:
+        sorter.sort_file(path)
+        progress.step()
+    progress.done()
+    prefix = "dry run (nothing written): " if args.dry_run else ""
+    for line in sorter.summary.lines():
+        print(prefix + line)
+        prefix = ""
+    return EXIT_OK if sorter.summary.complete else EXIT_INCOMPLETE
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, total: int, stream: object = None) -> None:
+        self.total = total
+        self.count = 0
+        self.stream = stream or sys.stderr
+        self.enabled = total > 0 and getattr(self.stream, "isatty", lambda: False)()
+        self.started = self.shown = time.monotonic()
+
+    def step(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.enabled and (now - self.shown > 0.2 or self.count == self.total):
+            self.shown = now
+            width = 30
+            filled = width * self.count // self.total
+            rate = self.count / max(now - self.started, 1e-6)
+            bar = "#" * filled + "." * (width - filled)
+            print(f"\r[{bar}] {self.count}/{self.total} files {rate:.0f}/s", end="", file=self.stream)  # type: ignore[call-overload]
+
+    def done(self) -> None:
+        if self.enabled:
+            print(file=self.stream)  # type: ignore[call-overload]
+
+
+# --- preview -----------------------------------------------------------------
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    ruleset = rules_or_exit(args.rules)
+    tags = headers.tags_for(ruleset.fields)
+    studies: dict[str, list[headers.Instance]] = defaultdict(list)
+    not_routable: list[tuple[str, str]] = []
+    for path in iter_files(args.sources):
+        try:
+            instance = headers.read_instance(path, tags)
+        except NotRoutable as error:
+            not_routable.append((path, error.reason))
+            continue
+        except OSError as error:
+            not_routable.append((path, f"cannot read: {error.strerror}"))
+            continue
+        studies[instance.study_instance_uid].append(instance)
+    for study_uid, instances in studies.items():
+        print_study_preview(study_uid, instances, ruleset)
+    for path, reason in not_routable:
+        print(f"not routable: {path}: {reason}")
+    print(f"{len(studies)} stud(ies), {sum(map(len, studies.values()))} instance(s), "
+          f"{len(not_routable)} not routable")
+    return EXIT_OK
+
+
+def print_study_preview(study_uid: str, instances: list[headers.Instance], ruleset: RuleSet) -> None:
+    first = instances[0].values
+    print(f"study {study_uid} patient={first.get('PatientID', '')!r} "
+          f"date={first.get('StudyDate', '')} description={first.get('StudyDescription', '')!r} "
+          f"files={len(instances)}")
+    by_rule: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    unmatched = 0
+    for instance in instances:
+        routes = ruleset.route(instance.values)
+        if not routes:
+            unmatched += 1
+        series = instance.values.get("SeriesNumber", "") + " " + instance.values.get("SeriesDescription", "")
+        for route in routes:
+            by_rule[f"{route.rule.name} -> {route.rule.destination}"][series.strip()].append(
+                route.relative_path
+            )
+    for rule, series_paths in by_rule.items():
+        print(f"  rule {rule} ({sum(map(len, series_paths.values()))} files)")
+        for series, paths in series_paths.items():
+            print(f"    series {series or '?'}: {len(paths)} file(s)")
+            for path in sorted(paths)[:2]:
+                print(f"      {path}")
+            if len(paths) > 2:
+                print(f"      ... and {len(paths) - 2} more")
+    if unmatched:
+        print(f"  unmatched: {unmatched} file(s) (no rule matches; run keeps them in state/unmatched)")

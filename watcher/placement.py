@@ -1,0 +1,274 @@
+"""Durable placement of one file into a lab tree: the one module that writes there.
+
+`place` copies a file under a destination root so that:
+
+- the root is never created (an unmounted NAS is never filled on the local
+  disk): a missing root raises `DestinationUnavailable`, as do a full, read-only
+  or forbidden one;
+- folders below the root are created one at a time relative to an open
+  handle on the root, never following a symbolic link, so a name can never
+  lead outside the root;
+- bytes go to a temporary name in the target folder (`TEMP_PREFIX...`), are
+  flushed to disk, then linked to the final name, which fails rather than
+  replacing an existing file; the folder is flushed last;
+- a file already there with the same bytes is left alone ("present"); a
+  different file at that name makes the new one go beside it under a suffix
+  derived from its content, so the choice is the same on every run.
+
+Other `OSError`s (EIO, ESTALE, timeouts) propagate: they are worth retrying.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from watcher.errors import DestinationUnavailable
+from watcher.template import with_suffix
+
+#: Every temporary file starts with this; `remove_temporaries` cleans them up.
+TEMP_PREFIX = ".dicom-watcher-tmp."
+#: Errors that mean "this destination cannot take files now", not "try again at once".
+UNAVAILABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR}
+)
+CHUNK = 1024 * 1024
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Outcome = Literal["placed", "present"]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an instance now is, and whether this call wrote it."""
+
+    path: Path
+    outcome: Outcome
+    size: int
+    #: Set when the plain name held other bytes and this one went beside it.
+    beside: Path | None = None
+
+
+class PathConflict(OSError):
+    """A non-folder stands where the template needs a folder."""
+
+
+def place(source: str, root: Path, relative: str, *, link: bool = False) -> Placement:
+    """Durably copy `source` to `root/relative`; see the module docstring.
+
+    `link=True` allows a hard link instead of a copy when source and root are
+    on one filesystem (the caller then removes the source, so the lab's file
+    never shares its inode for long).
+    """
+    *folders, name = relative.split("/")
+    try:
+        root_fd = os.open(root, DIRECTORY_FLAGS)
+    except OSError as error:
+        raise _unavailable(root, error) from error
+    try:
+        folder_fd = _open_folders(root, root_fd, folders)
+        try:
+            return _place_in(source, root, folder_fd, folders, name, link)
+        finally:
+            if folder_fd != root_fd:
+                os.close(folder_fd)
+    finally:
+        os.close(root_fd)
+
+
+def _place_in(
+    source: str, root: Path, folder_fd: int, folders: list[str], name: str, link: bool
+) -> Placement:
+    folder = root.joinpath(*folders)
+    size = os.stat(source).st_size
+    candidate = name
+    beside = None
+    existing = _stat(name, folder_fd)
+    if existing is not None:
+        if existing.st_size == size and _same_bytes(source, name, folder_fd):
+            return Placement(folder / name, "present", size)
+        # Other bytes under this name: go beside them, under a name derived
+        # from our own content, so that a re-run finds us there again.
+        beside = folder / name
+        digest = _sha256(source)
+        for candidate in (with_suffix(name, digest[:12]), with_suffix(name, digest)):
+            existing = _stat(candidate, folder_fd)
+            if existing is None:
+                break
+            if existing.st_size == size and _same_bytes(source, candidate, folder_fd):
+                return Placement(folder / candidate, "present", size, beside)
+        else:
+            raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
+
+    temporary = _write_temporary(source, root, folder_fd, name, link)
+    try:
+        _link_into_place(temporary, candidate, folder_fd)
+    except FileExistsError:
+        # Someone placed a file under this name since we looked: decide again.
+        _unlink_quietly(temporary, folder_fd)
+        return _place_in(source, root, folder_fd, folders, name, link)
+    except OSError as error:
+        _unlink_quietly(temporary, folder_fd)
+        raise _classify(root, error) from error
+    _unlink_quietly(temporary, folder_fd)
+    _fsync_folder(folder_fd)
+    return Placement(folder / candidate, "placed", size, beside)
+
+
+def _open_folders(root: Path, root_fd: int, folders: list[str]) -> int:
+    """Open (creating as needed) each folder below the root; return the last."""
+    fd = root_fd
+    for component in folders:
+        created = False
+        try:
+            os.mkdir(component, 0o777, dir_fd=fd)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as error:
+            _close_unless(fd, root_fd)
+            raise _classify(root, error) from error
+        try:
+            child = os.open(component, DIRECTORY_FLAGS, dir_fd=fd)
+        except OSError as error:
+            _close_unless(fd, root_fd)
+            if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise PathConflict(error.errno, "not a folder (or a link)", component) from error
+            raise _classify(root, error) from error
+        if created:
+            _fsync_folder(fd)
+        _close_unless(fd, root_fd)
+        fd = child
+    return fd
+
+
+def _write_temporary(source: str, root: Path, folder_fd: int, name: str, link: bool) -> str:
+    temporary = f"{TEMP_PREFIX}{secrets.token_hex(6)}.{name[:32]}"
+    if link and _try_link(source, temporary, folder_fd):
+        return temporary
+    with open(source, "rb", buffering=0) as inp:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            out = os.open(temporary, flags, 0o666, dir_fd=folder_fd)
+        except OSError as error:
+            raise _classify(root, error) from error
+        try:
+            while chunk := inp.read(CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view) :]
+            os.fsync(out)
+        except OSError as error:
+            _unlink_quietly(temporary, folder_fd)
+            raise _classify(root, error) from error
+        finally:
+            os.close(out)
+    return temporary
+
+
+def _try_link(source: str, temporary: str, folder_fd: int) -> bool:
+    try:
+        os.link(source, temporary, dst_dir_fd=folder_fd)
+    except OSError:
+        return False  # another filesystem, or links not allowed: copy instead
+    with open(source, "rb") as handle:
+        os.fsync(handle.fileno())
+    return True
+
+
+def _link_into_place(temporary: str, name: str, folder_fd: int) -> None:
+    """Give the temporary file its final name without ever replacing a file."""
+    try:
+        os.link(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        # Filesystems without hard links (some SMB/FAT shares): rename after a
+        # check. A racing writer could slip in between; both sides check.
+        if _stat(name, folder_fd) is not None:
+            raise FileExistsError(errno.EEXIST, "exists", name) from error
+        os.rename(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+
+
+def _stat(name: str, folder_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _same_bytes(source: str, name: str, folder_fd: int) -> bool:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    with open(source, "rb", buffering=0) as ours, open(fd, "rb", buffering=0) as theirs:
+        while True:
+            mine = ours.read(CHUNK)
+            if mine != theirs.read(CHUNK):
+                return False
+            if not mine:
+                return True
+
+
+def _sha256(source: str) -> str:
+    digest = hashlib.sha256()
+    with open(source, "rb", buffering=0) as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_folder(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # some network filesystems refuse it
+            raise
+
+
+def _unlink_quietly(name: str, folder_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _close_unless(fd: int, keep: int) -> None:
+    if fd != keep:
+        os.close(fd)
+
+
+def _unavailable(root: Path, error: OSError) -> DestinationUnavailable:
+    if error.errno in (errno.ENOENT, errno.ENOTDIR):
+        return DestinationUnavailable(str(root), "the folder does not exist (is the share mounted?)")
+    return DestinationUnavailable(str(root), error.strerror or str(error))
+
+
+def _classify(root: Path, error: OSError) -> OSError | DestinationUnavailable:
+    """Unavailable-destination errors become `DestinationUnavailable`;
+    the rest stay `OSError`s, which callers retry."""
+    if isinstance(error, PathConflict):
+        return error
+    if error.errno in UNAVAILABLE_ERRNOS:
+        return _unavailable(root, error)
+    return error
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete temporary files left in `folder` by an interrupted placement."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
