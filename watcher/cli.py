@@ -4,14 +4,20 @@ to exit statuses. The work is done by the library modules below it."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from watcher import __version__, headers, logs
+from watcher.config import load_config
+from watcher.daemon import Daemon
 from watcher.engine import Sorter, iter_files
 from watcher.errors import NotRoutable, WatcherError
 from watcher.rules import RuleSet, load_rules, single_rule
@@ -74,10 +80,88 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--rules", metavar="DIR", default="rules")
     preview.set_defaults(handler=cmd_preview)
 
+    run = commands.add_parser(
+        "run", parents=[common], help="the daemon: watch the inbox and place complete studies"
+    )
+    run.add_argument("--config", metavar="FILE", help="YAML config (default: ./dicom-watcher.yaml if present)")
+    run.add_argument("--once", action="store_true",
+                     help="place what is in the inbox now, then exit (0 when drained)")
+    run.add_argument("--quiet-seconds", type=float, metavar="N", help="override quiet_seconds")
+    run.set_defaults(handler=cmd_run)
+
+    status = commands.add_parser("status", parents=[common], help="what the daemon is doing")
+    status.add_argument("--config", metavar="FILE")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=cmd_status)
+
     check = commands.add_parser("check", parents=[common], help="validate rule files")
     check.add_argument("--rules", metavar="DIR", default="rules")
     check.set_defaults(handler=cmd_check)
     return parser
+
+
+# --- run and status ----------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config).with_overrides(quiet_seconds=args.quiet_seconds)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info(logs.kv("stopping", signal=signal.Signals(signum).name))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return Daemon(config, once=args.once, stop=stop).run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    path = config.state / "status.json"
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WatcherError(f"no status in {path}: the daemon has not run with this config") from None
+    except (OSError, ValueError) as error:
+        raise WatcherError(f"cannot read {path}: {error}") from error
+    age = time.time() - float(status.get("updated", 0))
+    status["running"] = _alive(int(status.get("pid", 0))) and age < 60
+    status["updated_seconds_ago"] = round(age, 1)
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return EXIT_OK
+    state = "running" if status["running"] else "NOT RUNNING"
+    print(f"dicom-watcher {state} (pid {status.get('pid')}, updated {age:.0f} s ago), "
+          f"inbox {status.get('inbox')}")
+    print(f"files arriving: {status.get('files_arriving', 0)}   pending studies: "
+          f"{len(status.get('studies', []))}   quarantine: {status.get('quarantine_files', 0)}   "
+          f"unmatched: {status.get('unmatched_files', 0)}   placed: "
+          f"{status.get('placed_studies', 0)} studies / {status.get('placed_files', 0)} files")
+    for study in status.get("studies", []):
+        line = (f"  {study['study']}  patient={study['patient']!r} files={study['files']} "
+                f"age={study['age_seconds']:.0f}s  {study['next']}")
+        if study.get("last_error"):
+            line += f"  last error: {study['last_error']} (attempts {study['attempts']})"
+        print(line)
+    last = status.get("last_placement") or {}
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("time", 0))))
+        print(f"last placement: {when} lab={last.get('lab')} study={last.get('study')} "
+              f"files={last.get('files')} -> {last.get('destination')}")
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- check -------------------------------------------------------------------

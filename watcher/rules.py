@@ -8,6 +8,7 @@ does not stop the others from loading.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -190,7 +191,7 @@ def _validate(
         return None, problems
     folder = Path(destination).expanduser()
     if not folder.is_absolute():
-        folder = Path(source).parent / folder
+        folder = Path(os.path.normpath(Path(source).parent.absolute() / folder))
     return Rule(
         name=str(name), source=source, match=conditions, destination=folder, path=parsed
     ), problems
@@ -225,3 +226,63 @@ def _conditions(match: Any, lines: dict[str, int], problem: Any) -> tuple[Condit
 
 def describe(rules: Iterable[Rule]) -> str:
     return ", ".join(rule.name for rule in rules) or "(none)"
+
+
+class RuleBook:
+    """The rules in force for a long-running daemon.
+
+    `refresh` reloads the folder when a file was added, changed or removed.
+    A file that now has a problem keeps its last good version in force, and
+    its problems are reported once per change.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.ruleset = RuleSet()
+        self._good: dict[Path, Rule] = {}
+        self._signature: tuple[tuple[str, int, int], ...] | None = None
+
+    def _current_signature(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            entries = sorted(self.directory.iterdir())
+        except OSError:
+            return ()
+        signature = []
+        for path in entries:
+            if path.suffix in RULE_SUFFIXES:
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                signature.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
+    def refresh(self) -> list[RuleError] | None:
+        """Reload if anything changed: return the problems found (maybe
+        empty), or None when nothing changed."""
+        signature = self._current_signature()
+        if signature == self._signature:
+            return None
+        self._signature = signature
+        problems: list[RuleError] = []
+        present = {self.directory / name for name, _, _ in signature}
+        for path in list(self._good):
+            if path not in present:
+                del self._good[path]
+        for path in sorted(present):
+            rule, found = load_rule_file(path)
+            problems.extend(found)
+            if rule is not None:
+                self._good[path] = rule
+            elif path in self._good:
+                problems.append(
+                    RuleError(str(path), 1, "the last good version of this file stays in force")
+                )
+        rules: list[Rule] = []
+        for path, rule in sorted(self._good.items()):
+            if any(existing.name == rule.name for existing in rules):
+                problems.append(RuleError(str(path), 1, f"a rule named {rule.name!r} already exists"))
+                continue
+            rules.append(rule)
+        self.ruleset = RuleSet(rules=tuple(rules), problems=tuple(problems))
+        return problems

@@ -1,0 +1,107 @@
+"""The daemon's YAML configuration: every key has a default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from watcher.errors import ConfigError
+
+#: Read from the current folder when no --config is given, if it exists.
+DEFAULT_CONFIG_FILE = "dicom-watcher.yaml"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of `dicom-watcher run` and `status`. Paths in a config file
+    are relative to that file's folder."""
+
+    inbox: Path = Path("inbox")
+    rules: Path = Path("rules")
+    state: Path = Path("state")
+    #: A study is complete when none of its instances arrived for this long.
+    quiet_seconds: float = 60.0
+    #: A study that never goes quiet is placed anyway once this old (warning).
+    max_study_age_seconds: float = 6 * 3600.0
+    #: A file is read once its size and time stopped changing for this long
+    #: (at once after its writer closed it, when inotify says so).
+    settle_seconds: float = 2.0
+    #: A file that stays unreadable this long after its last change is quarantined.
+    quarantine_after_seconds: float = 60.0
+    #: Full rescan of the inbox: catches events inotify missed or dropped.
+    rescan_seconds: float = 30.0
+    #: Poll the inbox instead of inotify (inboxes on NFS/SMB); polling interval.
+    poll: bool = False
+    poll_seconds: float = 2.0
+    #: Immediate retries of a transient write error (EIO, ESTALE, timeouts).
+    retry_attempts: int = 5
+    retry_max_seconds: float = 60.0
+    #: Parked studies (destination unavailable): first and longest wait.
+    park_first_seconds: float = 30.0
+    park_max_seconds: float = 1800.0
+    #: How often the rules folder is checked for changes.
+    rules_check_seconds: float = 2.0
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PATH_KEYS = ("inbox", "rules", "state")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a config file; `None` means `./dicom-watcher.yaml` if present, else defaults.
+
+    Every problem raises `ConfigError` with a one-line message.
+    """
+    if path is None:
+        if not Path(DEFAULT_CONFIG_FILE).is_file():
+            return _absolute(Config(), Path.cwd())
+        path = DEFAULT_CONFIG_FILE
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read config {file}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else str(file)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(error, 'problem', error)}") from error
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the config must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{file}: unknown key {key!r} (known: {', '.join(fields)})")
+        values[key] = _convert(file, key, value, type(getattr(Config(), key)))
+    return _absolute(Config(**values), file.resolve().parent)
+
+
+def _convert(file: Path, key: str, value: Any, kind: type) -> Any:
+    if kind is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{file}: {key} must be a folder path")
+        return Path(value).expanduser()
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{file}: {key} must be true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{file}: {key} must be a number >= 0, not {value!r}")
+    return kind(value)
+
+
+def _absolute(config: Config, base: Path) -> Config:
+    paths = {key: base / getattr(config, key) for key in PATH_KEYS}
+    config = dataclasses.replace(config, **paths)
+    inbox, state = config.inbox.resolve(), config.state.resolve()
+    if inbox == state or inbox in state.parents or state in inbox.parents:
+        raise ConfigError(f"inbox ({inbox}) and state ({state}) must be separate folders")
+    return config

@@ -1,0 +1,571 @@
+"""The inbox daemon: the orchestrator of `dicom-watcher run`.
+
+One loop thread does the work; the watchdog observer thread only enqueues
+paths. Each tick: take the events, rescan now and then, read the files that
+are complete, place the studies that went quiet, publish the status.
+
+Nothing is kept only in memory that cannot be rebuilt from disk: pending
+studies come back from the inbox at start-up, retry schedules from
+`state/retry/`, and `state/placing.json` names the folders of a placement in
+progress, so that its temporary files are cleaned up after a crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from watcher import headers
+from watcher.config import Config
+from watcher.engine import RetryPolicy, place_instance, remove_source
+from watcher.errors import DestinationUnavailable, NotRoutable
+from watcher.logs import kv
+from watcher.placement import TEMP_PREFIX, PathConflict, place, remove_temporaries
+from watcher.rules import Route, RuleBook
+from watcher.studies import Arrivals, Studies, Study
+from watcher.template import safe_component
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.2
+STATUS_SECONDS = 2.0
+
+
+# --- watching the inbox ------------------------------------------------------
+
+
+class InboxHandler(FileSystemEventHandler):
+    """Puts `(kind, path)` on a queue; never raises (an exception in a
+    watchdog handler kills the observer thread without a word)."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[str, str]]) -> None:
+        self.events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            kind = event.event_type
+            if kind in ("opened", "closed_no_write"):
+                return
+            path = os.fsdecode(event.dest_path if kind == "moved" else event.src_path)
+            if event.is_directory:
+                kind = "dir"
+            self.events.put((kind, path))
+        except Exception:  # noqa: BLE001 - see class docstring
+            log.exception(kv("watch_handler_error"))
+
+
+class InboxWatcher:
+    """The watchdog observer on the inbox, restarted if it dies, and moved to
+    polling when inotify cannot watch any more folders."""
+
+    def __init__(self, inbox: Path, poll: bool, poll_seconds: float) -> None:
+        self.inbox = inbox
+        self.poll = poll
+        self.poll_seconds = poll_seconds
+        self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.observer: BaseObserver | None = None
+
+    def start(self) -> None:
+        try:
+            self.observer = self._start(self.poll)
+        except OSError as error:
+            if self.poll or error.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            log.warning(kv("inotify_limit", error=error.strerror,
+                           action="polling the inbox instead; raise fs.inotify.max_user_watches"))
+            self.poll = True
+            self.observer = self._start(True)
+        log.info(kv("watching", inbox=self.inbox, mode="polling" if self.poll else "inotify"))
+
+    def _start(self, poll: bool) -> BaseObserver:
+        observer = PollingObserver(timeout=self.poll_seconds) if poll else Observer()
+        observer.schedule(InboxHandler(self.events), str(self.inbox), recursive=True)
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def healthy(self) -> bool:
+        return self.observer is not None and self.observer.is_alive()
+
+    def restart(self) -> None:
+        log.error(kv("watcher_died", action="restarting the observer and rescanning"))
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            if self.observer.is_alive():
+                self.observer.join(timeout=5)
+            self.observer = None
+
+
+# --- the daemon --------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    placed_files: int = 0
+    placed_studies: int = 0
+    quarantined: int = 0
+    unmatched: int = 0
+    last_placement: dict[str, object] = field(default_factory=dict)
+
+
+class Daemon:
+    """`dicom-watcher run`. `clock` (wall seconds) and `stop` are injectable."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        once: bool = False,
+        clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.once = once
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.rulebook = RuleBook(config.rules)
+        self.arrivals = Arrivals()
+        self.studies = Studies(headers.BASE_FIELDS)
+        self.tags = headers.tags_for(())
+        self.retry = RetryPolicy(attempts=config.retry_attempts, max_seconds=config.retry_max_seconds)
+        self.watcher: InboxWatcher | None = None
+        self.counts = Counts()
+        self.state = config.state
+        self.quarantine_dir = config.state / "quarantine"
+        self.unmatched_dir = config.state / "unmatched"
+        self.retry_dir = config.state / "retry"
+        self.journal = config.state / "placing.json"
+        self.saved_retries: dict[str, dict[str, object]] = {}
+        self.started = self.clock()
+        self._next_rescan = self._next_rules = self._next_status = 0.0
+
+    # -- life cycle --
+
+    def run(self) -> int:
+        self._prepare()
+        self._reload_rules()
+        if not self.once:
+            self.watcher = InboxWatcher(self.config.inbox, self.config.poll, self.config.poll_seconds)
+            self.watcher.start()  # before the first scan: nothing falls between them
+        log.info(kv("started", inbox=self.config.inbox, rules=self.config.rules,
+                    state=self.state, quiet_seconds=self.config.quiet_seconds, once=self.once))
+        try:
+            self._reroute_unmatched()
+            while not self.stop.is_set():
+                self.tick()
+                if self.once and not self.arrivals and all(
+                    s.parked_since is not None for s in self.studies
+                ):
+                    break
+                self.stop.wait(TICK_SECONDS)
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            self._write_status()
+        parked = [s for s in self.studies if s.parked_since is not None]
+        if self.once and parked:
+            log.error(kv("once_incomplete", parked_studies=len(parked),
+                         files_left=sum(len(s.instances) for s in parked)))
+            return 1
+        log.info(kv("stopped", pending_studies=len(self.studies), files_waiting=len(self.arrivals)))
+        return 0
+
+    def _prepare(self) -> None:
+        for folder in (self.config.inbox, self.quarantine_dir, self.unmatched_dir, self.retry_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._clean_interrupted_placement()
+        for path in self.retry_dir.glob("*.json"):
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                self.saved_retries[str(saved["study"])] = saved
+            except (OSError, ValueError, KeyError) as error:
+                log.warning(kv("retry_state_unreadable", path=path, error=error))
+
+    def _clean_interrupted_placement(self) -> None:
+        try:
+            folders = json.loads(self.journal.read_text(encoding="utf-8"))["folders"]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError) as error:
+            log.warning(kv("journal_unreadable", path=self.journal, error=error))
+            folders = []
+        removed = sum(remove_temporaries(Path(folder)) for folder in folders)
+        log.info(kv("cleaned_interrupted_placement", folders=len(folders), temporary_files=removed))
+        self.journal.unlink(missing_ok=True)
+
+    # -- one turn of the loop --
+
+    def tick(self) -> None:
+        now = self.clock()
+        self._take_events(now)
+        if now >= self._next_rescan:
+            self._next_rescan = now + self.config.rescan_seconds
+            self.scan(self.config.inbox, now)
+        if now >= self._next_rules:
+            self._next_rules = now + self.config.rules_check_seconds
+            if self._reload_rules():
+                self._reroute_unmatched()
+        self._read_ready(now)
+        self._handle_unroutable(now)
+        for study, why in self.studies.due(
+            now, self.config.quiet_seconds, self.config.max_study_age_seconds
+        ):
+            if self.stop.is_set():
+                break
+            self.place_study(study, why)
+        if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
+            self.watcher.restart()
+            self._next_rescan = 0.0
+        if now >= self._next_status:
+            self._next_status = now + STATUS_SECONDS
+            self._write_status()
+
+    def _take_events(self, now: float) -> None:
+        if self.watcher is None:
+            return
+        while True:
+            try:
+                kind, path = self.watcher.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "dir":
+                self.scan(Path(path), now)  # files may predate its watch
+            elif kind == "deleted":
+                self.arrivals.forget(path)
+                self.studies.remove_path(path)
+            else:
+                if path in self.studies:  # rewritten after it was read
+                    self.studies.remove_path(path)
+                self._observe(path, now, closed=kind == "closed")
+
+    def scan(self, folder: Path, now: float) -> None:
+        """Notice every file under `folder` not known yet."""
+        for directory, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(directory, name)
+                if path not in self.arrivals and path not in self.studies:
+                    self._observe(path, now)
+
+    def _observe(self, path: str, now: float, closed: bool = False) -> None:
+        if os.path.basename(path).startswith(TEMP_PREFIX):
+            return
+        try:
+            stat = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            self.arrivals.forget(path)
+            return
+        if not os.path.isfile(path) or os.path.islink(path):
+            return
+        self.arrivals.observe(path, stat.st_size, stat.st_mtime, now, closed)
+
+    def _read_ready(self, now: float) -> None:
+        for path in self.arrivals.ready(now, self.config.settle_seconds, self.clock()):
+            if self.stop.is_set():
+                return
+            candidate = self.arrivals.files[path]
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                self.arrivals.forget(path)
+                continue
+            if (stat.st_size, stat.st_mtime) != (candidate.size, candidate.mtime):
+                self.arrivals.observe(path, stat.st_size, stat.st_mtime, now)
+                continue
+            retry_after = max(self.config.settle_seconds, 1.0)
+            try:
+                instance = headers.read_instance(path, self.tags)
+            except NotRoutable as error:
+                self.arrivals.failed(path, error.reason, now, retry_after)
+                continue
+            except FileNotFoundError:
+                self.arrivals.forget(path)
+                continue
+            except OSError as error:
+                reason = f"cannot read: {error.strerror or error}"
+                log.warning(kv("read_error", path=path, error=reason))
+                self.arrivals.failed(path, reason, now, retry_after)
+                continue
+            self.arrivals.forget(path)
+            study = self.studies.add(instance, now)
+            self._apply_saved_retry(study)
+
+    def _apply_saved_retry(self, study: Study) -> None:
+        saved = self.saved_retries.pop(study.uid, None)
+        if saved is None:
+            return
+        study.attempts = int(saved.get("attempts", 0))  # type: ignore[call-overload]
+        study.next_try = float(saved.get("next_try", 0))  # type: ignore[arg-type]
+        study.last_error = str(saved.get("last_error", ""))
+        study.parked_since = float(saved.get("parked_since", self.clock()))  # type: ignore[arg-type]
+        log.info(kv("retry_state_restored", study=study.uid, attempts=study.attempts,
+                    next_try_in=round(max(study.next_try - self.clock(), 0))))
+
+    def _handle_unroutable(self, now: float) -> None:
+        grace = self.config.settle_seconds if self.once else self.config.quarantine_after_seconds
+        for path, reason in self.arrivals.to_quarantine(now, grace):
+            if self.stop.is_set():
+                return
+            self.quarantine(path, reason)
+
+    # -- rules --
+
+    def _reload_rules(self) -> bool:
+        problems = self.rulebook.refresh()
+        if problems is None:
+            return False
+        for problem in problems:
+            log.error(kv("rule_problem", problem=str(problem)))
+        ruleset = self.rulebook.ruleset
+        log.info(kv("rules_loaded", rules=",".join(r.name for r in ruleset.rules) or "(none)",
+                    problems=len(problems)))
+        fields = tuple(sorted(set(headers.BASE_FIELDS) | ruleset.fields))
+        self.tags = headers.tags_for(fields)
+        self.studies.fields = fields
+        return True
+
+    # -- placing --
+
+    def place_study(self, study: Study, why: str) -> None:
+        started = time.monotonic()
+        if study.fields != self.studies.fields:
+            self._reread(study)
+        ruleset = self.rulebook.ruleset
+        plan = [(study.instance(p), ruleset.route(study.values(p))) for p in study.instances.values()]
+        if why == "max_age":
+            log.warning(kv("study_forced", study=study.uid, files=len(plan),
+                           reason=f"still receiving after {self.config.max_study_age_seconds:.0f} s"))
+        self._write_journal(plan)
+        per_rule: dict[str, RulePlacement] = {}
+        error = None
+        unmatched = 0
+        try:
+            for instance, routes in plan:
+                if self.stop.is_set():
+                    break
+                if not routes:
+                    self._keep_unmatched(instance, study.uid)
+                    unmatched += 1
+                    self.studies.remove_path(instance.path)
+                    continue
+                try:
+                    placements = place_instance(instance, routes, move=True, retry=self.retry)
+                except FileNotFoundError as missing:
+                    if not os.path.exists(instance.path):
+                        log.warning(kv("source_vanished", path=instance.path))
+                        self.studies.remove_path(instance.path)
+                        continue
+                    error = f"{missing.strerror}: {missing.filename}"
+                    break
+                except (DestinationUnavailable, PathConflict, OSError) as failure:
+                    error = _describe(failure)
+                    break
+                self.studies.remove_path(instance.path)
+                for route, placement in zip(routes, placements, strict=True):
+                    per_rule.setdefault(route.rule.name, RulePlacement(route)).add(placement)
+        finally:
+            self.journal.unlink(missing_ok=True)
+        seconds = time.monotonic() - started
+        for summary in per_rule.values():
+            self._log_placed(study, summary, seconds)
+        if unmatched:
+            self.counts.unmatched += unmatched
+            log.warning(kv("study_unmatched", study=study.uid, patient=study.patient, files=unmatched,
+                           kept_in=self.unmatched_dir / safe_component(study.uid)))
+        if error is not None:
+            self._park(study, error)
+        elif study.uid not in self.studies.by_uid or not study.instances:
+            self._placed(study)
+
+    def _reread(self, study: Study) -> None:
+        for pending in list(study.instances.values()):
+            try:
+                instance = headers.read_instance(pending.path, self.tags)
+            except (NotRoutable, OSError):
+                continue
+            self.studies.add(instance, study.last_arrival)
+
+    def _write_journal(self, plan: list[tuple[headers.Instance, list[Route]]]) -> None:
+        folders = sorted({
+            str(route.rule.destination / os.path.dirname(route.relative_path))
+            for _, routes in plan for route in routes
+        })
+        atomic_write(self.journal, json.dumps({"folders": folders}))
+
+    def _log_placed(self, study: Study, summary: RulePlacement, seconds: float) -> None:
+        self.counts.placed_files += summary.files
+        self.counts.last_placement = {
+            "study": study.uid, "lab": summary.route.rule.name, "files": summary.files,
+            "destination": str(summary.folder), "time": self.clock(),
+        }
+        log.info(kv("study_placed", lab=summary.route.rule.name, patient=study.patient,
+                    study=study.uid, files=summary.files, new=summary.placed, bytes=summary.bytes,
+                    seconds=f"{seconds:.2f}", destination=summary.folder))
+
+    def _placed(self, study: Study) -> None:
+        self.counts.placed_studies += 1
+        if study.parked_since is not None:
+            log.warning(kv("study_resumed", study=study.uid, attempts=study.attempts,
+                           parked_seconds=round(self.clock() - study.parked_since)))
+        (self.retry_dir / f"{safe_component(study.uid)}.json").unlink(missing_ok=True)
+
+    def _park(self, study: Study, error: str) -> None:
+        now = self.clock()
+        changed = Studies.park(study, error, now, self.config.park_first_seconds,
+                               self.config.park_max_seconds)
+        record = {"study": study.uid, "attempts": study.attempts, "next_try": study.next_try,
+                  "last_error": error, "parked_since": study.parked_since,
+                  "files": len(study.instances)}
+        atomic_write(self.retry_dir / f"{safe_component(study.uid)}.json", json.dumps(record))
+        if changed:
+            log.warning(kv("study_parked", study=study.uid, patient=study.patient,
+                           files=len(study.instances), error=error,
+                           next_try_in=round(study.next_try - now)))
+        else:
+            log.debug(kv("study_retry_failed", study=study.uid, attempts=study.attempts))
+
+    # -- quarantine and unmatched --
+
+    def quarantine(self, path: str, reason: str) -> None:
+        day = time.strftime("%Y%m%d", time.gmtime(self.clock()))
+        name = safe_component(os.path.basename(path))
+        folder = self.quarantine_dir / day
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            placement = place(path, self.quarantine_dir, f"{day}/{name}", link=True)
+            atomic_write(placement.path.with_name(placement.path.name + ".reason.txt"),
+                         f"{reason}\nfrom: {path}\nat: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))}\n")
+            remove_source(path)
+        except (OSError, DestinationUnavailable) as error:
+            log.error(kv("quarantine_failed", path=path, error=_describe(error)))
+            return
+        self.arrivals.forget(path)
+        self.counts.quarantined += 1
+        log.warning(kv("quarantined", path=path, reason=reason, kept_as=placement.path))
+
+    def _keep_unmatched(self, instance: headers.Instance, study_uid: str) -> None:
+        relative = f"{safe_component(study_uid)}/{safe_component(os.path.basename(instance.path))}"
+        place(instance.path, self.unmatched_dir, relative, link=True)
+        remove_source(instance.path)
+
+    def _reroute_unmatched(self) -> None:
+        """Route the kept unmatched studies again under the current rules."""
+        ruleset = self.rulebook.ruleset
+        if not ruleset.rules:
+            return
+        rerouted: Counter[str] = Counter()
+        for folder in sorted(p for p in self.unmatched_dir.iterdir() if p.is_dir()):
+            for path in sorted(folder.iterdir()):
+                try:
+                    instance = headers.read_instance(path, self.tags)
+                except (NotRoutable, OSError):
+                    continue
+                routes = ruleset.route(instance.values)
+                if not routes:
+                    continue
+                try:
+                    place_instance(instance, routes, move=True, retry=self.retry)
+                except (DestinationUnavailable, PathConflict, OSError) as error:
+                    log.warning(kv("unmatched_reroute_failed", path=path, error=_describe(error)))
+                    continue
+                rerouted[folder.name] += 1
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        for study, files in rerouted.items():
+            log.info(kv("unmatched_rerouted", study=study, files=files))
+
+    # -- status --
+
+    def _write_status(self) -> None:
+        now = self.clock()
+        studies = []
+        for study in self.studies:
+            if study.parked_since is not None:
+                step = f"parked: next try in {max(study.next_try - now, 0):.0f} s"
+            else:
+                step = f"complete in {max(self.config.quiet_seconds - (now - study.last_arrival), 0):.0f} s"
+            studies.append({
+                "study": study.uid, "patient": study.patient, "files": len(study.instances),
+                "bytes": study.bytes, "age_seconds": round(now - study.first_arrival, 1),
+                "quiet_seconds": round(now - study.last_arrival, 1), "next": step,
+                "attempts": study.attempts, "last_error": study.last_error,
+            })
+        status = {
+            "pid": os.getpid(), "started": self.started, "updated": now,
+            "inbox": str(self.config.inbox), "files_arriving": len(self.arrivals),
+            "studies": studies, "quarantine_files": _count_files(self.quarantine_dir, ".reason.txt"),
+            "unmatched_files": _count_files(self.unmatched_dir),
+            "placed_files": self.counts.placed_files, "placed_studies": self.counts.placed_studies,
+            "last_placement": self.counts.last_placement,
+        }
+        try:
+            atomic_write(self.state / "status.json", json.dumps(status, indent=1))
+        except OSError as error:
+            log.warning(kv("status_write_failed", error=error.strerror or error))
+
+
+@dataclass
+class RulePlacement:
+    """The placements of one study for one rule, for its summary line."""
+
+    route: Route
+    files: int = 0
+    placed: int = 0
+    bytes: int = 0
+    folders: set[str] = field(default_factory=set)
+
+    def add(self, placement: object) -> None:
+        self.files += 1
+        self.bytes += placement.size  # type: ignore[attr-defined]
+        if placement.outcome == "placed":  # type: ignore[attr-defined]
+            self.placed += 1
+        self.folders.add(str(placement.path.parent))  # type: ignore[attr-defined]
+
+    @property
+    def folder(self) -> str:
+        return os.path.commonpath(sorted(self.folders)) if self.folders else ""
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, DestinationUnavailable):
+        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    return str(error)
+
+
+def _count_files(folder: Path, suffix: str = "") -> int:
+    total = 0
+    for _, _, files in os.walk(folder):
+        total += sum(1 for name in files if name.endswith(suffix) and not name.startswith(TEMP_PREFIX))
+    return total
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically and durably (state files only)."""
+    temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}.{path.name}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

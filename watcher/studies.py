@@ -1,0 +1,194 @@
+"""Pure bookkeeping of the daemon: when a file is ready, when a study is complete.
+
+No I/O and no clock: every method takes `now` (seconds, any epoch), so the
+tests drive time by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from watcher.headers import Instance
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A file seen in the inbox but not yet read."""
+
+    size: int
+    mtime: float
+    changed_at: float
+    closed: bool = False
+    #: When a read first found it unroutable (it may still be being written),
+    #: why, and when to read it again.
+    failed_at: float | None = None
+    reason: str = ""
+    next_read: float = 0.0
+
+
+class Arrivals:
+    """Files waiting to be complete: closed by their writer, or unchanged
+    (size and modification time) for `settle` seconds."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.files
+
+    def observe(self, path: str, size: int, mtime: float, now: float, closed: bool = False) -> None:
+        known = self.files.get(path)
+        if known is None:
+            self.files[path] = Candidate(size, mtime, now, closed)
+        elif (known.size, known.mtime) != (size, mtime):
+            known.size, known.mtime, known.changed_at = size, mtime, now
+            known.closed = closed
+            known.failed_at = None
+            known.next_read = 0.0
+        elif closed:
+            known.closed = True
+
+    def forget(self, path: str) -> None:
+        self.files.pop(path, None)
+
+    def ready(self, now: float, settle: float, wall_now: float) -> list[str]:
+        """Paths whose writer is done: closed, or unchanged for `settle`
+        seconds (by our observation, or by the file's own modification time).
+        An unroutable file is read again after a while, in case it grew."""
+        return [
+            path
+            for path, c in self.files.items()
+            if now >= c.next_read
+            and (c.closed or now - c.changed_at >= settle or wall_now - c.mtime >= settle)
+        ]
+
+    def failed(self, path: str, reason: str, now: float, retry_after: float) -> None:
+        candidate = self.files.get(path)
+        if candidate is not None:
+            if candidate.failed_at is None:
+                candidate.failed_at = now
+            candidate.reason = reason
+            candidate.next_read = now + retry_after
+
+    def to_quarantine(self, now: float, grace: float) -> list[tuple[str, str]]:
+        """Unroutable files unchanged for `grace` seconds, with their reason."""
+        return [
+            (path, c.reason)
+            for path, c in self.files.items()
+            if c.failed_at is not None and now - c.changed_at >= grace and now - c.failed_at >= 0
+        ]
+
+
+@dataclass(slots=True)
+class Pending:
+    """One read instance waiting for its study to complete. Values are kept
+    as a tuple aligned with the study's field names, repeated strings shared."""
+
+    path: str
+    size: int
+    values: tuple[str, ...]
+
+
+@dataclass
+class Study:
+    uid: str
+    fields: tuple[str, ...]
+    first_arrival: float
+    last_arrival: float
+    instances: dict[str, Pending] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict, repr=False)
+    patient: str = ""
+    attempts: int = 0
+    next_try: float = 0.0
+    last_error: str = ""
+    parked_since: float | None = None
+
+    def values(self, pending: Pending) -> dict[str, str]:
+        return {k: v for k, v in zip(self.fields, pending.values, strict=True) if v}
+
+    def instance(self, pending: Pending) -> Instance:
+        return Instance(path=pending.path, size=pending.size, values=self.values(pending))
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.size for p in self.instances.values())
+
+
+class Studies:
+    """Instances grouped by StudyInstanceUID, with quiescence."""
+
+    def __init__(self, fields: tuple[str, ...]) -> None:
+        self.fields = fields
+        self.by_uid: dict[str, Study] = {}
+        self.study_of: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_uid)
+
+    def __iter__(self) -> Iterator[Study]:
+        return iter(list(self.by_uid.values()))
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.study_of
+
+    def add(self, instance: Instance, now: float) -> Study:
+        uid = instance.study_instance_uid
+        study = self.by_uid.get(uid)
+        if study is None:
+            study = self.by_uid[uid] = Study(uid, self.fields, now, now)
+            study.patient = instance.values.get("PatientID", "")
+        self.remove_path(instance.path)
+        study.instances[instance.path] = Pending(
+            instance.path, instance.size, self._compact(study, instance.values)
+        )
+        study.last_arrival = max(study.last_arrival, now)
+        self.study_of[instance.path] = uid
+        return study
+
+    def _compact(self, study: Study, values: Mapping[str, str]) -> tuple[str, ...]:
+        shared = study.shared
+        return tuple(shared.setdefault(v, v) for v in (values.get(k, "") for k in study.fields))
+
+    def remove_path(self, path: str) -> None:
+        uid = self.study_of.pop(path, None)
+        if uid is None:
+            return
+        study = self.by_uid[uid]
+        study.instances.pop(path, None)
+        if not study.instances:
+            del self.by_uid[uid]
+
+    def drop(self, study: Study) -> None:
+        for path in study.instances:
+            self.study_of.pop(path, None)
+        self.by_uid.pop(study.uid, None)
+
+    def due(self, now: float, quiet: float, max_age: float) -> list[tuple[Study, str]]:
+        """Studies to place now: quiet long enough, too old, or a parked study
+        whose next try has come. Returns (study, why) pairs."""
+        due = []
+        for study in self.by_uid.values():
+            if study.parked_since is not None:
+                if now >= study.next_try:
+                    due.append((study, "retry"))
+            elif now - study.last_arrival >= quiet:
+                due.append((study, "quiet"))
+            elif now - study.first_arrival >= max_age:
+                due.append((study, "max_age"))
+        return due
+
+    @staticmethod
+    def park(study: Study, error: str, now: float, first: float, longest: float) -> bool:
+        """Schedule the next try with a doubling wait; True when the state
+        changed (newly parked, or another error) and is worth a log line."""
+        changed = study.parked_since is None or error != study.last_error
+        if study.parked_since is None:
+            study.parked_since = now
+        study.attempts += 1
+        study.next_try = now + min(first * 2 ** (study.attempts - 1), longest)
+        study.last_error = error
+        return changed
