@@ -80,22 +80,22 @@ def load_config(path: str | Path | None) -> Config:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{file}: unknown key {key!r} (known: {', '.join(fields)})")
-        values[key] = _convert(file, key, value, type(getattr(Config(), key)))
+        values[key] = _convert(file, key, value, getattr(Config(), key))
     return _absolute(Config(**values), file.resolve().parent)
 
 
-def _convert(file: Path, key: str, value: Any, kind: type) -> Any:
-    if kind is Path:
+def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, Path):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{file}: {key} must be a folder path")
         return Path(value).expanduser()
-    if kind is bool:
+    if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{file}: {key} must be true or false")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ConfigError(f"{file}: {key} must be a number >= 0, not {value!r}")
-    return kind(value)
+    return type(default)(value)
 
 
 def _absolute(config: Config, base: Path) -> Config:

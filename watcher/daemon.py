@@ -34,7 +34,7 @@ from watcher.config import Config
 from watcher.engine import RetryPolicy, place_instance, remove_source
 from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.logs import kv
-from watcher.placement import TEMP_PREFIX, PathConflict, place, remove_temporaries
+from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place, remove_temporaries
 from watcher.rules import Route, RuleBook
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
@@ -529,18 +529,18 @@ class RulePlacement:
     files: int = 0
     placed: int = 0
     bytes: int = 0
-    folders: set[str] = field(default_factory=set)
 
-    def add(self, placement: object) -> None:
+    def add(self, placement: Placement) -> None:
         self.files += 1
-        self.bytes += placement.size  # type: ignore[attr-defined]
-        if placement.outcome == "placed":  # type: ignore[attr-defined]
+        self.bytes += placement.size
+        if placement.outcome == "placed":
             self.placed += 1
-        self.folders.add(str(placement.path.parent))  # type: ignore[attr-defined]
 
     @property
-    def folder(self) -> str:
-        return os.path.commonpath(sorted(self.folders)) if self.folders else ""
+    def folder(self) -> Path:
+        """The study's folder in the lab tree (where its series folders are)."""
+        rule = self.route.rule
+        return rule.destination / rule.path.study_folder(self.route.relative_path)
 
 
 def _describe(error: BaseException) -> str:

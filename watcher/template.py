@@ -31,6 +31,15 @@ MISSING_VALUE = "unknown"
 #: Longest component, in bytes of UTF-8 (the limit of ext4, XFS, NTFS, SMB).
 MAX_COMPONENT_BYTES = 255
 
+#: Fields that are the same for every instance of a study (patient and study
+#: level): the folders a template builds from them alone are the study's folder.
+STUDY_LEVEL_FIELDS = frozenset({
+    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "PatientAge",
+    "OtherPatientIDs", "IssuerOfPatientID", "StudyInstanceUID", "StudyID", "StudyDate",
+    "StudyTime", "StudyDescription", "AccessionNumber", "ReferringPhysicianName",
+    "InstitutionName", "InstitutionalDepartmentName", "RequestingPhysician",
+    "RequestedProcedureDescription", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
+})
 PERSON_NAME_PARTS = {"family": 0, "given": 1, "middle": 2, "prefix": 3, "suffix": 4}
 UNSAFE_CHARACTERS = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f-\x9f]')
 WINDOWS_RESERVED = frozenset(
@@ -78,6 +87,26 @@ class Template:
             if isinstance(part, Field)
             for name in part.alternatives
         )
+
+    @property
+    def study_depth(self) -> int:
+        """How many leading folders depend on study-level fields only."""
+        depth = 0
+        for component in self.components[:-1]:
+            names = {
+                name.split(".")[0]
+                for part in component
+                if isinstance(part, Field)
+                for name in part.alternatives
+            }
+            if not names <= STUDY_LEVEL_FIELDS:
+                break
+            depth += 1
+        return depth
+
+    def study_folder(self, relative_path: str) -> str:
+        """The study's folder within a path this template rendered ("" for the root)."""
+        return "/".join(relative_path.split("/")[: self.study_depth])
 
     def render(self, values: Mapping[str, str]) -> str:
         """The relative path for an instance with these values; always safe."""

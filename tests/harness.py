@@ -1,0 +1,178 @@
+"""Running the real daemon as a subprocess on temporary folders, and the
+accounting check that every file that entered the inbox is somewhere safe."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import yaml
+
+from watcher.placement import TEMP_PREFIX
+
+FAST_SETTINGS = {
+    "quiet_seconds": 1.0,
+    "settle_seconds": 0.3,
+    "quarantine_after_seconds": 2.0,
+    "rescan_seconds": 1.0,
+    "rules_check_seconds": 0.3,
+    "park_first_seconds": 1.0,
+    "park_max_seconds": 2.0,
+    "retry_attempts": 2,
+    "retry_max_seconds": 2.0,
+}
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
+    """Poll `predicate` until it returns something true; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+class DaemonProcess:
+    """`dicom-watcher run` in a subprocess, with JSON logs in a file."""
+
+    def __init__(self, root: Path, **settings: object) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.rules = root / "rules"
+        self.state = root / "state"
+        self.log_path = root / "daemon.log"
+        self.config_path = root / "dicom-watcher.yaml"
+        for folder in (self.inbox, self.rules):
+            folder.mkdir(parents=True, exist_ok=True)
+        config = {"inbox": "inbox", "rules": "rules", "state": "state", **FAST_SETTINGS, **settings}
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def add_rule(self, name: str, destination: Path, match: dict[str, str] | None = None,
+                 path: str = "{PatientID}/{StudyDescription}/{SeriesNumber:03d}_{SeriesDescription}/"
+                             "{InstanceNumber:05d}.dcm", **extra: object) -> Path:
+        rule = {"match": match or {}, "destination": str(destination), "path": path, **extra}
+        file = self.rules / f"{name}.yaml"
+        file.write_text(yaml.safe_dump(rule))
+        return file
+
+    def start(self, *args: str) -> DaemonProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "run", "--config", str(self.config_path),
+             "--log-format", "json", *args],
+            stdout=log, stderr=log, cwd=self.root,
+        )
+        log.close()
+        return self
+
+    def logs(self, event: str | None = None) -> list[dict[str, str]]:
+        if not self.log_path.exists():
+            return []
+        lines = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"event": "raw", "message": line}
+            if event is None or record.get("event") == event:
+                lines.append(record)
+        return lines
+
+    def wait_event(self, event: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, str]]:
+        return wait_for(lambda: len(self.logs(event)) >= count and self.logs(event),
+                        timeout, f"{count} x {event} in {self.log_path}")  # type: ignore[return-value]
+
+    def inbox_files(self) -> list[Path]:
+        return [p for p in files_under(self.inbox) if not p.name.startswith(TEMP_PREFIX)]
+
+    def wait_drained(self, timeout: float = 60.0) -> None:
+        wait_for(lambda: not self.inbox_files(), timeout, "the inbox to drain")
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def status(self) -> dict[str, object]:
+        """`status --json`, or {} while the daemon has not published one yet."""
+        out = subprocess.run(
+            [sys.executable, "-m", "watcher", "status", "--config", str(self.config_path), "--json"],
+            capture_output=True, cwd=self.root,
+        )
+        return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def assert_accounted(
+    entered: dict[str, str], labs: Iterable[Path], state: Path, inbox: Path | None = None
+) -> dict[str, int]:
+    """Every file that entered the inbox (path -> sha256) is, by content, in a
+    lab tree, in quarantine or in unmatched; no temporary file is left in a
+    lab tree; no content is placed twice under one lab. Returns counts."""
+    labs = list(labs)
+    where: dict[str, set[str]] = {}
+    for lab in labs:
+        hashes = [sha256(p) for p in files_under(lab) if not p.name.endswith(".json")]
+        temporaries = [p for p in files_under(lab) if p.name.startswith(TEMP_PREFIX)]
+        assert not temporaries, f"temporary files left in {lab}: {temporaries}"
+        duplicates = {h for h in hashes if hashes.count(h) > 1}
+        assert not duplicates, f"{len(duplicates)} contents placed twice in {lab}"
+        for digest in hashes:
+            where.setdefault(digest, set()).add(str(lab))
+    for kind in ("quarantine", "unmatched"):
+        for path in files_under(state / kind):
+            if not path.name.endswith(".reason.txt"):
+                where.setdefault(sha256(path), set()).add(kind)
+    left = {sha256(p) for p in files_under(inbox)} if inbox else set()
+    missing = [path for path, digest in entered.items() if digest not in where and digest not in left]
+    assert not missing, f"{len(missing)} files lost, e.g. {missing[:3]}"
+    counts = {"entered": len(entered), "still_in_inbox": len(left)}
+    for digest in set(entered.values()):
+        for place in where.get(digest, ()):
+            key = place if place in ("quarantine", "unmatched") else "placed"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """path -> sha256 of every file under `folder`."""
+    return {str(p): sha256(p) for p in files_under(folder)}
+
+
+def write_in_chunks(path: Path, data: bytes, chunks: int, pause: float) -> None:
+    """Write `data` as a slow sender would: open, several writes with pauses, close."""
+    step = max(1, len(data) // chunks)
+    with open(path, "wb") as handle:
+        for start in range(0, len(data), step):
+            handle.write(data[start : start + step])
+            handle.flush()
+            os.fsync(handle.fileno())
+            time.sleep(pause)

@@ -1,0 +1,370 @@
+"""The daemon, run for real as a subprocess on temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from harness import (
+    DaemonProcess,
+    assert_accounted,
+    files_under,
+    sha256,
+    snapshot,
+    wait_for,
+    write_in_chunks,
+)
+
+from watcher.placement import TEMP_PREFIX
+from watcher.synthetic import StudySpec, make_dataset, study_datasets, write_dataset, write_study
+
+CORPUS = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    processes: list[DaemonProcess] = []
+
+    def make(**settings: object) -> DaemonProcess:
+        process = DaemonProcess(tmp_path, **settings)
+        processes.append(process)
+        return process
+
+    yield make
+    for process in processes:
+        process.close()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    folder = tmp_path / "nas" / "smithlab"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def uids_in(folder: Path) -> set[str]:
+    return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files_under(folder)}
+
+
+def test_burst_of_interleaved_studies_is_placed_and_the_inbox_drains(daemon, lab, tmp_path):
+    run = daemon()
+    run.add_rule("smith", lab)
+    run.start()
+    specs = [StudySpec(patient_id=f"P{n}", series=3, instances=40) for n in range(3)]
+    studies = [list(study_datasets(spec)) for spec in specs]
+    entered = {}
+    # Interleave the three studies instance by instance, as three senders would.
+    for batch in zip(*studies, strict=True):
+        for ds in batch:
+            path = write_dataset(ds, run.inbox / f"MR.{ds.SOPInstanceUID}")
+            entered[str(path)] = sha256(path)
+    run.wait_event("study_placed", count=3)
+    run.wait_drained()
+    assert run.terminate() == 0
+    placed = run.logs("study_placed")
+    assert sorted(int(line["files"]) for line in placed) == [120, 120, 120]
+    assert {line["patient"] for line in placed} == {"P0", "P1", "P2"}
+    for n in range(3):
+        assert len(files_under(lab / f"P{n}")) == 120
+        assert len(list((lab / f"P{n}" / "SMITH^Memory").iterdir())) == 3  # one folder per series
+    counts = assert_accounted(entered, [lab], run.state)
+    assert counts["placed"] == 360
+
+
+def test_a_file_written_slowly_is_read_only_when_complete(daemon, lab):
+    run = daemon(settle_seconds=0.3, quarantine_after_seconds=1.0)
+    run.add_rule("smith", lab)
+    run.start()
+    source = write_dataset(make_dataset(Rows=64, Columns=64), run.root / "slow.dcm")
+    data = source.read_bytes()
+    # Pauses longer than settle_seconds: the writer still has the file open.
+    write_in_chunks(run.inbox / "MR.slow", data, chunks=6, pause=0.5)
+    run.wait_drained()
+    run.wait_event("study_placed")
+    placed = files_under(lab)
+    assert len(placed) == 1 and placed[0].read_bytes() == data
+    assert not run.logs("quarantined")
+
+
+def test_unreadable_files_are_quarantined_with_their_reason(daemon, lab):
+    run = daemon()
+    run.add_rule("smith", lab)
+    run.start()
+    (run.inbox / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (run.inbox / "notes.txt").write_text("not a scan")
+    (run.inbox / "empty.dcm").write_bytes(b"")
+    good = write_dataset(make_dataset(Rows=32, Columns=32), run.root / "whole.dcm").read_bytes()
+    (run.inbox / "cut.dcm").write_bytes(good[: int(len(good) * 0.6)])
+    run.wait_event("quarantined", count=4)
+    run.wait_drained()
+    quarantined = {p.name: p for p in files_under(run.state / "quarantine")}
+    reasons = {name: p.read_text() for name, p in quarantined.items() if name.endswith(".reason.txt")}
+    assert "truncated" in reasons["cut.dcm.reason.txt"]
+    assert "empty" in reasons["empty.dcm.reason.txt"]
+    assert "not a DICOM file" in reasons["notes.txt.reason.txt"]
+    assert quarantined["cut.dcm"].read_bytes() == good[: int(len(good) * 0.6)]
+    assert files_under(lab) == []
+
+
+def test_one_folder_per_study_inbox_and_folders_created_while_running(daemon, lab):
+    run = daemon()
+    run.add_rule("smith", lab)
+    run.start()
+    run.wait_event("watching")
+    # storescp -su: a sub-folder per study, created after the watch started.
+    for n in range(2):
+        write_study(StudySpec(patient_id=f"S{n}", series=2, instances=5), run.inbox / f"study{n}")
+    run.wait_event("study_placed", count=2)
+    run.wait_drained()
+    assert len(files_under(lab)) == 20
+
+
+def test_kill_9_mid_placement_loses_nothing_and_duplicates_nothing(daemon, lab):
+    run = daemon(quiet_seconds=0.5)
+    run.add_rule("smith", lab)
+    spec = StudySpec(series=4, instances=250, rows=32, columns=32)
+    write_study(spec, run.inbox)
+    entered = snapshot(run.inbox)
+    run.start()
+    # Kill as soon as the first copies appear, while most are still in the inbox.
+    wait_for(lambda: any(lab.rglob("*.dcm")), 60, "first placed file")
+    run.kill()
+    assert run.inbox_files(), "the kill came too late to test anything"
+    run.start()
+    run.wait_drained(timeout=120)
+    run.wait_event("study_placed")
+    assert run.terminate() == 0
+    counts = assert_accounted(entered, [lab], run.state)
+    assert counts["placed"] == 1000
+    assert len(files_under(lab)) == 1000  # no duplicates under suffixed names
+    assert not [p for p in lab.rglob(f"{TEMP_PREFIX}*")]
+
+
+def test_missing_destination_parks_the_study_then_places_it_when_it_appears(daemon, tmp_path):
+    mount = tmp_path / "nas"
+    mount.mkdir()
+    destination = mount / "smithlab"  # not there: the share is "unmounted"
+    run = daemon()
+    run.add_rule("smith", destination)
+    run.start()
+    write_study(StudySpec(series=1, instances=4), run.inbox)
+    entered = snapshot(run.inbox)
+    parked = run.wait_event("study_parked")
+    assert "does not exist" in parked[0]["error"]
+    time.sleep(3)  # several retries happen meanwhile
+    assert len(run.logs("study_parked")) == 1, "a parked study is logged once per change of state"
+    assert list(mount.iterdir()) == [], "nothing may be created under a missing root"
+    assert len(run.inbox_files()) == 4
+    retry_files = list((run.state / "retry").glob("*.json"))
+    assert len(retry_files) == 1
+    assert json.loads(retry_files[0].read_text())["attempts"] >= 1
+    wait_for(lambda: run.status().get("studies"), 10, "the parked study in status")
+    assert run.status()["studies"][0]["next"].startswith("parked")
+    destination.mkdir()
+    run.wait_event("study_resumed", timeout=30)
+    run.wait_drained()
+    assert not list((run.state / "retry").glob("*.json"))
+    assert_accounted(entered, [destination], run.state)
+
+
+def test_retry_state_survives_a_restart_without_hammering(daemon, tmp_path):
+    destination = tmp_path / "nas" / "absent"
+    run = daemon(park_first_seconds=30, park_max_seconds=60)
+    run.add_rule("smith", destination)
+    run.start()
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    run.wait_event("study_parked")
+    assert run.terminate() == 0
+    saved = json.loads(next((run.state / "retry").glob("*.json")).read_text())
+    run.start()
+    restored = run.wait_event("retry_state_restored")
+    assert int(restored[0]["attempts"]) == saved["attempts"]
+    assert int(restored[0]["next_try_in"]) > 20
+    time.sleep(2)
+    assert len(run.logs("study_parked")) == 1, "the restart must not try again at once"
+
+
+def test_rules_reload_and_a_broken_file_keeps_its_last_good_version(daemon, lab):
+    run = daemon()
+    rule = run.add_rule("smith", lab, match={"StudyDescription": "^SMITH"})
+    run.start()
+    run.wait_event("rules_loaded")
+    rule.write_text("match:\n  StudyDescription: '^SMITH'\ndestination: [unclosed\n")
+    problem = run.wait_event("rule_problem")
+    assert f"{rule}:" in problem[0]["problem"]
+    write_study(StudySpec(series=1, instances=3), run.inbox)
+    run.wait_event("study_placed")
+    run.wait_drained()
+    assert len(files_under(lab)) == 3
+
+
+def test_unmatched_studies_are_kept_whole_and_routed_again_when_rules_change(daemon, lab, tmp_path):
+    run = daemon()
+    run.add_rule("smith", lab, match={"StudyDescription": "^SMITH"})
+    run.start()
+    spec = StudySpec(series=2, instances=3, description="JONES^Pilot")
+    write_study(spec, run.inbox)
+    entered = snapshot(run.inbox)
+    run.wait_event("study_unmatched")
+    run.wait_drained()
+    kept = files_under(run.state / "unmatched")
+    assert len(kept) == 6 and {p.parent.name for p in kept} == {spec.study_uid}
+    jones = tmp_path / "nas" / "joneslab"
+    jones.mkdir()
+    run.add_rule("jones", jones, match={"StudyDescription": "^JONES"})
+    run.wait_event("unmatched_rerouted")
+    assert len(files_under(jones)) == 6
+    assert files_under(run.state / "unmatched") == []
+    assert_accounted(entered, [jones], run.state)
+
+
+def test_a_late_series_goes_into_the_same_study_folder(daemon, lab):
+    run = daemon()
+    run.add_rule("smith", lab)
+    run.start()
+    spec = StudySpec(series=1, instances=3)
+    write_study(spec, run.inbox)
+    run.wait_event("study_placed")
+    late = make_dataset(StudyInstanceUID=spec.study_uid, SeriesNumber=7, SeriesDescription="late",
+                        PatientID=spec.patient_id, StudyDescription=spec.description)
+    write_dataset(late, run.inbox / "MR.late")
+    placed = run.wait_event("study_placed", count=2)
+    assert placed[0]["destination"] == placed[1]["destination"]
+    study_folder = lab / spec.patient_id / spec.description
+    assert sorted(p.name for p in study_folder.iterdir()) == ["001_T1_MPRAGE", "007_late"]
+
+
+def test_sigterm_finishes_and_exits_zero_and_once_drains(daemon, lab):
+    run = daemon()
+    run.add_rule("smith", lab)
+    run.start()
+    run.wait_event("started")
+    assert run.terminate() == 0
+    assert run.logs("stopped")
+    write_study(StudySpec(series=2, instances=3), run.inbox)
+    once = subprocess.run(
+        [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0",
+         "--config", str(run.config_path)], capture_output=True, timeout=60,
+    )
+    assert once.returncode == 0, once.stderr
+    assert run.inbox_files() == []
+    assert len(files_under(lab)) == 6
+
+
+def test_once_drains_pydicom_corpus_and_synthetic_studies_accounting_by_hash(daemon, lab, tmp_path):
+    run = daemon()
+    run.add_rule("all", lab, path="{PatientID}/{StudyInstanceUID}/{SeriesNumber:03d}/{SOPInstanceUID}.dcm")
+    for index, source in enumerate(sorted(p for p in CORPUS.rglob("*") if p.is_file())):
+        (run.inbox / f"corpus{index:03d}_{source.name}").write_bytes(source.read_bytes())
+    for n in range(2):
+        write_study(StudySpec(patient_id=f"SYN{n}", series=2, instances=10), run.inbox / f"syn{n}")
+    entered = snapshot(run.inbox)
+    done = subprocess.run(
+        [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0",
+         "--config", str(run.config_path)], capture_output=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert run.inbox_files() == []
+    counts = assert_accounted(entered, [lab], run.state)
+    assert counts["quarantine"] >= 20  # DICOMDIRs, text, truncated, no UIDs
+    assert counts["placed"] >= 150
+
+
+def test_status_reports_pending_studies(daemon, lab):
+    run = daemon(quiet_seconds=30)
+    run.add_rule("smith", lab)
+    run.start()
+    write_study(StudySpec(patient_id="WAITING", series=1, instances=3), run.inbox)
+
+    def pending():
+        status = run.status()
+        return status.get("studies") and status
+
+    status = wait_for(pending, 20, "a pending study in status")
+    study = status["studies"][0]
+    assert study["patient"] == "WAITING" and study["files"] == 3
+    assert study["next"].startswith("complete in")
+    assert status["running"] is True
+    human = subprocess.run(
+        [sys.executable, "-m", "watcher", "status", "--config", str(run.config_path)],
+        capture_output=True, text=True, check=True,
+    )
+    assert "WAITING" in human.stdout and "running" in human.stdout
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("inbox: ./in\nquiet_secs: 5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown key 'quiet_secs'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_log_file_and_json_lines(daemon, lab, tmp_path):
+    run = daemon()
+    run.add_rule("smith", lab)
+    log_file = tmp_path / "watcher.log"
+    run.start("--log-file", str(log_file))
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    run.wait_event("study_placed")
+    wait_for(lambda: log_file.exists() and "study_placed" in log_file.read_text(), 10)
+    # logrotate moves the file away; the daemon goes on writing a new one.
+    log_file.rename(tmp_path / "watcher.log.1")
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    run.wait_event("study_placed", count=2)
+    wait_for(lambda: log_file.exists() and "study_placed" in log_file.read_text(), 10)
+    record = json.loads(log_file.read_text().splitlines()[-1])
+    assert {"time", "level", "event"} <= record.keys()
+    placed = run.logs("study_placed")[0]
+    assert {"lab", "patient", "study", "files", "bytes", "seconds", "destination"} <= placed.keys()
+
+
+def test_two_daemons_on_one_destination_leave_one_copy_each(tmp_path):
+    lab = tmp_path / "nas" / "lab"
+    lab.mkdir(parents=True)
+    spec = StudySpec(series=2, instances=100)
+    datasets = list(study_datasets(spec))
+    runs = [DaemonProcess(tmp_path / f"node{n}", quiet_seconds=0.5) for n in range(2)]
+    try:
+        for run in runs:
+            run.add_rule("lab", lab)
+            for ds in datasets:  # the same study received by both nodes
+                write_dataset(ds, run.inbox / f"MR.{ds.SOPInstanceUID}")
+        entered = snapshot(runs[0].inbox)
+        threads = [threading.Thread(target=run.start) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for run in runs:
+            run.wait_drained(timeout=60)
+        assert len(files_under(lab)) == 200
+        assert_accounted(entered, [lab], runs[0].state)
+    finally:
+        for run in runs:
+            run.close()
+
+
+def test_symlinked_inbox_entries_and_temporaries_are_ignored(daemon, lab, tmp_path):
+    run = daemon()
+    run.add_rule("smith", lab)
+    outside = write_dataset(make_dataset(), tmp_path / "outside.dcm")
+    os.symlink(outside, run.inbox / "link.dcm")
+    (run.inbox / f"{TEMP_PREFIX}abc.partial").write_bytes(b"partial")
+    run.start()
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    run.wait_event("study_placed")
+    assert len(files_under(lab)) == 2
+    assert outside.exists()
