@@ -17,6 +17,16 @@ import yaml
 
 from watcher.placement import TEMP_PREFIX
 
+def skip_or_fail(reason: str) -> None:
+    """Skip with a reason on a user's machine; fail in CI (CI=true), where
+    every tool and permission the suite needs must be present."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
 FAST_SETTINGS = {
     "quiet_seconds": 1.0,
     "settle_seconds": 0.3,

@@ -78,6 +78,7 @@ class InboxWatcher:
         self.poll_seconds = poll_seconds
         self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.observer: BaseObserver | None = None
+        self._short = False
 
     def start(self) -> None:
         try:
@@ -98,6 +99,25 @@ class InboxWatcher:
         observer.start()
         return observer
 
+    def check_coverage(self, folders: int) -> None:
+        """Fall back to polling when inotify watches fewer folders than the
+        inbox has: the per-user watch limit was reached (recent watchdog
+        versions skip sub-folders they cannot watch without a word)."""
+        if self.poll or self.observer is None:
+            return
+        watches = _inotify_watches()
+        if watches is None or watches >= folders:
+            self._short = False
+            return
+        if not self._short:  # folders come and go: act when it persists
+            self._short = True
+            return
+        log.warning(kv("inotify_limit", folders=folders, watched=watches,
+                       action="polling the inbox instead; raise fs.inotify.max_user_watches"))
+        self.stop()
+        self.poll = True
+        self.start()
+
     def healthy(self) -> bool:
         return self.observer is not None and self.observer.is_alive()
 
@@ -112,6 +132,22 @@ class InboxWatcher:
             if self.observer.is_alive():
                 self.observer.join(timeout=5)
             self.observer = None
+
+
+def _inotify_watches() -> int | None:
+    """How many inotify watches this process holds (Linux), or None if unknown."""
+    try:
+        fds = os.listdir("/proc/self/fdinfo")
+    except OSError:
+        return None
+    total = 0
+    for fd in fds:
+        try:
+            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
+                total += sum(1 for line in info if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
 
 
 # --- the daemon --------------------------------------------------------------
@@ -218,7 +254,9 @@ class Daemon:
         self._take_events(now)
         if now >= self._next_rescan:
             self._next_rescan = now + self.config.rescan_seconds
-            self.scan(self.config.inbox, now)
+            folders = self.scan(self.config.inbox, now)
+            if self.watcher is not None:
+                self.watcher.check_coverage(folders)
         if now >= self._next_rules:
             self._next_rules = now + self.config.rules_check_seconds
             if self._reload_rules():
@@ -256,13 +294,17 @@ class Daemon:
                     self.studies.remove_path(path)
                 self._observe(path, now, closed=kind == "closed")
 
-    def scan(self, folder: Path, now: float) -> None:
-        """Notice every file under `folder` not known yet."""
+    def scan(self, folder: Path, now: float) -> int:
+        """Notice every file under `folder` not known yet; return the number
+        of folders seen."""
+        folders = 0
         for directory, _, files in os.walk(folder):
+            folders += 1
             for name in files:
                 path = os.path.join(directory, name)
                 if path not in self.arrivals and path not in self.studies:
                     self._observe(path, now)
+        return folders
 
     def _observe(self, path: str, now: float, closed: bool = False) -> None:
         if os.path.basename(path).startswith(TEMP_PREFIX):

@@ -1,0 +1,211 @@
+"""Readiness and quiescence, driven by an injected clock (no sleeping)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from pathlib import Path
+
+from harness import skip_or_fail
+
+from watcher import headers
+from watcher.config import Config
+from watcher.daemon import Daemon, InboxWatcher
+from watcher.studies import Arrivals, Studies
+from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
+
+
+def instance(study: str, sop: str, path: str = "") -> headers.Instance:
+    values = {"StudyInstanceUID": study, "SOPInstanceUID": sop, "PatientID": "P"}
+    return headers.Instance(path=path or f"/inbox/{sop}", size=10, values=values)
+
+
+def test_a_study_is_due_only_after_quiet_seconds_without_arrivals():
+    studies = Studies(headers.BASE_FIELDS)
+    studies.add(instance("S1", "1"), now=0)
+    studies.add(instance("S1", "2"), now=50)
+    assert studies.due(now=100, quiet=60, max_age=3600) == []
+    due = studies.due(now=110, quiet=60, max_age=3600)
+    assert [(s.uid, why) for s, why in due] == [("S1", "quiet")]
+    assert len(due[0][0].instances) == 2
+
+
+def test_interleaved_studies_complete_independently():
+    studies = Studies(headers.BASE_FIELDS)
+    for t in range(0, 100, 10):
+        studies.add(instance("A", f"a{t}"), now=t)
+        if t < 30:
+            studies.add(instance("B", f"b{t}"), now=t)
+    assert [s.uid for s, _ in studies.due(now=85, quiet=60, max_age=3600)] == ["B"]
+    assert sorted(s.uid for s, _ in studies.due(now=150, quiet=60, max_age=3600)) == ["A", "B"]
+
+
+def test_a_study_that_never_goes_quiet_is_due_at_its_maximum_age():
+    studies = Studies(headers.BASE_FIELDS)
+    for t in range(0, 400, 5):
+        studies.add(instance("T", f"t{t}"), now=t)
+    due = studies.due(now=400, quiet=60, max_age=300)
+    assert [(s.uid, why) for s, why in due] == [("T", "max_age")]
+
+
+def test_parking_doubles_the_wait_up_to_a_cap_and_reports_changes_once():
+    studies = Studies(headers.BASE_FIELDS)
+    study = studies.add(instance("P", "1"), now=0)
+    changes = [Studies.park(study, "root missing", now, first=30, longest=100) for now in (0, 1, 2, 3)]
+    assert changes == [True, False, False, False]
+    assert study.next_try == 3 + 100 and study.attempts == 4
+    assert Studies.park(study, "disk full", 4, first=30, longest=100) is True
+    assert studies.due(now=50, quiet=0, max_age=0) == []
+    assert [why for _, why in studies.due(now=104, quiet=0, max_age=0)] == ["retry"]
+
+
+def test_repeated_values_are_stored_once_per_study():
+    studies = Studies(headers.BASE_FIELDS)
+    a = studies.add(instance("S", "1"), now=0)
+    studies.add(instance("S", "2"), now=0)
+    first, second = a.instances.values()
+    index = a.fields.index("StudyInstanceUID")
+    assert first.values[index] is second.values[index]
+    assert a.values(second)["SOPInstanceUID"] == "2"
+
+
+def test_arrivals_wait_for_a_close_or_for_the_size_to_settle():
+    arrivals = Arrivals()
+    arrivals.observe("a", size=10, mtime=100.0, now=100.0)
+    arrivals.observe("b", size=10, mtime=100.0, now=100.0, closed=True)
+    assert arrivals.ready(now=100.5, settle=2, wall_now=100.5) == ["b"]
+    arrivals.observe("a", size=20, mtime=101.0, now=101.0)  # still growing
+    assert "a" not in arrivals.ready(now=102.5, settle=2, wall_now=102.5)
+    assert "a" in arrivals.ready(now=103.0, settle=2, wall_now=103.0)
+
+
+def test_an_unroutable_file_is_quarantined_only_after_it_stopped_changing():
+    arrivals = Arrivals()
+    arrivals.observe("x", size=5, mtime=0.0, now=0.0)
+    arrivals.failed("x", "truncated", now=1.0, retry_after=1.0)
+    assert arrivals.ready(now=1.5, settle=0, wall_now=1.5) == []
+    assert arrivals.to_quarantine(now=30, grace=60) == []
+    arrivals.observe("x", size=9, mtime=40.0, now=40.0)  # it grew: start again
+    assert arrivals.ready(now=40.0, settle=0, wall_now=40.0) == ["x"]
+    arrivals.failed("x", "truncated", now=41.0, retry_after=1.0)
+    assert arrivals.to_quarantine(now=99, grace=60) == []
+    assert arrivals.to_quarantine(now=100, grace=60) == [("x", "truncated")]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def in_process_daemon(tmp_path: Path, clock: FakeClock, **settings: object) -> tuple[Daemon, Path]:
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "lab.yaml").write_text(
+        f"match: {{}}\ndestination: {lab}\npath: '{{PatientID}}/{{SeriesNumber}}/{{InstanceNumber}}.dcm'\n"
+    )
+    config = Config(inbox=tmp_path / "inbox", rules=rules, state=tmp_path / "state",
+                    settle_seconds=0, **settings)  # type: ignore[arg-type]
+    daemon = Daemon(config, clock=clock, stop=threading.Event())
+    daemon._prepare()
+    daemon._reload_rules()
+    return daemon, lab
+
+
+def test_daemon_ticks_place_a_study_exactly_when_quiet_by_the_injected_clock(tmp_path):
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=60)
+    write_study(StudySpec(series=1, instances=3), daemon.config.inbox)
+    daemon.tick()
+    assert len(daemon.studies) == 1
+    clock.now += 59
+    daemon.tick()
+    assert list(lab.rglob("*.dcm")) == []
+    clock.now += 1
+    daemon.tick()
+    assert len(list(lab.rglob("*.dcm"))) == 3
+    assert not any(daemon.config.inbox.iterdir())
+
+
+def test_daemon_forces_a_trickling_study_at_its_maximum_age(tmp_path, caplog):
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=60, max_study_age_seconds=300)
+    spec = StudySpec(series=1, instances=1)
+    caplog.set_level(logging.WARNING)
+    for n in range(11):
+        ds = make_dataset(StudyInstanceUID=spec.study_uid, InstanceNumber=n + 1)
+        write_dataset(ds, daemon.config.inbox / f"MR.{n}")
+        daemon.tick()
+        clock.now += 30
+    assert len(list(lab.rglob("*.dcm"))) == 11
+    assert any("event=study_forced" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dead_observer_is_restarted_and_logged(tmp_path, caplog):
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=0)
+    daemon.watcher = InboxWatcher(daemon.config.inbox, poll=False, poll_seconds=1)
+    daemon.watcher.start()
+    try:
+        dead = daemon.watcher.observer
+        assert dead is not None
+        dead.stop()
+        dead.join(5)
+        caplog.set_level(logging.ERROR)
+        daemon.tick()
+        assert daemon.watcher.healthy()
+        assert daemon.watcher.observer is not dead
+        assert any("event=watcher_died" in r.getMessage() for r in caplog.records)
+    finally:
+        daemon.watcher.stop()
+
+
+def test_inotify_watch_limit_falls_back_to_polling(tmp_path, caplog):
+    limit_file = Path("/proc/sys/fs/inotify/max_user_watches")
+    try:
+        original = limit_file.read_text()
+        limit_file.write_text(original)
+    except OSError as error:
+        skip_or_fail(f"cannot change the inotify watch limit here: {error.strerror}")
+    inbox = tmp_path / "inbox"
+    for n in range(20):  # one folder per study, as storescp -su makes
+        (inbox / f"study{n}").mkdir(parents=True)
+    watcher = InboxWatcher(inbox, poll=False, poll_seconds=0.2)
+    caplog.set_level(logging.WARNING)
+    limit_file.write_text("3\n")
+    try:
+        watcher.start()
+        watcher.check_coverage(21)
+        watcher.check_coverage(21)  # a shortfall that persists
+    finally:
+        limit_file.write_text(original)
+    try:
+        assert watcher.poll is True
+        assert any("event=inotify_limit" in r.getMessage() for r in caplog.records)
+        write_dataset(make_dataset(), inbox / "study3" / "new.dcm")
+        kind, path = watcher.events.get(timeout=10)
+        assert path.endswith("new.dcm") or "study3" in path
+    finally:
+        watcher.stop()
+
+
+def test_the_event_handler_never_raises(tmp_path, caplog):
+    from watcher.daemon import InboxHandler
+
+    class Broken:
+        event_type = "created"
+        is_directory = False
+
+        @property
+        def src_path(self) -> str:
+            raise OSError(errno.EIO, "boom")
+
+    handler = InboxHandler(events=None)  # type: ignore[arg-type]
+    caplog.set_level(logging.ERROR)
+    handler.on_any_event(Broken())  # type: ignore[arg-type]
+    assert any("event=watch_handler_error" in r.getMessage() for r in caplog.records)
