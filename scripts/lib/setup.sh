@@ -1,0 +1,39 @@
+# Sourced by scripts/demo and scripts/test: makes a fresh machine ready.
+#   - a virtual environment in .venv with dicom-watcher installed (editable)
+#   - dcmtk (storescp, storescu) from Debian's packages when running as root
+# Set DW_EXTRAS to the pip extras to install (default: test).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c "import watcher, pytest" 2>/dev/null \
+        || [ pyproject.toml -nt .venv/.installed ]; then
+    echo "setup: installing dicom-watcher and its dependencies into .venv"
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e ".[${DW_EXTRAS:-test}]"
+    touch .venv/.installed
+fi
+
+apt_install() {
+    # apt_install PACKAGE...: install Debian packages when we are root.
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        return 1
+    fi
+    echo "setup: apt-get install $*"
+    if [ -z "${DW_APT_UPDATED:-}" ]; then
+        apt-get update -qq >/dev/null
+        DW_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! command -v storescp >/dev/null || ! command -v storescu >/dev/null; then
+    apt_install dcmtk || echo "setup: dcmtk (storescp/storescu) is missing and cannot be installed without root"
+fi
+export PATH="$repo/.venv/bin:$PATH"
