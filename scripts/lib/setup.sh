@@ -33,7 +33,11 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-if ! command -v storescp >/dev/null || ! command -v storescu >/dev/null; then
-    apt_install dcmtk || echo "setup: dcmtk (storescp/storescu) is missing and cannot be installed without root"
+missing=()
+command -v storescp >/dev/null && command -v storescu >/dev/null || missing+=(dcmtk)
+command -v systemd-analyze >/dev/null || missing+=(systemd)   # verifies the units in tests
+if ((${#missing[@]})); then
+    apt_install "${missing[@]}" \
+        || echo "setup: ${missing[*]} missing and cannot be installed without root (tests that need them skip)"
 fi
 export PATH="$repo/.venv/bin:$PATH"
