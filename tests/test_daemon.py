@@ -114,7 +114,7 @@ def test_unreadable_files_are_quarantined_with_their_reason(daemon, lab):
 
 
 def test_one_folder_per_study_inbox_and_folders_created_while_running(daemon, lab):
-    run = daemon()
+    run = daemon(empty_folder_seconds=0.5)
     run.add_rule("smith", lab)
     run.start()
     run.wait_event("watching")
@@ -124,6 +124,7 @@ def test_one_folder_per_study_inbox_and_folders_created_while_running(daemon, la
     run.wait_event("study_placed", count=2)
     run.wait_drained()
     assert len(files_under(lab)) == 20
+    wait_for(lambda: not any(run.inbox.iterdir()), 10, "the emptied study folders to go")
 
 
 def test_kill_9_mid_placement_loses_nothing_and_duplicates_nothing(daemon, lab):

@@ -34,6 +34,9 @@ class Config:
     quarantine_after_seconds: float = 60.0
     #: Full rescan of the inbox: catches events inotify missed or dropped.
     rescan_seconds: float = 30.0
+    #: Empty sub-folders of the inbox (storescp -su makes one per study) are
+    #: removed once they have been empty and unchanged this long.
+    empty_folder_seconds: float = 3600.0
     #: Poll the inbox instead of inotify (inboxes on NFS/SMB); polling interval.
     poll: bool = False
     poll_seconds: float = 2.0

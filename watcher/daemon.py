@@ -257,6 +257,7 @@ class Daemon:
             folders = self.scan(self.config.inbox, now)
             if self.watcher is not None:
                 self.watcher.check_coverage(folders)
+            self._remove_empty_folders()
         if now >= self._next_rules:
             self._next_rules = now + self.config.rules_check_seconds
             if self._reload_rules():
@@ -305,6 +306,20 @@ class Daemon:
                 if path not in self.arrivals and path not in self.studies:
                     self._observe(path, now)
         return folders
+
+    def _remove_empty_folders(self) -> None:
+        """Remove sub-folders of the inbox left empty for a long while (a
+        folder a receiver has just made for a new study is kept)."""
+        limit = self.clock() - self.config.empty_folder_seconds
+        inbox = str(self.config.inbox)
+        for directory, folders, files in os.walk(inbox, topdown=False):
+            if directory == inbox or files:
+                continue
+            try:
+                if not os.listdir(directory) and os.stat(directory).st_mtime < limit:
+                    os.rmdir(directory)
+            except OSError:
+                continue  # something arrived meanwhile, or it is gone already
 
     def _observe(self, path: str, now: float, closed: bool = False) -> None:
         if os.path.basename(path).startswith(TEMP_PREFIX):
