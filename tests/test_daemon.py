@@ -369,3 +369,19 @@ def test_symlinked_inbox_entries_and_temporaries_are_ignored(daemon, lab, tmp_pa
     run.wait_event("study_placed")
     assert len(files_under(lab)) == 2
     assert outside.exists()
+
+
+def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplicates(daemon, lab):
+    run = daemon(quiet_seconds=0.5)
+    run.add_rule("smith", lab)
+    write_study(StudySpec(series=4, instances=250, rows=32, columns=32), run.inbox)
+    entered = snapshot(run.inbox)
+    run.start()
+    wait_for(lambda: any(lab.rglob("*.dcm")), 60, "first placed file")
+    assert run.terminate() == 0
+    assert run.logs("stopped")
+    assert run.inbox_files(), "SIGTERM came after the placement ended: nothing tested"
+    run.start()
+    run.wait_drained(timeout=120)
+    counts = assert_accounted(entered, [lab], run.state)
+    assert counts["placed"] == 1000 and len(files_under(lab)) == 1000
