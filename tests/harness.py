@@ -60,6 +60,11 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+def lab_files(folder: Path) -> list[Path]:
+    """The instances in a lab tree: every file but the study manifests."""
+    return [p for p in files_under(folder) if not (p.suffix == ".json" and p.name.startswith("manifest"))]
+
+
 class DaemonProcess:
     """`dicom-watcher run` in a subprocess, with JSON logs in a file."""
 

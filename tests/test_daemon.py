@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from harness import (
     DaemonProcess,
+    lab_files,
     assert_accounted,
     files_under,
     sha256,
@@ -72,8 +73,12 @@ def test_burst_of_interleaved_studies_is_placed_and_the_inbox_drains(daemon, lab
     assert sorted(int(line["files"]) for line in placed) == [120, 120, 120]
     assert {line["patient"] for line in placed} == {"P0", "P1", "P2"}
     for n in range(3):
-        assert len(files_under(lab / f"P{n}")) == 120
-        assert len(list((lab / f"P{n}" / "SMITH^Memory").iterdir())) == 3  # one folder per series
+        assert len(lab_files(lab / f"P{n}")) == 120
+        study_folder = lab / f"P{n}" / "SMITH^Memory"
+        assert sorted(p.name for p in study_folder.iterdir() if p.is_dir()) == [
+            "001_T1_MPRAGE", "002_rfMRI_REST", "003_DWI_AP"]  # one folder per series
+        manifest = json.loads((study_folder / "manifest.json").read_text())
+        assert manifest["files"] == 120 and manifest["patient_id"] == f"P{n}"
     counts = assert_accounted(entered, [lab], run.state)
     assert counts["placed"] == 360
 
@@ -88,7 +93,7 @@ def test_a_file_written_slowly_is_read_only_when_complete(daemon, lab):
     write_in_chunks(run.inbox / "MR.slow", data, chunks=6, pause=0.5)
     run.wait_drained()
     run.wait_event("study_placed")
-    placed = files_under(lab)
+    placed = lab_files(lab)
     assert len(placed) == 1 and placed[0].read_bytes() == data
     assert not run.logs("quarantined")
 
@@ -110,7 +115,7 @@ def test_unreadable_files_are_quarantined_with_their_reason(daemon, lab):
     assert "empty" in reasons["empty.dcm.reason.txt"]
     assert "not a DICOM file" in reasons["notes.txt.reason.txt"]
     assert quarantined["cut.dcm"].read_bytes() == good[: int(len(good) * 0.6)]
-    assert files_under(lab) == []
+    assert lab_files(lab) == []
 
 
 def test_one_folder_per_study_inbox_and_folders_created_while_running(daemon, lab):
@@ -123,7 +128,7 @@ def test_one_folder_per_study_inbox_and_folders_created_while_running(daemon, la
         write_study(StudySpec(patient_id=f"S{n}", series=2, instances=5), run.inbox / f"study{n}")
     run.wait_event("study_placed", count=2)
     run.wait_drained()
-    assert len(files_under(lab)) == 20
+    assert len(lab_files(lab)) == 20
     wait_for(lambda: not any(run.inbox.iterdir()), 10, "the emptied study folders to go")
 
 
@@ -144,7 +149,7 @@ def test_kill_9_mid_placement_loses_nothing_and_duplicates_nothing(daemon, lab):
     assert run.terminate() == 0
     counts = assert_accounted(entered, [lab], run.state)
     assert counts["placed"] == 1000
-    assert len(files_under(lab)) == 1000  # no duplicates under suffixed names
+    assert len(lab_files(lab)) == 1000  # no duplicates under suffixed names
     assert not [p for p in lab.rglob(f"{TEMP_PREFIX}*")]
 
 
@@ -203,7 +208,7 @@ def test_rules_reload_and_a_broken_file_keeps_its_last_good_version(daemon, lab)
     write_study(StudySpec(series=1, instances=3), run.inbox)
     run.wait_event("study_placed")
     run.wait_drained()
-    assert len(files_under(lab)) == 3
+    assert len(lab_files(lab)) == 3
 
 
 def test_unmatched_studies_are_kept_whole_and_routed_again_when_rules_change(daemon, lab, tmp_path):
@@ -221,7 +226,7 @@ def test_unmatched_studies_are_kept_whole_and_routed_again_when_rules_change(dae
     jones.mkdir()
     run.add_rule("jones", jones, match={"StudyDescription": "^JONES"})
     run.wait_event("unmatched_rerouted")
-    assert len(files_under(jones)) == 6
+    assert len(lab_files(jones)) == 6
     assert files_under(run.state / "unmatched") == []
     assert_accounted(entered, [jones], run.state)
 
@@ -239,7 +244,8 @@ def test_a_late_series_goes_into_the_same_study_folder(daemon, lab):
     placed = run.wait_event("study_placed", count=2)
     assert placed[0]["destination"] == placed[1]["destination"]
     study_folder = lab / spec.patient_id / spec.description
-    assert sorted(p.name for p in study_folder.iterdir()) == ["001_T1_MPRAGE", "007_late"]
+    assert sorted(p.name for p in study_folder.iterdir()) == [
+        "001_T1_MPRAGE", "007_late", "manifest.json"]
 
 
 def test_sigterm_finishes_and_exits_zero_and_once_drains(daemon, lab):
@@ -256,7 +262,7 @@ def test_sigterm_finishes_and_exits_zero_and_once_drains(daemon, lab):
     )
     assert once.returncode == 0, once.stderr
     assert run.inbox_files() == []
-    assert len(files_under(lab)) == 6
+    assert len(lab_files(lab)) == 6
 
 
 def test_once_drains_pydicom_corpus_and_synthetic_studies_accounting_by_hash(daemon, lab, tmp_path):
@@ -351,7 +357,7 @@ def test_two_daemons_on_one_destination_leave_one_copy_each(tmp_path):
             thread.join()
         for run in runs:
             run.wait_drained(timeout=60)
-        assert len(files_under(lab)) == 200
+        assert len(lab_files(lab)) == 200
         assert_accounted(entered, [lab], runs[0].state)
     finally:
         for run in runs:
@@ -367,7 +373,7 @@ def test_symlinked_inbox_entries_and_temporaries_are_ignored(daemon, lab, tmp_pa
     run.start()
     write_study(StudySpec(series=1, instances=2), run.inbox)
     run.wait_event("study_placed")
-    assert len(files_under(lab)) == 2
+    assert len(lab_files(lab)) == 2
     assert outside.exists()
 
 
@@ -384,4 +390,4 @@ def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplica
     run.start()
     run.wait_drained(timeout=120)
     counts = assert_accounted(entered, [lab], run.state)
-    assert counts["placed"] == 1000 and len(files_under(lab)) == 1000
+    assert counts["placed"] == 1000 and len(lab_files(lab)) == 1000

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from harness import DaemonProcess, files_under, skip_or_fail, wait_for
+from harness import DaemonProcess, files_under, lab_files, skip_or_fail, wait_for
 
 from watcher import headers
 from watcher.errors import NotRoutable
@@ -182,7 +182,7 @@ def test_three_concurrent_senders_every_instance_placed_once_and_intact(kind, tm
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
         def all_placed() -> bool:
-            return len(files_under(lab)) >= len(sent) and not run.inbox_files()
+            return len(lab_files(lab)) >= len(sent) and not run.inbox_files()
 
         wait_for(all_placed, 120, f"{len(sent)} instances placed and the inbox drained")
         assert run.terminate() == 0
@@ -190,7 +190,7 @@ def test_three_concurrent_senders_every_instance_placed_once_and_intact(kind, tm
         receiver.close()
         run.close()
 
-    placed = files_under(lab)
+    placed = lab_files(lab)
     by_uid: dict[str, list[Path]] = {}
     for path in placed:
         by_uid.setdefault(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID, []).append(path)

@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    return Daemon(config, once=args.once, stop=stop).run()
+    return Daemon(config, once=args.once, stop=stop, quiet_override=args.quiet_seconds).run()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

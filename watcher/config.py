@@ -48,6 +48,12 @@ class Config:
     park_max_seconds: float = 1800.0
     #: How often the rules folder is checked for changes.
     rules_check_seconds: float = 2.0
+    #: Hooks running at once, and the first wait before a failed hook runs again.
+    hook_concurrency: int = 2
+    hook_retry_seconds: float = 60.0
+    #: Lab name -> the destination roots its rules may write into. When set,
+    #: a rule whose destination is elsewhere is refused (by check and run).
+    allowed_destinations: dict[str, tuple[Path, ...]] | None = None
 
     def with_overrides(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -88,6 +94,8 @@ def load_config(path: str | Path | None) -> Config:
 
 
 def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
+    if key == "allowed_destinations":
+        return _allowed(file, value)
     if isinstance(default, Path):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{file}: {key} must be a folder path")
@@ -101,8 +109,26 @@ def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
     return type(default)(value)
 
 
+def _allowed(file: Path, value: Any) -> dict[str, tuple[Path, ...]]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file}: allowed_destinations must map lab names to lists of folders")
+    allowed = {}
+    for lab, roots in value.items():
+        if isinstance(roots, str):
+            roots = [roots]
+        if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+            raise ConfigError(f"{file}: allowed_destinations.{lab} must be a list of folders")
+        allowed[str(lab)] = tuple(Path(r).expanduser() for r in roots)
+    return allowed
+
+
 def _absolute(config: Config, base: Path) -> Config:
-    paths = {key: base / getattr(config, key) for key in PATH_KEYS}
+    paths: dict[str, Any] = {key: base / getattr(config, key) for key in PATH_KEYS}
+    if config.allowed_destinations is not None:
+        paths["allowed_destinations"] = {
+            lab: tuple(base / root for root in roots)
+            for lab, roots in config.allowed_destinations.items()
+        }
     config = dataclasses.replace(config, **paths)
     inbox, state = config.inbox.resolve(), config.state.resolve()
     if inbox == state or inbox in state.parents or state in inbox.parents:

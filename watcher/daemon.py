@@ -35,7 +35,9 @@ from watcher.engine import RetryPolicy, place_instance, remove_source
 from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.logs import kv
 from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place, remove_temporaries
-from watcher.rules import Route, RuleBook
+from watcher.hooks import HookRunner, hook_values, make_job
+from watcher.manifest import Entry, manifest_path, write_manifest
+from watcher.rules import PER_SERIES_COUNT, Route, RuleBook
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
 
@@ -172,12 +174,14 @@ class Daemon:
         once: bool = False,
         clock: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
+        quiet_override: float | None = None,
     ) -> None:
         self.config = config
         self.once = once
         self.clock = clock
         self.stop = stop or threading.Event()
-        self.rulebook = RuleBook(config.rules)
+        self.quiet_override = quiet_override
+        self.rulebook = RuleBook(config.rules, config.allowed_destinations)
         self.arrivals = Arrivals()
         self.studies = Studies(headers.BASE_FIELDS)
         self.tags = headers.tags_for(())
@@ -189,6 +193,8 @@ class Daemon:
         self.unmatched_dir = config.state / "unmatched"
         self.retry_dir = config.state / "retry"
         self.journal = config.state / "placing.json"
+        self.hooks = HookRunner(config.state / "hooks", concurrency=config.hook_concurrency,
+                                retry_seconds=config.hook_retry_seconds, clock=clock)
         self.saved_retries: dict[str, dict[str, object]] = {}
         self.started = self.clock()
         self._next_rescan = self._next_rules = self._next_status = 0.0
@@ -207,7 +213,7 @@ class Daemon:
             self._reroute_unmatched()
             while not self.stop.is_set():
                 self.tick()
-                if self.once and not self.arrivals and all(
+                if self.once and not self.arrivals and not self.hooks.busy and all(
                     s.parked_since is not None for s in self.studies
                 ):
                     break
@@ -227,6 +233,7 @@ class Daemon:
     def _prepare(self) -> None:
         for folder in (self.config.inbox, self.quarantine_dir, self.unmatched_dir, self.retry_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self.hooks.resume()
         self._clean_interrupted_placement()
         for path in self.retry_dir.glob("*.json"):
             try:
@@ -265,11 +272,12 @@ class Daemon:
         self._read_ready(now)
         self._handle_unroutable(now)
         for study, why in self.studies.due(
-            now, self.config.quiet_seconds, self.config.max_study_age_seconds
+            now, self.config.quiet_seconds, self.config.max_study_age_seconds, self._completion
         ):
             if self.stop.is_set():
                 break
             self.place_study(study, why)
+        self.hooks.poll()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
             self._next_rescan = 0.0
@@ -409,8 +417,9 @@ class Daemon:
         if why == "max_age":
             log.warning(kv("study_forced", study=study.uid, files=len(plan),
                            reason=f"still receiving after {self.config.max_study_age_seconds:.0f} s"))
+        elif why == "expected_count":
+            log.info(kv("study_complete_by_count", study=study.uid, files=len(plan)))
         self._write_journal(plan)
-        per_rule: dict[str, RulePlacement] = {}
         error = None
         unmatched = 0
         try:
@@ -436,20 +445,76 @@ class Daemon:
                     break
                 self.studies.remove_path(instance.path)
                 for route, placement in zip(routes, placements, strict=True):
-                    per_rule.setdefault(route.rule.name, RulePlacement(route)).add(placement)
+                    progress = study.progress.get(route.rule.name)
+                    if progress is None:
+                        progress = study.progress[route.rule.name] = RulePlacement(route, started)
+                    progress.add(placement, instance)
         finally:
             self.journal.unlink(missing_ok=True)
-        seconds = time.monotonic() - started
-        for summary in per_rule.values():
-            self._log_placed(study, summary, seconds)
         if unmatched:
             self.counts.unmatched += unmatched
             log.warning(kv("study_unmatched", study=study.uid, patient=study.patient, files=unmatched,
                            kept_in=self.unmatched_dir / safe_component(study.uid)))
         if error is not None:
             self._park(study, error)
-        elif study.uid not in self.studies.by_uid or not study.instances:
+        elif not study.instances:
+            for progress in study.progress.values():
+                self._finish_rule(study, progress)
             self._placed(study)
+
+    def _completion(self, study: Study) -> tuple[float, bool]:
+        """A study's quiet period (its rules may set their own; the longest
+        wins) and whether its expected instance count is reached."""
+        ruleset = self.rulebook.ruleset
+        if not study.policy or study.policy[0] is not ruleset:
+            first = next(iter(study.instances.values()))
+            rules = ruleset.matching(study.values(first))
+            quiet = max((r.quiet_seconds for r in rules if r.quiet_seconds is not None),
+                        default=self.config.quiet_seconds)
+            if self.quiet_override is not None:
+                quiet = self.quiet_override
+            expected = tuple(r.expected_instances for r in rules if r.expected_instances)
+            study.policy = (ruleset, quiet, expected, -1, False)
+        _, quiet, expected, counted, complete = study.policy
+        if expected and counted != len(study.instances):
+            complete = _expected_count_reached(study, expected)
+            study.policy = (ruleset, quiet, expected, len(study.instances), complete)
+        return quiet, complete
+
+    def _finish_rule(self, study: Study, progress: RulePlacement) -> None:
+        """A study (or a late addition to it) is placed for one rule: its
+        summary line, its manifest, its hooks."""
+        rule = progress.route.rule
+        seconds = time.monotonic() - progress.started
+        self.counts.placed_files += progress.files
+        self.counts.last_placement = {
+            "study": study.uid, "lab": rule.lab_name, "files": progress.files,
+            "destination": str(progress.folder), "time": self.clock(),
+        }
+        log.info(kv("study_placed", lab=rule.lab_name, rule=rule.name, patient=study.patient,
+                    study=study.uid, files=progress.files, new=progress.placed,
+                    bytes=progress.bytes, seconds=f"{seconds:.2f}", destination=progress.folder))
+        manifest = None
+        if rule.manifest:
+            manifest = manifest_path(rule, progress.route.relative_path, study.uid)
+            try:
+                written = write_manifest(manifest, study_uid=study.uid, rule=rule,
+                                         patient=study.patient, entries=progress.entries,
+                                         clock=self.clock())
+                log.info(kv("manifest_written", lab=rule.lab_name, study=study.uid,
+                            files=written["files"], path=manifest))
+            except OSError as error:
+                log.error(kv("manifest_failed", lab=rule.lab_name, study=study.uid, path=manifest,
+                             error=_describe(error)))
+                manifest = None
+        if rule.hooks:
+            values = hook_values(
+                study_folder=progress.folder, lab=rule.lab_name, rule=rule.name,
+                patient=study.patient, study_uid=study.uid, files=progress.files,
+                manifest=manifest, destination=rule.destination,
+            )
+            for hook in rule.hooks:
+                self.hooks.submit(make_job(hook, values, cwd=progress.folder))
 
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):
@@ -465,16 +530,6 @@ class Daemon:
             for _, routes in plan for route in routes
         })
         atomic_write(self.journal, json.dumps({"folders": folders}))
-
-    def _log_placed(self, study: Study, summary: RulePlacement, seconds: float) -> None:
-        self.counts.placed_files += summary.files
-        self.counts.last_placement = {
-            "study": study.uid, "lab": summary.route.rule.name, "files": summary.files,
-            "destination": str(summary.folder), "time": self.clock(),
-        }
-        log.info(kv("study_placed", lab=summary.route.rule.name, patient=study.patient,
-                    study=study.uid, files=summary.files, new=summary.placed, bytes=summary.bytes,
-                    seconds=f"{seconds:.2f}", destination=summary.folder))
 
     def _placed(self, study: Study) -> None:
         self.counts.placed_studies += 1
@@ -580,24 +635,50 @@ class Daemon:
 
 @dataclass
 class RulePlacement:
-    """The placements of one study for one rule, for its summary line."""
+    """What one study placed for one rule: for its summary line and manifest."""
 
     route: Route
+    started: float
     files: int = 0
     placed: int = 0
     bytes: int = 0
+    entries: list[Entry] = field(default_factory=list)
 
-    def add(self, placement: Placement) -> None:
+    def add(self, placement: Placement, instance: headers.Instance) -> None:
         self.files += 1
         self.bytes += placement.size
         if placement.outcome == "placed":
             self.placed += 1
+        if self.route.rule.manifest:
+            values = instance.values
+            self.entries.append(Entry(values["SOPInstanceUID"], values.get("SeriesInstanceUID", ""),
+                                      values.get("SeriesNumber", ""), placement))
 
     @property
     def folder(self) -> Path:
         """The study's folder in the lab tree (where its series folders are)."""
         rule = self.route.rule
         return rule.destination / rule.path.study_folder(self.route.relative_path)
+
+
+def _expected_count_reached(study: Study, expected: tuple[int | str, ...]) -> bool:
+    """True when a rule's count is reached: a number of instances for the
+    study, or `ImagesInAcquisition` instances in every series received."""
+    count = len(study.instances)
+    if any(isinstance(n, int) and count >= n for n in expected):
+        return True
+    if PER_SERIES_COUNT not in expected:
+        return False
+    series: dict[str, list[int]] = {}
+    for pending in study.instances.values():
+        values = study.values(pending)
+        entry = series.setdefault(values.get("SeriesInstanceUID", ""), [0, 0])
+        entry[0] += 1
+        try:
+            entry[1] = max(entry[1], int(values.get(PER_SERIES_COUNT, "0")))
+        except ValueError:
+            pass
+    return all(needed > 0 and have >= needed for have, needed in series.values())
 
 
 def _describe(error: BaseException) -> str:

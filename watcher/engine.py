@@ -20,7 +20,7 @@ import tenacity
 from watcher import headers
 from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.logs import kv
-from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place
+from watcher.placement import TEMP_PREFIX, PathConflict, Permissions, Placement, place
 from watcher.rules import Route, RuleSet
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,12 @@ def place_instance(
     *,
     move: bool = False,
     retry: RetryPolicy | None = None,
+    digest: bool | None = None,
 ) -> list[Placement]:
     """Place one instance at every route; with `move`, then remove the source.
 
-    The source is removed only after every copy is durable. Raises
+    `digest` asks for each copy's SHA-256 (default: when the rule keeps a
+    manifest). The source is removed only after every copy is durable. Raises
     `DestinationUnavailable` or `OSError` (after retries) and leaves the
     source in place; copies already made are found as "present" next time.
     """
@@ -85,8 +87,11 @@ def place_instance(
     link = move and len(routes) == 1
     placements = []
     for route in routes:
+        rule = route.rule
+        permissions = Permissions(rule.group, rule.file_mode, rule.folder_mode)
         placements.append(
-            retrying(place, instance.path, route.rule.destination, route.relative_path, link=link)
+            retrying(place, instance.path, rule.destination, route.relative_path, link=link,
+                     digest=rule.manifest if digest is None else digest, permissions=permissions)
         )
         _warn_if_beside(instance, placements[-1])
     if move:
@@ -211,7 +216,9 @@ class Sorter:
             self.summary.placed += len(routes)
             return
         try:
-            placements = place_instance(instance, routes, move=self.move, retry=self.retry)
+            placements = place_instance(
+                instance, routes, move=self.move, retry=self.retry, digest=False
+            )
         except DestinationUnavailable as error:
             self.summary.failed.append((path, str(error)))
             return

@@ -52,18 +52,54 @@ class Placement:
     size: int
     #: Set when the plain name held other bytes and this one went beside it.
     beside: Path | None = None
+    #: SHA-256 of the bytes, when asked for.
+    sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Group and modes given to what a rule creates (None: leave as made)."""
+
+    group: int | None = None
+    file_mode: int | None = None
+    folder_mode: int | None = None
+
+    def apply_to_file(self, fd: int) -> None:
+        self._apply(fd, self.file_mode)
+
+    def apply_to_folder(self, fd: int) -> None:
+        self._apply(fd, self.folder_mode)
+
+    def _apply(self, fd: int, mode: int | None) -> None:
+        if self.group is not None:
+            os.fchown(fd, -1, self.group)
+        if mode is not None:
+            os.fchmod(fd, mode)  # after chown, which may clear setgid bits
+
+
+NO_PERMISSIONS = Permissions()
 
 
 class PathConflict(OSError):
     """A non-folder stands where the template needs a folder."""
 
 
-def place(source: str, root: Path, relative: str, *, link: bool = False) -> Placement:
+def place(
+    source: str,
+    root: Path,
+    relative: str,
+    *,
+    link: bool = False,
+    digest: bool = False,
+    permissions: Permissions = NO_PERMISSIONS,
+) -> Placement:
     """Durably copy `source` to `root/relative`; see the module docstring.
 
     `link=True` allows a hard link instead of a copy when source and root are
     on one filesystem (the caller then removes the source, so the lab's file
-    never shares its inode for long).
+    never shares its inode for long). `digest=True` fills in `sha256`.
+    `permissions` are given to the new file and to folders created for it,
+    before they get their final names.
     """
     *folders, name = relative.split("/")
     try:
@@ -71,9 +107,9 @@ def place(source: str, root: Path, relative: str, *, link: bool = False) -> Plac
     except OSError as error:
         raise _unavailable(root, error) from error
     try:
-        folder_fd = _open_folders(root, root_fd, folders)
+        folder_fd = _open_folders(root, root_fd, folders, permissions)
         try:
-            return _place_in(source, root, folder_fd, folders, name, link)
+            return _place_in(source, root, folder_fd, folders, name, link, digest, permissions)
         finally:
             if folder_fd != root_fd:
                 os.close(folder_fd)
@@ -82,7 +118,14 @@ def place(source: str, root: Path, relative: str, *, link: bool = False) -> Plac
 
 
 def _place_in(
-    source: str, root: Path, folder_fd: int, folders: list[str], name: str, link: bool
+    source: str,
+    root: Path,
+    folder_fd: int,
+    folders: list[str],
+    name: str,
+    link: bool,
+    digest: bool,
+    permissions: Permissions,
 ) -> Placement:
     folder = root.joinpath(*folders)
     size = os.stat(source).st_size
@@ -91,36 +134,38 @@ def _place_in(
     existing = _stat(name, folder_fd)
     if existing is not None:
         if existing.st_size == size and _same_bytes(source, name, folder_fd):
-            return Placement(folder / name, "present", size)
+            return Placement(folder / name, "present", size, sha256=_sha256(source) if digest else "")
+        content = _sha256(source)
         # Other bytes under this name: go beside them, under a name derived
         # from our own content, so that a re-run finds us there again.
         beside = folder / name
-        digest = _sha256(source)
-        for candidate in (with_suffix(name, digest[:12]), with_suffix(name, digest)):
+        for candidate in (with_suffix(name, content[:12]), with_suffix(name, content)):
             existing = _stat(candidate, folder_fd)
             if existing is None:
                 break
             if existing.st_size == size and _same_bytes(source, candidate, folder_fd):
-                return Placement(folder / candidate, "present", size, beside)
+                return Placement(folder / candidate, "present", size, beside, content)
         else:
             raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
 
-    temporary = _write_temporary(source, root, folder_fd, name, link)
+    temporary, content = _write_temporary(source, root, folder_fd, name, link, permissions)
     try:
         _link_into_place(temporary, candidate, folder_fd)
     except FileExistsError:
         # Someone placed a file under this name since we looked: decide again.
         _unlink_quietly(temporary, folder_fd)
-        return _place_in(source, root, folder_fd, folders, name, link)
+        return _place_in(source, root, folder_fd, folders, name, link, digest, permissions)
     except OSError as error:
         _unlink_quietly(temporary, folder_fd)
         raise _classify(root, error) from error
     _unlink_quietly(temporary, folder_fd)
     _fsync_folder(folder_fd)
-    return Placement(folder / candidate, "placed", size, beside)
+    if digest and not content:
+        content = _sha256(source)
+    return Placement(folder / candidate, "placed", size, beside, content)
 
 
-def _open_folders(root: Path, root_fd: int, folders: list[str]) -> int:
+def _open_folders(root: Path, root_fd: int, folders: list[str], permissions: Permissions) -> int:
     """Open (creating as needed) each folder below the root; return the last."""
     fd = root_fd
     for component in folders:
@@ -141,16 +186,27 @@ def _open_folders(root: Path, root_fd: int, folders: list[str]) -> int:
                 raise PathConflict(error.errno, "not a folder (or a link)", component) from error
             raise _classify(root, error) from error
         if created:
+            try:
+                permissions.apply_to_folder(child)
+            except OSError as error:
+                os.close(child)
+                _close_unless(fd, root_fd)
+                raise _classify(root, error) from error
             _fsync_folder(fd)
         _close_unless(fd, root_fd)
         fd = child
     return fd
 
 
-def _write_temporary(source: str, root: Path, folder_fd: int, name: str, link: bool) -> str:
+def _write_temporary(
+    source: str, root: Path, folder_fd: int, name: str, link: bool, permissions: Permissions
+) -> tuple[str, str]:
+    """Write the bytes under a temporary name, flushed; return it and the
+    SHA-256 of what was written ("" when linked instead)."""
     temporary = f"{TEMP_PREFIX}{secrets.token_hex(6)}.{name[:32]}"
-    if link and _try_link(source, temporary, folder_fd):
-        return temporary
+    if link and _try_link(source, temporary, folder_fd, permissions):
+        return temporary, ""
+    digest = hashlib.sha256()
     with open(source, "rb", buffering=0) as inp:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
@@ -159,24 +215,27 @@ def _write_temporary(source: str, root: Path, folder_fd: int, name: str, link: b
             raise _classify(root, error) from error
         try:
             while chunk := inp.read(CHUNK):
+                digest.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(out, view) :]
+            permissions.apply_to_file(out)
             os.fsync(out)
         except OSError as error:
             _unlink_quietly(temporary, folder_fd)
             raise _classify(root, error) from error
         finally:
             os.close(out)
-    return temporary
+    return temporary, digest.hexdigest()
 
 
-def _try_link(source: str, temporary: str, folder_fd: int) -> bool:
+def _try_link(source: str, temporary: str, folder_fd: int, permissions: Permissions) -> bool:
     try:
         os.link(source, temporary, dst_dir_fd=folder_fd)
     except OSError:
         return False  # another filesystem, or links not allowed: copy instead
     with open(source, "rb") as handle:
+        permissions.apply_to_file(handle.fileno())
         os.fsync(handle.fileno())
     return True
 

@@ -6,8 +6,9 @@ tests drive time by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from watcher.headers import Instance
 
@@ -102,6 +103,10 @@ class Study:
     instances: dict[str, Pending] = field(default_factory=dict)
     shared: dict[str, str] = field(default_factory=dict, repr=False)
     patient: str = ""
+    #: Per rule name, what was placed so far (kept across parked retries).
+    progress: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Cached completion policy: (rules version, quiet seconds, checker).
+    policy: tuple[Any, ...] = ()
     attempts: int = 0
     next_try: float = 0.0
     last_error: str = ""
@@ -167,15 +172,26 @@ class Studies:
             self.study_of.pop(path, None)
         self.by_uid.pop(study.uid, None)
 
-    def due(self, now: float, quiet: float, max_age: float) -> list[tuple[Study, str]]:
-        """Studies to place now: quiet long enough, too old, or a parked study
-        whose next try has come. Returns (study, why) pairs."""
+    def due(
+        self,
+        now: float,
+        quiet: float,
+        max_age: float,
+        policy: Callable[[Study], tuple[float, bool]] | None = None,
+    ) -> list[tuple[Study, str]]:
+        """Studies to place now: quiet long enough, complete by their expected
+        count, too old, or parked with their next try come. `policy(study)`
+        may give a study its own (quiet seconds, complete now). Returns
+        (study, why) pairs."""
         due = []
         for study in self.by_uid.values():
+            study_quiet, complete = policy(study) if policy else (quiet, False)
             if study.parked_since is not None:
                 if now >= study.next_try:
                     due.append((study, "retry"))
-            elif now - study.last_arrival >= quiet:
+            elif complete:
+                due.append((study, "expected_count"))
+            elif now - study.last_arrival >= study_quiet:
                 due.append((study, "quiet"))
             elif now - study.first_arrival >= max_age:
                 due.append((study, "max_age"))

@@ -49,6 +49,8 @@ WINDOWS_RESERVED = frozenset(
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(\.[a-z]+)?")
 NUMBER_FORMAT = re.compile(r"0(\d{1,2})d")
+# Trailing dots and blanks (Unicode ones too, as `str.strip` sees them).
+TRAILING_DOTS_AND_BLANKS = re.compile(r"[.\s]+\Z")
 
 
 class TemplateError(ValueError):
@@ -199,7 +201,7 @@ def _pad(value: str, width: int) -> str:
     text = value.split("\\")[0].strip()
     try:
         number = int(float(text)) if "." in text else int(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or too large for one ("1.e999")
         return value
     sign = "-" if number < 0 else ""
     return sign + str(abs(number)).zfill(width - len(sign))
@@ -230,7 +232,7 @@ def safe_component(text: str) -> str:
     text = safe_value(text).strip()
     if text.startswith("."):
         text = "_" + text[1:]
-    text = text.rstrip(". ")
+    text = TRAILING_DOTS_AND_BLANKS.sub("", text)
     if not text:
         return MISSING_VALUE
     if text.split(".")[0].upper().rstrip(" ") in WINDOWS_RESERVED:

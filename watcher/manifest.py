@@ -1,0 +1,105 @@
+"""The manifest of a placed study: what arrived, for lab scripts, without a database.
+
+`manifest.json` in the study's folder of a lab tree lists every instance
+with its SOPInstanceUID, series, path (relative to the manifest), size and
+SHA-256. It is written after the study's files, atomically (temporary name,
+flush, rename), and brought up to date when late instances arrive, so a
+script that reads it sees only files that are whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcher.placement import TEMP_PREFIX, Permissions, Placement
+from watcher.rules import Rule
+from watcher.template import safe_component
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One placed instance, as the manifest lists it."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    series_number: str
+    placement: Placement
+
+
+def manifest_path(rule: Rule, relative_path: str, study_uid: str) -> Path:
+    """`manifest.json` in the study's folder; when the template puts studies
+    straight into the destination, `manifest_<StudyInstanceUID>.json` there."""
+    folder = rule.path.study_folder(relative_path)
+    if folder:
+        return rule.destination / folder / MANIFEST_NAME
+    return rule.destination / f"manifest_{safe_component(study_uid)}.json"
+
+
+def write_manifest(
+    path: Path,
+    *,
+    study_uid: str,
+    rule: Rule,
+    patient: str,
+    entries: Iterable[Entry],
+    clock: float | None = None,
+) -> dict[str, object]:
+    """Merge `entries` into the manifest at `path` (new or existing) and
+    replace it atomically. Returns what was written."""
+    instances: dict[str, dict[str, object]] = {}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        for item in previous.get("instances", []):
+            instances[str(item["path"])] = item
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    base = path.parent
+    for entry in entries:
+        relative = os.path.relpath(entry.placement.path, base)
+        instances[relative] = {
+            "sop_instance_uid": entry.sop_instance_uid,
+            "series_instance_uid": entry.series_instance_uid,
+            "series_number": entry.series_number,
+            "path": relative,
+            "size": entry.placement.size,
+            "sha256": entry.placement.sha256,
+        }
+    listed = sorted(instances.values(), key=lambda item: str(item["path"]))
+    manifest = {
+        "study_instance_uid": study_uid,
+        "lab": rule.lab_name,
+        "rule": rule.name,
+        "patient_id": patient,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock)),
+        "files": len(listed),
+        "bytes": sum(int(item["size"]) for item in listed),  # type: ignore[call-overload]
+        "instances": listed,
+    }
+    _replace(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+             Permissions(rule.group, rule.file_mode, rule.folder_mode))
+    return manifest
+
+
+def _replace(path: Path, text: str, permissions: Permissions) -> None:
+    temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}.{path.name}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        with open(fd, "w", encoding="utf-8", closefd=False) as handle:
+            handle.write(text)
+        permissions.apply_to_file(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
