@@ -89,12 +89,12 @@ class DaemonProcess:
         file.write_text(yaml.safe_dump(rule))
         return file
 
-    def start(self, *args: str) -> DaemonProcess:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> DaemonProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
             [sys.executable, "-m", "watcher", "run", "--config", str(self.config_path),
              "--log-format", "json", *args],
-            stdout=log, stderr=log, cwd=self.root,
+            stdout=log, stderr=log, cwd=self.root, env={**os.environ, **(env or {})},
         )
         log.close()
         return self

@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     check = commands.add_parser("check", parents=[common], help="validate rule files")
-    check.add_argument("--rules", metavar="DIR", default="rules")
+    check.add_argument("--rules", metavar="DIR",
+                       help="rules folder (default: the config's, else ./rules)")
+    check.add_argument("--config", metavar="FILE",
+                       help="also apply the config's allowed_destinations")
     check.set_defaults(handler=cmd_check)
     return parser
 
@@ -179,17 +182,25 @@ def rules_or_exit(directory: str) -> RuleSet:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    ruleset = load_rules(args.rules)
+    allowed = None
+    folder = args.rules or "rules"
+    if args.config is not None:
+        config = load_config(args.config)
+        allowed = config.allowed_destinations
+        folder = args.rules or str(config.rules)
+    ruleset = load_rules(folder, allowed)
     for problem in ruleset.problems:
         print(problem)
     for rule in ruleset.rules:
         if not rule.destination.is_dir():
             print(f"{rule.source}: warning: destination {rule.destination} does not exist now "
                   "(it is never created; files wait until it appears)")
+    for warning in ruleset.overlaps():
+        print(warning)
     if ruleset.problems:
-        print(f"{len(ruleset.problems)} problem(s) in {args.rules}", file=sys.stderr)
+        print(f"{len(ruleset.problems)} problem(s) in {folder}", file=sys.stderr)
         return EXIT_INCOMPLETE
-    print(f"ok: {len(ruleset.rules)} rule(s) in {args.rules}: "
+    print(f"ok: {len(ruleset.rules)} rule(s) in {folder}: "
           + ", ".join(rule.name for rule in ruleset.rules))
     return EXIT_OK
 

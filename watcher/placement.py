@@ -24,6 +24,7 @@ import errno
 import hashlib
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -133,7 +134,7 @@ def _place_in(
     beside = None
     existing = _stat(name, folder_fd)
     if existing is not None:
-        if existing.st_size == size and _same_bytes(source, name, folder_fd):
+        if _same_size(existing, size) and _same_bytes(source, name, folder_fd):
             return Placement(folder / name, "present", size, sha256=_sha256(source) if digest else "")
         content = _sha256(source)
         # Other bytes under this name: go beside them, under a name derived
@@ -143,7 +144,7 @@ def _place_in(
             existing = _stat(candidate, folder_fd)
             if existing is None:
                 break
-            if existing.st_size == size and _same_bytes(source, candidate, folder_fd):
+            if _same_size(existing, size) and _same_bytes(source, candidate, folder_fd):
                 return Placement(folder / candidate, "present", size, beside, content)
         else:
             raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
@@ -259,6 +260,12 @@ def _stat(name: str, folder_fd: int) -> os.stat_result | None:
         return os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _same_size(existing: os.stat_result, size: int) -> bool:
+    """A regular file of `size` bytes. Anything else (a symbolic link, whose
+    size is its target's length, a folder, a FIFO) is never opened to compare."""
+    return stat.S_ISREG(existing.st_mode) and existing.st_size == size
 
 
 def _same_bytes(source: str, name: str, folder_fd: int) -> bool:

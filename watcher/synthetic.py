@@ -67,6 +67,14 @@ def make_dataset(**tags: object) -> Dataset:
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
+    # Geometry, so that converters (dcm2niix) can stack the slices of a series.
+    instance = int(tags.get("InstanceNumber", 1))  # type: ignore[call-overload]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, float(instance)]
+    ds.SliceLocation = float(instance)
+    ds.PixelSpacing = [1, 1]
+    ds.SliceThickness = 1
+    ds.AcquisitionNumber = 1
     for keyword, value in tags.items():
         if value is None:
             if keyword in ds:

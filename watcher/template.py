@@ -225,12 +225,12 @@ def safe_component(text: str) -> str:
     """One path component that every common filesystem and share accepts.
 
     No separators or control characters, no leading dot (so never `.`, `..` or
-    a hidden file), no trailing dot or space, not a Windows device name,
+    a hidden file) or dash (never read as an option), no trailing dot or space, not a Windows device name,
     never empty, and at most 255 bytes of UTF-8 with the extension kept and no
     character cut in half.
     """
     text = safe_value(text).strip()
-    if text.startswith("."):
+    if text.startswith((".", "-")):  # hidden, `.`/`..`, or read as an option by tools
         text = "_" + text[1:]
     text = TRAILING_DOTS_AND_BLANKS.sub("", text)
     if not text:

@@ -1,0 +1,310 @@
+"""Lab automation through the real daemon: hooks, manifests, permissions,
+precedence, allowed destinations, per-rule completion."""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import DaemonProcess, lab_files, skip_or_fail, wait_for
+
+from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "rules" / "automation"
+
+RECORDER = """#!/bin/sh
+# A stand-in for a real program: records its arguments, one per line, and
+# the DW_ environment, then exits with $RECORDER_STATUS (default 0).
+out="$RECORDER_DIR/$(basename "$0").$$"
+for argument in "$@"; do printf '%s\\n' "$argument"; done > "$out.args"
+env | grep '^DW_' | sort > "$out.env"
+exit "${RECORDER_STATUS:-0}"
+"""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    made: list[DaemonProcess] = []
+
+    def make(**settings: object) -> DaemonProcess:
+        run = DaemonProcess(tmp_path, **settings)
+        made.append(run)
+        return run
+
+    yield make
+    for run in made:
+        run.close()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    folder = tmp_path / "nas" / "smithlab"
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def stand_ins(tmp_path: Path) -> tuple[Path, Path]:
+    """A bin/ folder with recording stand-ins (sbatch, record), and where they write."""
+    bin_folder, records = tmp_path / "bin", tmp_path / "records"
+    bin_folder.mkdir()
+    records.mkdir()
+    for name in ("sbatch", "record"):
+        program = bin_folder / name
+        program.write_text(RECORDER)
+        program.chmod(0o755)
+    return bin_folder, records
+
+
+def environment(bin_folder: Path, records: Path, **extra: str) -> dict[str, str]:
+    return {"PATH": f"{bin_folder}:{os.environ['PATH']}", "RECORDER_DIR": str(records), **extra}
+
+
+def example_rule(run: DaemonProcess, name: str, destination: Path, **changes: object) -> Path:
+    """An example rule file from rules/automation, pointed at `destination`."""
+    rule = yaml.safe_load((EXAMPLES / name).read_text())
+    rule.update(destination=str(destination), **changes)
+    path = run.rules / name
+    path.write_text(yaml.safe_dump(rule))
+    return path
+
+
+def recorded(records: Path, program: str) -> list[tuple[list[str], dict[str, str]]]:
+    calls = []
+    for args in sorted(records.glob(f"{program}.*.args")):
+        env_file = args.with_suffix(".env")
+        env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+        calls.append((args.read_text().splitlines(), env))
+    return calls
+
+
+def test_dcm2niix_example_converts_the_placed_study(daemon, lab):
+    if not shutil.which("dcm2niix"):
+        skip_or_fail("dcm2niix is not installed (apt-get install dcm2niix)")
+    run = daemon()
+    example_rule(run, "dcm2niix.yaml", lab)
+    run.start()
+    write_study(StudySpec(series=2, instances=8, rows=16, columns=16), run.inbox)
+    run.wait_event("hook_done", timeout=60)
+    study = lab / "SUBJ01" / "20261125_SMITH^Memory"
+    converted = sorted(p.name for p in study.glob("*.nii.gz"))
+    assert converted == ["1_T1_MPRAGE.nii.gz", "2_rfMRI_REST.nii.gz"], converted
+    assert (study / "1_T1_MPRAGE.json").exists()  # the BIDS sidecar
+    assert run.logs("hook_output"), "the converter's output is in the log"
+    assert json.loads((study / "manifest.json").read_text())["files"] == 16
+
+
+def test_slurm_example_submits_with_study_folder_and_manifest(daemon, lab, stand_ins):
+    bin_folder, records = stand_ins
+    run = daemon()
+    example_rule(run, "slurm.yaml", lab, quiet_seconds=0.5)
+    run.start(env=environment(bin_folder, records))
+    write_study(StudySpec(patient_id="S7", series=1, instances=3), run.inbox)
+    run.wait_event("hook_done")
+    [(args, env)] = recorded(records, "sbatch")
+    study = lab / "S7" / "20261125_SMITH^Memory"
+    assert args == ["--job-name=dw-smithlab-S7", "--output=/nas/smithlab/logs/%j.out",
+                    "/nas/smithlab/code/preprocess.sbatch", str(study), str(study / "manifest.json")]
+    assert env["DW_STUDY_FOLDER"] == str(study)
+    assert env["DW_FILES"] == "3" and env["DW_LAB"] == "smithlab"
+    manifest = json.loads(Path(args[-1]).read_text())
+    assert manifest["files"] == 3, "the manifest is complete when the hook runs"
+
+
+def test_bids_example_layout_permissions_and_count_completion(daemon, tmp_path):
+    bids = tmp_path / "nas" / "joneslab"
+    bids.mkdir(parents=True)
+    group = grp.getgrnam("daemon")
+    run = daemon(quiet_seconds=60)
+    example_rule(run, "bids-sourcedata.yaml", bids, group="daemon")
+    run.start()
+    spec = StudySpec(patient_id="042", description="JONES^Motor", series=2, instances=3,
+                     extra={"ImagesInAcquisition": 3})
+    write_study(spec, run.inbox)
+    # Complete by ImagesInAcquisition long before the 60 s quiet period.
+    run.wait_event("study_complete_by_count", timeout=20)
+    run.wait_event("study_placed")
+    session = bids / "sourcedata" / "sub-042" / "ses-20261125"
+    placed = lab_files(bids)
+    assert len(placed) == 6
+    assert sorted(p.name for p in session.iterdir() if p.is_dir()) == ["001-T1_MPRAGE", "002-rfMRI_REST"]
+    for path in placed:
+        info = path.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o640 and info.st_gid == group.gr_gid
+    for folder in (bids / "sourcedata", session, session / "001-T1_MPRAGE"):
+        info = folder.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o2750 and info.st_gid == group.gr_gid, folder
+
+
+def test_manifest_lists_every_instance_and_grows_with_a_late_series(daemon, lab):
+    run = daemon()
+    run.add_rule("smith", lab)
+    run.start()
+    spec = StudySpec(series=2, instances=4)
+    write_study(spec, run.inbox)
+    run.wait_event("manifest_written")
+    study = lab / spec.patient_id / spec.description
+    manifest = json.loads((study / "manifest.json").read_text())
+    assert manifest["study_instance_uid"] == spec.study_uid and manifest["files"] == 8
+    for item in manifest["instances"]:
+        data = (study / item["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == item["sha256"] and len(data) == item["size"]
+    assert {item["series_number"] for item in manifest["instances"]} == {"1", "2"}
+    late = make_dataset(StudyInstanceUID=spec.study_uid, SeriesNumber=9, SeriesDescription="late",
+                        PatientID=spec.patient_id, StudyDescription=spec.description)
+    write_dataset(late, run.inbox / "MR.late")
+    run.wait_event("manifest_written", count=2)
+    manifest = json.loads((study / "manifest.json").read_text())
+    assert manifest["files"] == 9
+    assert any(item["path"].startswith("009_late/") for item in manifest["instances"])
+    assert not list(study.glob(".dicom-watcher-tmp*"))
+
+
+def test_a_failing_hook_is_retried_a_bounded_number_of_times(daemon, lab, stand_ins):
+    bin_folder, records = stand_ins
+    run = daemon(hook_retry_seconds=0.2)
+    run.add_rule("smith", lab, hooks=[{"command": ["record", "{study_uid}"], "retries": 2}])
+    run.start(env=environment(bin_folder, records, RECORDER_STATUS="3"))
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    gave_up = run.wait_event("hook_gave_up", timeout=30)
+    failures = run.logs("hook_failed")
+    assert [f["status"] for f in failures] == ["3", "3"]
+    assert gave_up[0]["attempts"] == "3"
+    assert len(recorded(records, "record")) == 3
+    assert len(list((run.state / "hooks" / "failed").glob("*.json"))) == 1
+    assert not list((run.state / "hooks").glob("*.json")), "no job left pending"
+    assert len(lab_files(lab)) == 2, "a failed hook does not undo the placement"
+
+
+def test_a_hook_that_hangs_is_killed_at_its_timeout(daemon, lab, tmp_path):
+    marker = tmp_path / "still-running"
+    script = tmp_path / "hang.sh"
+    # The hook starts a child, which would touch a marker if it were not killed.
+    script.write_text(f"#!/bin/sh\n(sleep 3; touch {marker}) &\nsleep 3600\n")
+    script.chmod(0o755)
+    run = daemon()
+    run.add_rule("smith", lab, hooks=[{"command": [str(script)], "timeout": 1, "retries": 0}])
+    run.start()
+    write_study(StudySpec(series=1, instances=1), run.inbox)
+    gave_up = run.wait_event("hook_gave_up", timeout=30)
+    assert "timed out" in gave_up[0]["reason"]
+    time.sleep(3.5)
+    assert not marker.exists(), "the hook's whole process group was killed"
+
+
+def test_header_values_cannot_break_out_of_an_argument(daemon, lab, stand_ins, tmp_path):
+    bin_folder, records = stand_ins
+    pwned = tmp_path / "pwned"
+    hostile = f'--exec=x"; touch {pwned}; echo "$(touch {pwned})`touch {pwned}` a b'
+    run = daemon()
+    run.add_rule("smith", lab, path="{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm",
+                 hooks=[{"command": ["record", "--patient={patient}", "{patient}", "{study_folder}"]}])
+    run.start(env=environment(bin_folder, records))
+    write_dataset(make_dataset(PatientID=hostile), run.inbox / "MR.hostile")
+    run.wait_event("hook_done")
+    [(args, env)] = recorded(records, "record")
+    assert len(args) == 3, "one argument stays one argument"
+    assert args[0].startswith("--patient=_-exec=x") and args[1] == args[0][len("--patient="):]
+    assert not args[1].startswith("-"), "a value never starts like an option"
+    assert "$(touch" in args[1] and args[1].endswith(" a b"), "kept as text, not run"
+    assert Path(args[2]).parent == lab and Path(args[2]).name.startswith("_-exec")
+    assert not pwned.exists(), "nothing was run by a shell"
+    assert env["DW_PATIENT"] == args[1]
+
+
+def test_hooks_run_at_most_hook_concurrency_at_once(daemon, lab, tmp_path):
+    log_file = tmp_path / "spans.txt"
+    script = tmp_path / "span.sh"
+    script.write_text(f"#!/bin/sh\necho start $1 >> {log_file}\nsleep 0.5\necho end $1 >> {log_file}\n")
+    script.chmod(0o755)
+    run = daemon(hook_concurrency=1, quiet_seconds=0.3)
+    run.add_rule("smith", lab, hooks=[{"command": [str(script), "{study_uid}"]}])
+    run.start()
+    for n in range(3):
+        write_study(StudySpec(patient_id=f"C{n}", series=1, instances=1), run.inbox)
+    run.wait_event("hook_done", count=3, timeout=30)
+    lines = log_file.read_text().split()
+    events = lines[0::2]
+    assert events == ["start", "end"] * 3, "never two hooks at once"
+
+
+def test_exclusive_rule_takes_instances_alone_and_check_warns_about_overlap(daemon, tmp_path, capsys):
+    from watcher.cli import main
+
+    shared, private = tmp_path / "nas" / "archive", tmp_path / "nas" / "private"
+    shared.mkdir(parents=True)
+    private.mkdir(parents=True)
+    run = daemon()
+    run.add_rule("archive", shared)
+    run.add_rule("private", private, match={"StudyDescription": "^SMITH"}, exclusive=True, priority=5)
+    assert main(["check", "--rules", str(run.rules)]) == 0
+    out = capsys.readouterr().out
+    assert "rules private and archive may match the same instances" in out
+    assert "private is exclusive" in out
+    run.start()
+    write_study(StudySpec(series=1, instances=2, description="SMITH^Secret"), run.inbox)
+    write_study(StudySpec(patient_id="OTHER", series=1, instances=3, description="OTHER"), run.inbox)
+    run.wait_event("study_placed", count=2)
+    run.wait_drained()
+    assert len(lab_files(private)) == 2 and len(lab_files(shared)) == 3
+
+
+def test_every_matching_rule_gets_its_own_copy_by_default(daemon, tmp_path):
+    first, second = tmp_path / "nas" / "a", tmp_path / "nas" / "b"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    run = daemon()
+    run.add_rule("a", first)
+    run.add_rule("b", second, match={"InstitutionName": "(?i)princeton"})
+    run.start()
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    run.wait_event("study_placed", count=2)
+    assert len(lab_files(first)) == 2 and len(lab_files(second)) == 2
+
+
+def test_allowed_destinations_refuse_a_rule_writing_into_another_labs_area(daemon, tmp_path):
+    smith, jones = tmp_path / "nas" / "smith", tmp_path / "nas" / "jones"
+    smith.mkdir(parents=True)
+    jones.mkdir(parents=True)
+    run = daemon(allowed_destinations={"smith": [str(smith)], "jones": [str(jones)]})
+    run.add_rule("smith", smith, match={"StudyDescription": "^SMITH"})
+    sneaky = run.add_rule("jones", smith / "stolen", match={"StudyDescription": "^SMITH"})
+    check = subprocess.run(
+        [sys.executable, "-m", "watcher", "check", "--config", str(run.config_path)],
+        capture_output=True, text=True, cwd=run.root,
+    )
+    assert check.returncode == 1
+    assert f"{sneaky}:" in check.stdout and "outside the folders allowed for lab 'jones'" in check.stdout
+    run.start()
+    problem = run.wait_event("rule_problem")
+    assert "refused" in problem[0]["problem"]
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    run.wait_event("study_placed")
+    run.wait_drained()
+    assert not (smith / "stolen").exists()
+    assert len(lab_files(smith)) == 2
+
+
+def test_a_rule_with_its_own_short_quiet_period_and_a_count(daemon, lab, tmp_path):
+    other = tmp_path / "nas" / "counted"
+    other.mkdir(parents=True)
+    run = daemon(quiet_seconds=120)
+    run.add_rule("fast", lab, match={"StudyDescription": "^FAST"}, quiet_seconds=0.5)
+    run.add_rule("counted", other, match={"StudyDescription": "^COUNT"}, expected_instances=4)
+    run.start()
+    write_study(StudySpec(series=1, instances=2, description="FAST"), run.inbox)
+    write_study(StudySpec(series=2, instances=2, description="COUNT"), run.inbox)
+    run.wait_event("study_placed", count=2, timeout=30)  # long before 120 s
+    assert len(run.logs("study_complete_by_count")) == 1
+    assert len(lab_files(lab)) == 2 and len(lab_files(other)) == 4
