@@ -308,3 +308,23 @@ def test_a_rule_with_its_own_short_quiet_period_and_a_count(daemon, lab, tmp_pat
     run.wait_event("study_placed", count=2, timeout=30)  # long before 120 s
     assert len(run.logs("study_complete_by_count")) == 1
     assert len(lab_files(lab)) == 2 and len(lab_files(other)) == 4
+
+
+def test_a_hook_pending_at_a_crash_runs_after_the_restart(daemon, lab, stand_ins):
+    bin_folder, records = stand_ins
+    run = daemon(hook_concurrency=1)
+    # Two hooks, one at a time: the second is still waiting when the daemon dies.
+    run.add_rule("smith", lab, hooks=[{"command": ["sleep", "2"], "name": "slow"},
+                                      {"command": ["record", "{study_uid}"], "name": "after"}])
+    run.start(env=environment(bin_folder, records))
+    write_study(StudySpec(series=1, instances=1), run.inbox)
+    run.wait_event("hook_started")
+    run.kill()
+    assert recorded(records, "record") == []
+    assert len(list((run.state / "hooks").glob("*.json"))) == 2
+    run.start(env=environment(bin_folder, records))
+    resumed = run.wait_event("hook_resumed", count=2)
+    assert {line["hook"] for line in resumed} == {"slow", "after"}
+    wait_for(lambda: recorded(records, "record"), 30, "the pending hook to run")
+    run.wait_event("hook_done", count=2)
+    assert not list((run.state / "hooks").glob("*.json"))
