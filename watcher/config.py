@@ -109,7 +109,9 @@ def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
     return type(default)(value)
 
 
-def _allowed(file: Path, value: Any) -> dict[str, tuple[Path, ...]]:
+def _allowed(file: Path, value: Any) -> dict[str, tuple[Path, ...]] | None:
+    if value is None:
+        return None
     if not isinstance(value, dict):
         raise ConfigError(f"{file}: allowed_destinations must map lab names to lists of folders")
     allowed = {}
