@@ -41,10 +41,18 @@ def main() -> int:
     labs = write_rules()
     expected = write_samples(outgoing)
     config = DEMO / "dicom-watcher.yaml"
-    config.write_text(yaml.safe_dump({
-        "inbox": "inbox", "rules": "rules", "state": "state",
-        "quiet_seconds": QUIET_SECONDS, "settle_seconds": 0.5, "rescan_seconds": 5,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "inbox": "inbox",
+                "rules": "rules",
+                "state": "state",
+                "quiet_seconds": QUIET_SECONDS,
+                "settle_seconds": 0.5,
+                "rescan_seconds": 5,
+            }
+        )
+    )
     inbox.mkdir(parents=True)
     port = free_port()
     log_file = DEMO / "dicom-watcher.log"
@@ -53,14 +61,25 @@ def main() -> int:
         receiver, sender = start_receiver(port, inbox)
         processes.append(receiver)
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run", "--config", str(config),
-             "--log-file", str(log_file)],
-            cwd=DEMO, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "watcher",
+                "run",
+                "--config",
+                str(config),
+                "--log-file",
+                str(log_file),
+            ],
+            cwd=DEMO,
+            stderr=subprocess.DEVNULL,
         )
         processes.append(daemon)
         wait_for_port(port)
-        print(f"demo: sending {sum(expected.values())} instances of {len(expected)} studies "
-              f"to {AE_TITLE}@127.0.0.1:{port}")
+        print(
+            f"demo: sending {sum(expected.values())} instances of {len(expected)} studies "
+            f"to {AE_TITLE}@127.0.0.1:{port}"
+        )
         sender(port, outgoing)
         summaries = wait_for_placement(log_file, expected, inbox)
         daemon.send_signal(signal.SIGTERM)
@@ -79,8 +98,10 @@ def main() -> int:
     for line in summaries:
         print("  " + line)
     print_unplaced(DEMO / "state")
-    print(f"\ndemo folder: {DEMO} (log: {log_file.relative_to(REPO)}); "
-          "`dicom-watcher status --config demo/dicom-watcher.yaml` shows the last state.")
+    print(
+        f"\ndemo folder: {DEMO} (log: {log_file.relative_to(REPO)}); "
+        "`dicom-watcher status --config demo/dicom-watcher.yaml` shows the last state."
+    )
     return 0
 
 
@@ -94,8 +115,9 @@ def write_rules() -> list[Path]:
         lab = DEMO / "nas" / source.stem
         lab.mkdir(parents=True)
         labs.append(lab)
-        text = source.read_text().replace(f"destination: {rule['destination']}",
-                                          f"destination: {lab}")
+        text = source.read_text().replace(
+            f"destination: {rule['destination']}", f"destination: {lab}"
+        )
         (rules / source.name).write_text(text)
     return labs
 
@@ -105,19 +127,33 @@ def write_samples(folder: Path) -> dict[str, int]:
     returns {StudyInstanceUID: instances}."""
     specs = [
         StudySpec(patient_id="SUBJ01", patient_name="Miller^Richard", series=3, instances=10),
-        StudySpec(patient_id="SUBJ02", patient_name="Müller^Jürgen", description="SMITH^Pilot",
-                  series=2, instances=8),
-        StudySpec(patient_id="JP001", patient_name="Yamada^Tarou", description="Motor task",
-                  institution="Tokyo", series=2, instances=6,
-                  extra={"ReferringPhysicianName": "Jones^Mary"}),
+        StudySpec(
+            patient_id="SUBJ02",
+            patient_name="Müller^Jürgen",
+            description="SMITH^Pilot",
+            series=2,
+            instances=8,
+        ),
+        StudySpec(
+            patient_id="JP001",
+            patient_name="Yamada^Tarou",
+            description="Motor task",
+            institution="Tokyo",
+            series=2,
+            instances=6,
+            extra={"ReferringPhysicianName": "Jones^Mary"},
+        ),
     ]
     expected = {}
     for number, spec in enumerate(specs):
         write_study(spec, folder / f"study{number}")
         expected[spec.study_uid] = spec.series * spec.instances
     corpus = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
-    for path in (corpus / "CT_small.dcm", corpus / "MR_small.dcm",
-                 corpus.parent / "charset_files" / "chrFren.dcm"):
+    for path in (
+        corpus / "CT_small.dcm",
+        corpus / "MR_small.dcm",
+        corpus.parent / "charset_files" / "chrFren.dcm",
+    ):
         dataset = pydicom.dcmread(path)
         name = path.name
         write_dataset(dataset, folder / "pydicom" / name)
@@ -127,35 +163,73 @@ def write_samples(folder: Path) -> dict[str, int]:
 
 def start_receiver(port: int, inbox: Path):  # type: ignore[no-untyped-def]
     """dcmtk storescp when installed, else pynetdicom's; returns (process, send)."""
-    env = {**os.environ, "PORT": str(port), "AE_TITLE": AE_TITLE, "INBOX": str(inbox),
-           "TCP_NODELAY": "1"}
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "AE_TITLE": AE_TITLE,
+        "INBOX": str(inbox),
+        "TCP_NODELAY": "1",
+    }
     if shutil.which("storescp") and shutil.which("storescu"):
         print(f"demo: receiver: dcmtk storescp on port {port}, writing into {inbox}")
-        receiver = subprocess.Popen([str(REPO / "scripts" / "storescp.sh")], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        receiver = subprocess.Popen(
+            [str(REPO / "scripts" / "storescp.sh")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def send(port: int, folder: Path) -> None:
-            subprocess.run([str(REPO / "scripts" / "send.sh"), "-p", str(port), "-a", AE_TITLE,
-                            str(folder)], env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [str(REPO / "scripts" / "send.sh"), "-p", str(port), "-a", AE_TITLE, str(folder)],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
         return receiver, send
     try:
         import pynetdicom  # noqa: F401
     except ImportError:
-        sys.exit("demo: neither dcmtk (apt-get install dcmtk) nor pynetdicom "
-                 "(pip install pynetdicom) is installed: no receiver to run")
+        sys.exit(
+            "demo: neither dcmtk (apt-get install dcmtk) nor pynetdicom "
+            "(pip install pynetdicom) is installed: no receiver to run"
+        )
     print(f"demo: dcmtk is not installed: using pynetdicom's storescp on port {port} instead")
     receiver = subprocess.Popen(
-        [sys.executable, "-m", "pynetdicom", "storescp", str(port), "--ae-title", AE_TITLE,
-         "--output-directory", str(inbox)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "pynetdicom",
+            "storescp",
+            str(port),
+            "--ae-title",
+            AE_TITLE,
+            "--output-directory",
+            str(inbox),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
     def send(port: int, folder: Path) -> None:
         files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
-        subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port),
-                        *files, "--called-aet", AE_TITLE], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pynetdicom",
+                "storescu",
+                "127.0.0.1",
+                str(port),
+                *files,
+                "--called-aet",
+                AE_TITLE,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     return receiver, send
 
@@ -176,8 +250,9 @@ def wait_for_port(port: int, timeout: float = 15) -> None:
     sys.exit(f"demo: the receiver did not listen on port {port} within {timeout} s")
 
 
-def wait_for_placement(log_file: Path, expected: dict[str, int], inbox: Path,
-                       timeout: float = 120) -> list[str]:
+def wait_for_placement(
+    log_file: Path, expected: dict[str, int], inbox: Path, timeout: float = 120
+) -> list[str]:
     """Wait until every expected instance was placed; return the summary lines."""
     print(f"demo: waiting for the studies to go quiet ({QUIET_SECONDS} s) and be placed ...")
     deadline = time.monotonic() + timeout
@@ -213,9 +288,11 @@ def print_unplaced(state: Path) -> None:
     status_file = state / "status.json"
     if status_file.exists():
         status = json.loads(status_file.read_text())
-        print(f"\nquarantine: {status['quarantine_files']} file(s), "
-              f"unmatched: {status['unmatched_files']} file(s), "
-              f"placed: {status['placed_studies']} stud(ies) / {status['placed_files']} file copies")
+        print(
+            f"\nquarantine: {status['quarantine_files']} file(s), "
+            f"unmatched: {status['unmatched_files']} file(s), "
+            f"placed: {status['placed_studies']} stud(ies) / {status['placed_files']} file copies"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import yaml
 
 from watcher.placement import TEMP_PREFIX
 
+
 def skip_or_fail(reason: str) -> None:
     """Skip with a reason on a user's machine; fail in CI (CI=true), where
     every tool and permission the suite needs must be present."""
@@ -62,7 +63,11 @@ def files_under(folder: Path) -> list[Path]:
 
 def lab_files(folder: Path) -> list[Path]:
     """The instances in a lab tree: every file but the study manifests."""
-    return [p for p in files_under(folder) if not (p.suffix == ".json" and p.name.startswith("manifest"))]
+    return [
+        p
+        for p in files_under(folder)
+        if not (p.suffix == ".json" and p.name.startswith("manifest"))
+    ]
 
 
 class DaemonProcess:
@@ -81,9 +86,15 @@ class DaemonProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.process: subprocess.Popen[bytes] | None = None
 
-    def add_rule(self, name: str, destination: Path, match: dict[str, str] | None = None,
-                 path: str = "{PatientID}/{StudyDescription}/{SeriesNumber:03d}_{SeriesDescription}/"
-                             "{InstanceNumber:05d}.dcm", **extra: object) -> Path:
+    def add_rule(
+        self,
+        name: str,
+        destination: Path,
+        match: dict[str, str] | None = None,
+        path: str = "{PatientID}/{StudyDescription}/{SeriesNumber:03d}_{SeriesDescription}/"
+        "{InstanceNumber:05d}.dcm",
+        **extra: object,
+    ) -> Path:
         rule = {"match": match or {}, "destination": str(destination), "path": path, **extra}
         file = self.rules / f"{name}.yaml"
         file.write_text(yaml.safe_dump(rule))
@@ -92,9 +103,21 @@ class DaemonProcess:
     def start(self, *args: str, env: dict[str, str] | None = None) -> DaemonProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run", "--config", str(self.config_path),
-             "--log-format", "json", *args],
-            stdout=log, stderr=log, cwd=self.root, env={**os.environ, **(env or {})},
+            [
+                sys.executable,
+                "-m",
+                "watcher",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-format",
+                "json",
+                *args,
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=self.root,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         return self
@@ -113,8 +136,11 @@ class DaemonProcess:
         return lines
 
     def wait_event(self, event: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, str]]:
-        return wait_for(lambda: len(self.logs(event)) >= count and self.logs(event),
-                        timeout, f"{count} x {event} in {self.log_path}")  # type: ignore[return-value]
+        return wait_for(
+            lambda: len(self.logs(event)) >= count and self.logs(event),
+            timeout,
+            f"{count} x {event} in {self.log_path}",
+        )  # type: ignore[return-value]
 
     def inbox_files(self) -> list[Path]:
         return [p for p in files_under(self.inbox) if not p.name.startswith(TEMP_PREFIX)]
@@ -140,8 +166,17 @@ class DaemonProcess:
     def status(self) -> dict[str, object]:
         """`status --json`, or {} while the daemon has not published one yet."""
         out = subprocess.run(
-            [sys.executable, "-m", "watcher", "status", "--config", str(self.config_path), "--json"],
-            capture_output=True, cwd=self.root,
+            [
+                sys.executable,
+                "-m",
+                "watcher",
+                "status",
+                "--config",
+                str(self.config_path),
+                "--json",
+            ],
+            capture_output=True,
+            cwd=self.root,
         )
         return json.loads(out.stdout) if out.returncode == 0 else {}
 
@@ -167,7 +202,9 @@ def assert_accounted(
             if not path.name.endswith(".reason.txt"):
                 where.setdefault(sha256(path), set()).add(kind)
     left = {sha256(p) for p in files_under(inbox)} if inbox else set()
-    missing = [path for path, digest in entered.items() if digest not in where and digest not in left]
+    missing = [
+        path for path, digest in entered.items() if digest not in where and digest not in left
+    ]
     assert not missing, f"{len(missing)} files lost, e.g. {missing[:3]}"
     counts = {"entered": len(entered), "still_in_inbox": len(left)}
     for digest in set(entered.values()):

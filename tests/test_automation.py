@@ -114,8 +114,13 @@ def test_slurm_example_submits_with_study_folder_and_manifest(daemon, lab, stand
     run.wait_event("hook_done")
     [(args, env)] = recorded(records, "sbatch")
     study = lab / "S7" / "20261125_SMITH^Memory"
-    assert args == ["--job-name=dw-smithlab-S7", "--output=/nas/smithlab/logs/%j.out",
-                    "/nas/smithlab/code/preprocess.sbatch", str(study), str(study / "manifest.json")]
+    assert args == [
+        "--job-name=dw-smithlab-S7",
+        "--output=/nas/smithlab/logs/%j.out",
+        "/nas/smithlab/code/preprocess.sbatch",
+        str(study),
+        str(study / "manifest.json"),
+    ]
     assert env["DW_STUDY_FOLDER"] == str(study)
     assert env["DW_FILES"] == "3" and env["DW_LAB"] == "smithlab"
     manifest = json.loads(Path(args[-1]).read_text())
@@ -129,8 +134,13 @@ def test_bids_example_layout_permissions_and_count_completion(daemon, tmp_path):
     run = daemon(quiet_seconds=60)
     example_rule(run, "bids-sourcedata.yaml", bids, group="daemon")
     run.start()
-    spec = StudySpec(patient_id="042", description="JONES^Motor", series=2, instances=3,
-                     extra={"ImagesInAcquisition": 3})
+    spec = StudySpec(
+        patient_id="042",
+        description="JONES^Motor",
+        series=2,
+        instances=3,
+        extra={"ImagesInAcquisition": 3},
+    )
     write_study(spec, run.inbox)
     # Complete by ImagesInAcquisition long before the 60 s quiet period.
     run.wait_event("study_complete_by_count", timeout=20)
@@ -138,7 +148,10 @@ def test_bids_example_layout_permissions_and_count_completion(daemon, tmp_path):
     session = bids / "sourcedata" / "sub-042" / "ses-20261125"
     placed = lab_files(bids)
     assert len(placed) == 6
-    assert sorted(p.name for p in session.iterdir() if p.is_dir()) == ["001-T1_MPRAGE", "002-rfMRI_REST"]
+    assert sorted(p.name for p in session.iterdir() if p.is_dir()) == [
+        "001-T1_MPRAGE",
+        "002-rfMRI_REST",
+    ]
     for path in placed:
         info = path.stat()
         assert stat.S_IMODE(info.st_mode) == 0o640 and info.st_gid == group.gr_gid
@@ -161,8 +174,13 @@ def test_manifest_lists_every_instance_and_grows_with_a_late_series(daemon, lab)
         data = (study / item["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == item["sha256"] and len(data) == item["size"]
     assert {item["series_number"] for item in manifest["instances"]} == {"1", "2"}
-    late = make_dataset(StudyInstanceUID=spec.study_uid, SeriesNumber=9, SeriesDescription="late",
-                        PatientID=spec.patient_id, StudyDescription=spec.description)
+    late = make_dataset(
+        StudyInstanceUID=spec.study_uid,
+        SeriesNumber=9,
+        SeriesDescription="late",
+        PatientID=spec.patient_id,
+        StudyDescription=spec.description,
+    )
     write_dataset(late, run.inbox / "MR.late")
     run.wait_event("manifest_written", count=2)
     manifest = json.loads((study / "manifest.json").read_text())
@@ -208,14 +226,18 @@ def test_header_values_cannot_break_out_of_an_argument(daemon, lab, stand_ins, t
     pwned = tmp_path / "pwned"
     hostile = f'--exec=x"; touch {pwned}; echo "$(touch {pwned})`touch {pwned}` a b'
     run = daemon()
-    run.add_rule("smith", lab, path="{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm",
-                 hooks=[{"command": ["record", "--patient={patient}", "{patient}", "{study_folder}"]}])
+    run.add_rule(
+        "smith",
+        lab,
+        path="{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm",
+        hooks=[{"command": ["record", "--patient={patient}", "{patient}", "{study_folder}"]}],
+    )
     run.start(env=environment(bin_folder, records))
     write_dataset(make_dataset(PatientID=hostile), run.inbox / "MR.hostile")
     run.wait_event("hook_done")
     [(args, env)] = recorded(records, "record")
     assert len(args) == 3, "one argument stays one argument"
-    assert args[0].startswith("--patient=_-exec=x") and args[1] == args[0][len("--patient="):]
+    assert args[0].startswith("--patient=_-exec=x") and args[1] == args[0][len("--patient=") :]
     assert not args[1].startswith("-"), "a value never starts like an option"
     assert "$(touch" in args[1] and args[1].endswith(" a b"), "kept as text, not run"
     assert Path(args[2]).parent == lab and Path(args[2]).name.startswith("_-exec")
@@ -226,7 +248,9 @@ def test_header_values_cannot_break_out_of_an_argument(daemon, lab, stand_ins, t
 def test_hooks_run_at_most_hook_concurrency_at_once(daemon, lab, tmp_path):
     log_file = tmp_path / "spans.txt"
     script = tmp_path / "span.sh"
-    script.write_text(f"#!/bin/sh\necho start $1 >> {log_file}\nsleep 0.5\necho end $1 >> {log_file}\n")
+    script.write_text(
+        f"#!/bin/sh\necho start $1 >> {log_file}\nsleep 0.5\necho end $1 >> {log_file}\n"
+    )
     script.chmod(0o755)
     run = daemon(hook_concurrency=1, quiet_seconds=0.3)
     run.add_rule("smith", lab, hooks=[{"command": [str(script), "{study_uid}"]}])
@@ -239,7 +263,9 @@ def test_hooks_run_at_most_hook_concurrency_at_once(daemon, lab, tmp_path):
     assert events == ["start", "end"] * 3, "never two hooks at once"
 
 
-def test_exclusive_rule_takes_instances_alone_and_check_warns_about_overlap(daemon, tmp_path, capsys):
+def test_exclusive_rule_takes_instances_alone_and_check_warns_about_overlap(
+    daemon, tmp_path, capsys
+):
     from watcher.cli import main
 
     shared, private = tmp_path / "nas" / "archive", tmp_path / "nas" / "private"
@@ -247,14 +273,18 @@ def test_exclusive_rule_takes_instances_alone_and_check_warns_about_overlap(daem
     private.mkdir(parents=True)
     run = daemon()
     run.add_rule("archive", shared)
-    run.add_rule("private", private, match={"StudyDescription": "^SMITH"}, exclusive=True, priority=5)
+    run.add_rule(
+        "private", private, match={"StudyDescription": "^SMITH"}, exclusive=True, priority=5
+    )
     assert main(["check", "--rules", str(run.rules)]) == 0
     out = capsys.readouterr().out
     assert "rules private and archive may match the same instances" in out
     assert "private is exclusive" in out
     run.start()
     write_study(StudySpec(series=1, instances=2, description="SMITH^Secret"), run.inbox)
-    write_study(StudySpec(patient_id="OTHER", series=1, instances=3, description="OTHER"), run.inbox)
+    write_study(
+        StudySpec(patient_id="OTHER", series=1, instances=3, description="OTHER"), run.inbox
+    )
     run.wait_event("study_placed", count=2)
     run.wait_drained()
     assert len(lab_files(private)) == 2 and len(lab_files(shared)) == 3
@@ -282,10 +312,15 @@ def test_allowed_destinations_refuse_a_rule_writing_into_another_labs_area(daemo
     sneaky = run.add_rule("jones", smith / "stolen", match={"StudyDescription": "^SMITH"})
     check = subprocess.run(
         [sys.executable, "-m", "watcher", "check", "--config", str(run.config_path)],
-        capture_output=True, text=True, cwd=run.root,
+        capture_output=True,
+        text=True,
+        cwd=run.root,
     )
     assert check.returncode == 1
-    assert f"{sneaky}:" in check.stdout and "outside the folders allowed for lab 'jones'" in check.stdout
+    assert (
+        f"{sneaky}:" in check.stdout
+        and "outside the folders allowed for lab 'jones'" in check.stdout
+    )
     run.start()
     problem = run.wait_event("rule_problem")
     assert "refused" in problem[0]["problem"]
@@ -314,8 +349,14 @@ def test_a_hook_pending_at_a_crash_runs_after_the_restart(daemon, lab, stand_ins
     bin_folder, records = stand_ins
     run = daemon(hook_concurrency=1)
     # Two hooks, one at a time: the second is still waiting when the daemon dies.
-    run.add_rule("smith", lab, hooks=[{"command": ["sleep", "2"], "name": "slow"},
-                                      {"command": ["record", "{study_uid}"], "name": "after"}])
+    run.add_rule(
+        "smith",
+        lab,
+        hooks=[
+            {"command": ["sleep", "5"], "name": "slow"},
+            {"command": ["record", "{study_uid}"], "name": "after"},
+        ],
+    )
     run.start(env=environment(bin_folder, records))
     write_study(StudySpec(series=1, instances=1), run.inbox)
     run.wait_event("hook_started")

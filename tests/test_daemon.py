@@ -14,9 +14,9 @@ import pydicom
 import pytest
 from harness import (
     DaemonProcess,
-    lab_files,
     assert_accounted,
     files_under,
+    lab_files,
     sha256,
     snapshot,
     wait_for,
@@ -76,7 +76,10 @@ def test_burst_of_interleaved_studies_is_placed_and_the_inbox_drains(daemon, lab
         assert len(lab_files(lab / f"P{n}")) == 120
         study_folder = lab / f"P{n}" / "SMITH^Memory"
         assert sorted(p.name for p in study_folder.iterdir() if p.is_dir()) == [
-            "001_T1_MPRAGE", "002_rfMRI_REST", "003_DWI_AP"]  # one folder per series
+            "001_T1_MPRAGE",
+            "002_rfMRI_REST",
+            "003_DWI_AP",
+        ]  # one folder per series
         manifest = json.loads((study_folder / "manifest.json").read_text())
         assert manifest["files"] == 120 and manifest["patient_id"] == f"P{n}"
     counts = assert_accounted(entered, [lab], run.state)
@@ -110,7 +113,9 @@ def test_unreadable_files_are_quarantined_with_their_reason(daemon, lab):
     run.wait_event("quarantined", count=4)
     run.wait_drained()
     quarantined = {p.name: p for p in files_under(run.state / "quarantine")}
-    reasons = {name: p.read_text() for name, p in quarantined.items() if name.endswith(".reason.txt")}
+    reasons = {
+        name: p.read_text() for name, p in quarantined.items() if name.endswith(".reason.txt")
+    }
     assert "truncated" in reasons["cut.dcm.reason.txt"]
     assert "empty" in reasons["empty.dcm.reason.txt"]
     assert "not a DICOM file" in reasons["notes.txt.reason.txt"]
@@ -238,14 +243,22 @@ def test_a_late_series_goes_into_the_same_study_folder(daemon, lab):
     spec = StudySpec(series=1, instances=3)
     write_study(spec, run.inbox)
     run.wait_event("study_placed")
-    late = make_dataset(StudyInstanceUID=spec.study_uid, SeriesNumber=7, SeriesDescription="late",
-                        PatientID=spec.patient_id, StudyDescription=spec.description)
+    late = make_dataset(
+        StudyInstanceUID=spec.study_uid,
+        SeriesNumber=7,
+        SeriesDescription="late",
+        PatientID=spec.patient_id,
+        StudyDescription=spec.description,
+    )
     write_dataset(late, run.inbox / "MR.late")
     placed = run.wait_event("study_placed", count=2)
     assert placed[0]["destination"] == placed[1]["destination"]
     study_folder = lab / spec.patient_id / spec.description
     assert sorted(p.name for p in study_folder.iterdir()) == [
-        "001_T1_MPRAGE", "007_late", "manifest.json"]
+        "001_T1_MPRAGE",
+        "007_late",
+        "manifest.json",
+    ]
 
 
 def test_sigterm_finishes_and_exits_zero_and_once_drains(daemon, lab):
@@ -257,8 +270,19 @@ def test_sigterm_finishes_and_exits_zero_and_once_drains(daemon, lab):
     assert run.logs("stopped")
     write_study(StudySpec(series=2, instances=3), run.inbox)
     once = subprocess.run(
-        [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0",
-         "--config", str(run.config_path)], capture_output=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "run",
+            "--once",
+            "--quiet-seconds",
+            "0",
+            "--config",
+            str(run.config_path),
+        ],
+        capture_output=True,
+        timeout=60,
     )
     assert once.returncode == 0, once.stderr
     assert run.inbox_files() == []
@@ -267,15 +291,28 @@ def test_sigterm_finishes_and_exits_zero_and_once_drains(daemon, lab):
 
 def test_once_drains_pydicom_corpus_and_synthetic_studies_accounting_by_hash(daemon, lab, tmp_path):
     run = daemon()
-    run.add_rule("all", lab, path="{PatientID}/{StudyInstanceUID}/{SeriesNumber:03d}/{SOPInstanceUID}.dcm")
+    run.add_rule(
+        "all", lab, path="{PatientID}/{StudyInstanceUID}/{SeriesNumber:03d}/{SOPInstanceUID}.dcm"
+    )
     for index, source in enumerate(sorted(p for p in CORPUS.rglob("*") if p.is_file())):
         (run.inbox / f"corpus{index:03d}_{source.name}").write_bytes(source.read_bytes())
     for n in range(2):
         write_study(StudySpec(patient_id=f"SYN{n}", series=2, instances=10), run.inbox / f"syn{n}")
     entered = snapshot(run.inbox)
     done = subprocess.run(
-        [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0",
-         "--config", str(run.config_path)], capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "run",
+            "--once",
+            "--quiet-seconds",
+            "0",
+            "--config",
+            str(run.config_path),
+        ],
+        capture_output=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert run.inbox_files() == []
@@ -301,7 +338,9 @@ def test_status_reports_pending_studies(daemon, lab):
     assert status["running"] is True
     human = subprocess.run(
         [sys.executable, "-m", "watcher", "status", "--config", str(run.config_path)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "WAITING" in human.stdout and "running" in human.stdout
 
@@ -311,7 +350,9 @@ def test_config_errors_are_one_clear_line(tmp_path):
     config.write_text("inbox: ./in\nquiet_secs: 5\n")
     result = subprocess.run(
         [sys.executable, "-m", "watcher", "run", "--config", str(config)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0

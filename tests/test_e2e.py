@@ -8,6 +8,7 @@ own way, as a site with another SCP would see.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -55,35 +56,71 @@ class Receiver:
         if kind == "dcmtk":
             if not (shutil.which("storescp") and shutil.which("storescu")):
                 skip_or_fail("dcmtk's storescp/storescu are not installed (apt-get install dcmtk)")
-            command = [str(REPO / "scripts" / "storescp.sh"), "-p", str(self.port),
-                       "-a", AE_TITLE, "-o", str(inbox)]
+            command = [
+                str(REPO / "scripts" / "storescp.sh"),
+                "-p",
+                str(self.port),
+                "-a",
+                AE_TITLE,
+                "-o",
+                str(inbox),
+            ]
         else:
             try:
                 import pynetdicom  # noqa: F401
             except ImportError:
                 skip_or_fail("pynetdicom is not installed (pip install pynetdicom)")
-            command = [sys.executable, "-m", "pynetdicom", "storescp", str(self.port),
-                       "-aet", AE_TITLE, "-od", str(inbox)]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+            command = [
+                sys.executable,
+                "-m",
+                "pynetdicom",
+                "storescp",
+                str(self.port),
+                "-aet",
+                AE_TITLE,
+                "-od",
+                str(inbox),
+            ]
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_for(lambda: listening(self.port), 20, f"{kind} storescp on port {self.port}")
 
     def send(self, folder: Path) -> subprocess.CompletedProcess[bytes]:
         if self.kind == "dcmtk":
-            command = [str(REPO / "scripts" / "send.sh"), "-p", str(self.port), "-a", AE_TITLE,
-                       str(folder)]
+            command = [
+                str(REPO / "scripts" / "send.sh"),
+                "-p",
+                str(self.port),
+                "-a",
+                AE_TITLE,
+                str(folder),
+            ]
         else:
-            command = [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
-                       str(self.port), str(folder), "-r", "-aec", AE_TITLE]
-        return subprocess.run(command, capture_output=True, timeout=300,
-                              env={**os.environ, "TCP_NODELAY": "1"})
+            command = [
+                sys.executable,
+                "-m",
+                "pynetdicom",
+                "storescu",
+                "127.0.0.1",
+                str(self.port),
+                str(folder),
+                "-r",
+                "-aec",
+                AE_TITLE,
+            ]
+        return subprocess.run(
+            command, capture_output=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"}
+        )
 
     def close(self) -> None:
         # storescp --fork leaves children that hold the port: end the group.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -118,7 +155,7 @@ def dataset_without_meta(path: Path) -> pydicom.Dataset:
     network transfer may drop (data set trailing padding, group lengths)."""
     ds = pydicom.dcmread(path)
     ds.file_meta = pydicom.dataset.FileMetaDataset()
-    for tag in [t for t in ds.keys() if t == 0xFFFCFFFC or t.element == 0]:
+    for tag in [e.tag for e in ds if e.tag == 0xFFFCFFFC or e.tag.element == 0]:
         del ds[tag]
     return ds
 
@@ -146,8 +183,9 @@ def test_three_concurrent_senders_every_instance_placed_once_and_intact(kind, tm
     lab = tmp_path / "nas" / "lab"
     lab.mkdir(parents=True)
     run = DaemonProcess(tmp_path / "node", quiet_seconds=2.0)
-    run.add_rule("lab", lab,
-                 path="{PatientID}/{StudyInstanceUID}/{SeriesNumber:03d}/{SOPInstanceUID}.dcm")
+    run.add_rule(
+        "lab", lab, path="{PatientID}/{StudyInstanceUID}/{SeriesNumber:03d}/{SOPInstanceUID}.dcm"
+    )
     receiver = Receiver(kind, run.inbox)
     try:
         run.start()
@@ -157,7 +195,9 @@ def test_three_concurrent_senders_every_instance_placed_once_and_intact(kind, tm
         outgoing = [tmp_path / f"sender{k}" for k in range(3)]
         sent: dict[str, Path] = {}
         for number in range(3):
-            spec = StudySpec(patient_id=f"E2E{number}", series=3, instances=40, rows=128, columns=128)
+            spec = StudySpec(
+                patient_id=f"E2E{number}", series=3, instances=40, rows=128, columns=128
+            )
             for ds in study_datasets(spec):
                 folder = outgoing[(int(ds.SeriesNumber) - 1) % 3]
                 sent[ds.SOPInstanceUID] = write_dataset(ds, folder / f"{ds.SOPInstanceUID}.dcm")
@@ -172,8 +212,9 @@ def test_three_concurrent_senders_every_instance_placed_once_and_intact(kind, tm
             sent[headers.read_instance(path).sop_instance_uid] = copy
 
         results: list[subprocess.CompletedProcess[bytes]] = []
-        senders = [threading.Thread(target=lambda f=f: results.append(receiver.send(f)))
-                   for f in outgoing]
+        senders = [
+            threading.Thread(target=lambda f=f: results.append(receiver.send(f))) for f in outgoing
+        ]
         for sender in senders:
             sender.start()
         for sender in senders:
@@ -193,7 +234,9 @@ def test_three_concurrent_senders_every_instance_placed_once_and_intact(kind, tm
     placed = lab_files(lab)
     by_uid: dict[str, list[Path]] = {}
     for path in placed:
-        by_uid.setdefault(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID, []).append(path)
+        by_uid.setdefault(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID, []).append(
+            path
+        )
     assert set(by_uid) == set(sent), "every instance sent is placed"
     assert all(len(paths) == 1 for paths in by_uid.values()), "and exactly once"
     for uid, source in sent.items():

@@ -59,8 +59,9 @@ def test_unavailable_destinations_are_not_retried_at_once(tmp_path: Path):
     rules = single_rule(tmp_path / "missing", "{SOPInstanceUID}.dcm")
     slept: list[float] = []
     with pytest.raises(DestinationUnavailable):
-        place_instance(instance, rules.route(instance.values), move=True,
-                       retry=RetryPolicy(sleep=slept.append))
+        place_instance(
+            instance, rules.route(instance.values), move=True, retry=RetryPolicy(sleep=slept.append)
+        )
     assert slept == []
     assert source.exists(), "the source stays until its copies are durable"
     assert not (tmp_path / "missing").exists()

@@ -52,7 +52,9 @@ def test_a_study_that_never_goes_quiet_is_due_at_its_maximum_age():
 def test_parking_doubles_the_wait_up_to_a_cap_and_reports_changes_once():
     studies = Studies(headers.BASE_FIELDS)
     study = studies.add(instance("P", "1"), now=0)
-    changes = [Studies.park(study, "root missing", now, first=30, longest=100) for now in (0, 1, 2, 3)]
+    changes = [
+        Studies.park(study, "root missing", now, first=30, longest=100) for now in (0, 1, 2, 3)
+    ]
     assert changes == [True, False, False, False]
     assert study.next_try == 3 + 100 and study.attempts == 4
     assert Studies.park(study, "disk full", 4, first=30, longest=100) is True
@@ -106,11 +108,15 @@ def in_process_daemon(tmp_path: Path, clock: FakeClock, **settings: object) -> t
     lab.mkdir()
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "lab.yaml").write_text(
-        f"match: {{}}\ndestination: {lab}\npath: '{{PatientID}}/{{SeriesNumber}}/{{InstanceNumber}}.dcm'\n"
-    )
-    config = Config(inbox=tmp_path / "inbox", rules=rules, state=tmp_path / "state",
-                    settle_seconds=0, **settings)  # type: ignore[arg-type]
+    template = "{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm"
+    (rules / "lab.yaml").write_text(f"match: {{}}\ndestination: {lab}\npath: '{template}'\n")
+    config = Config(
+        inbox=tmp_path / "inbox",
+        rules=rules,
+        state=tmp_path / "state",
+        settle_seconds=0,
+        **settings,
+    )  # type: ignore[arg-type]
     daemon = Daemon(config, clock=clock, stop=threading.Event())
     daemon._prepare()
     daemon._reload_rules()

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from watcher import __version__, headers, logs
 from watcher.config import load_config
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dicom-watcher {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     common.add_argument("--log-format", default="kv", choices=["kv", "json"])
     common.add_argument("--log-file", help="also append log lines to this file (logrotate-safe)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,10 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--rules", metavar="DIR", help="route by the rule files in DIR")
     target.add_argument("--dest", metavar="DIR", help="put every instance under DIR")
     sort.add_argument(
-        "--path", metavar="TEMPLATE", help=f"path template with --dest (default: {DEFAULT_SORT_TEMPLATE})"
+        "--path",
+        metavar="TEMPLATE",
+        help=f"path template with --dest (default: {DEFAULT_SORT_TEMPLATE})",
     )
     sort.add_argument("--subject", metavar="ID", help="only instances with this PatientID")
-    sort.add_argument("--move", action="store_true", help="remove each source once its copies are durable")
+    sort.add_argument(
+        "--move", action="store_true", help="remove each source once its copies are durable"
+    )
     sort.add_argument("--dry-run", action="store_true", help="show targets, write nothing")
     sort.set_defaults(handler=cmd_sort)
 
@@ -83,9 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", parents=[common], help="the daemon: watch the inbox and place complete studies"
     )
-    run.add_argument("--config", metavar="FILE", help="YAML config (default: ./dicom-watcher.yaml if present)")
-    run.add_argument("--once", action="store_true",
-                     help="place what is in the inbox now, then exit (0 when drained)")
+    run.add_argument(
+        "--config", metavar="FILE", help="YAML config (default: ./dicom-watcher.yaml if present)"
+    )
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="place what is in the inbox now, then exit (0 when drained)",
+    )
     run.add_argument("--quiet-seconds", type=float, metavar="N", help="override quiet_seconds")
     run.set_defaults(handler=cmd_run)
 
@@ -95,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     check = commands.add_parser("check", parents=[common], help="validate rule files")
-    check.add_argument("--rules", metavar="DIR",
-                       help="rules folder (default: the config's, else ./rules)")
-    check.add_argument("--config", metavar="FILE",
-                       help="also apply the config's allowed_destinations")
+    check.add_argument(
+        "--rules", metavar="DIR", help="rules folder (default: the config's, else ./rules)"
+    )
+    check.add_argument(
+        "--config", metavar="FILE", help="also apply the config's allowed_destinations"
+    )
     check.set_defaults(handler=cmd_check)
     return parser
 
@@ -125,7 +139,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         status = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise WatcherError(f"no status in {path}: the daemon has not run with this config") from None
+        raise WatcherError(
+            f"no status in {path}: the daemon has not run with this config"
+        ) from None
     except (OSError, ValueError) as error:
         raise WatcherError(f"cannot read {path}: {error}") from error
     age = time.time() - float(status.get("updated", 0))
@@ -135,23 +151,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=1))
         return EXIT_OK
     state = "running" if status["running"] else "NOT RUNNING"
-    print(f"dicom-watcher {state} (pid {status.get('pid')}, updated {age:.0f} s ago), "
-          f"inbox {status.get('inbox')}")
-    print(f"files arriving: {status.get('files_arriving', 0)}   pending studies: "
-          f"{len(status.get('studies', []))}   quarantine: {status.get('quarantine_files', 0)}   "
-          f"unmatched: {status.get('unmatched_files', 0)}   placed: "
-          f"{status.get('placed_studies', 0)} studies / {status.get('placed_files', 0)} files")
+    print(
+        f"dicom-watcher {state} (pid {status.get('pid')}, updated {age:.0f} s ago), "
+        f"inbox {status.get('inbox')}"
+    )
+    print(
+        f"files arriving: {status.get('files_arriving', 0)}   pending studies: "
+        f"{len(status.get('studies', []))}   quarantine: {status.get('quarantine_files', 0)}   "
+        f"unmatched: {status.get('unmatched_files', 0)}   placed: "
+        f"{status.get('placed_studies', 0)} studies / {status.get('placed_files', 0)} files"
+    )
     for study in status.get("studies", []):
-        line = (f"  {study['study']}  patient={study['patient']!r} files={study['files']} "
-                f"age={study['age_seconds']:.0f}s  {study['next']}")
+        line = (
+            f"  {study['study']}  patient={study['patient']!r} files={study['files']} "
+            f"age={study['age_seconds']:.0f}s  {study['next']}"
+        )
         if study.get("last_error"):
             line += f"  last error: {study['last_error']} (attempts {study['attempts']})"
         print(line)
     last = status.get("last_placement") or {}
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("time", 0))))
-        print(f"last placement: {when} lab={last.get('lab')} study={last.get('study')} "
-              f"files={last.get('files')} -> {last.get('destination')}")
+        print(
+            f"last placement: {when} lab={last.get('lab')} study={last.get('study')} "
+            f"files={last.get('files')} -> {last.get('destination')}"
+        )
     return EXIT_OK
 
 
@@ -193,15 +217,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(problem)
     for rule in ruleset.rules:
         if not rule.destination.is_dir():
-            print(f"{rule.source}: warning: destination {rule.destination} does not exist now "
-                  "(it is never created; files wait until it appears)")
+            print(
+                f"{rule.source}: warning: destination {rule.destination} does not exist now "
+                "(it is never created; files wait until it appears)"
+            )
     for warning in ruleset.overlaps():
         print(warning)
     if ruleset.problems:
         print(f"{len(ruleset.problems)} problem(s) in {folder}", file=sys.stderr)
         return EXIT_INCOMPLETE
-    print(f"ok: {len(ruleset.rules)} rule(s) in {folder}: "
-          + ", ".join(rule.name for rule in ruleset.rules))
+    print(
+        f"ok: {len(ruleset.rules)} rule(s) in {folder}: "
+        + ", ".join(rule.name for rule in ruleset.rules)
+    )
     return EXIT_OK
 
 
@@ -211,7 +239,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_sort(args: argparse.Namespace) -> int:
     if args.dest is not None:
         if not Path(args.dest).is_dir():
-            raise WatcherError(f"--dest {args.dest} is not an existing folder (it is never created)")
+            raise WatcherError(
+                f"--dest {args.dest} is not an existing folder (it is never created)"
+            )
         ruleset = single_rule(args.dest, args.path or DEFAULT_SORT_TEMPLATE)
     else:
         if args.path:
@@ -234,7 +264,7 @@ def cmd_sort(args: argparse.Namespace) -> int:
 class Progress:
     """A one-line progress bar on stderr, shown only on a terminal."""
 
-    def __init__(self, total: int, stream: object = None) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self.total = total
         self.count = 0
         self.stream = stream or sys.stderr
@@ -250,11 +280,13 @@ class Progress:
             filled = width * self.count // self.total
             rate = self.count / max(now - self.started, 1e-6)
             bar = "#" * filled + "." * (width - filled)
-            print(f"\r[{bar}] {self.count}/{self.total} files {rate:.0f}/s", end="", file=self.stream)  # type: ignore[call-overload]
+            print(
+                f"\r[{bar}] {self.count}/{self.total} files {rate:.0f}/s", end="", file=self.stream
+            )
 
     def done(self) -> None:
         if self.enabled:
-            print(file=self.stream)  # type: ignore[call-overload]
+            print(file=self.stream)
 
 
 # --- preview -----------------------------------------------------------------
@@ -279,23 +311,33 @@ def cmd_preview(args: argparse.Namespace) -> int:
         print_study_preview(study_uid, instances, ruleset)
     for path, reason in not_routable:
         print(f"not routable: {path}: {reason}")
-    print(f"{len(studies)} stud(ies), {sum(map(len, studies.values()))} instance(s), "
-          f"{len(not_routable)} not routable")
+    print(
+        f"{len(studies)} stud(ies), {sum(map(len, studies.values()))} instance(s), "
+        f"{len(not_routable)} not routable"
+    )
     return EXIT_OK
 
 
-def print_study_preview(study_uid: str, instances: list[headers.Instance], ruleset: RuleSet) -> None:
+def print_study_preview(
+    study_uid: str, instances: list[headers.Instance], ruleset: RuleSet
+) -> None:
     first = instances[0].values
-    print(f"study {study_uid} patient={first.get('PatientID', '')!r} "
-          f"date={first.get('StudyDate', '')} description={first.get('StudyDescription', '')!r} "
-          f"files={len(instances)}")
+    print(
+        f"study {study_uid} patient={first.get('PatientID', '')!r} "
+        f"date={first.get('StudyDate', '')} description={first.get('StudyDescription', '')!r} "
+        f"files={len(instances)}"
+    )
     by_rule: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     unmatched = 0
     for instance in instances:
         routes = ruleset.route(instance.values)
         if not routes:
             unmatched += 1
-        series = instance.values.get("SeriesNumber", "") + " " + instance.values.get("SeriesDescription", "")
+        series = (
+            instance.values.get("SeriesNumber", "")
+            + " "
+            + instance.values.get("SeriesDescription", "")
+        )
         for route in routes:
             by_rule[f"{route.rule.name} -> {route.rule.destination}"][series.strip()].append(
                 route.relative_path
@@ -309,4 +351,6 @@ def print_study_preview(study_uid: str, instances: list[headers.Instance], rules
             if len(paths) > 2:
                 print(f"      ... and {len(paths) - 2} more")
     if unmatched:
-        print(f"  unmatched: {unmatched} file(s) (no rule matches; run keeps them in state/unmatched)")
+        print(
+            f"  unmatched: {unmatched} file(s) (no rule matches; run keeps them in state/unmatched)"
+        )

@@ -12,6 +12,7 @@ progress, so that its temporary files are cleaned up after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -33,10 +34,10 @@ from watcher import headers
 from watcher.config import Config
 from watcher.engine import RetryPolicy, place_instance, remove_source
 from watcher.errors import DestinationUnavailable, NotRoutable
-from watcher.logs import kv
-from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place, remove_temporaries
 from watcher.hooks import HookRunner, hook_values, make_job
+from watcher.logs import kv
 from watcher.manifest import Entry, manifest_path, write_manifest
+from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place, remove_temporaries
 from watcher.rules import PER_SERIES_COUNT, Route, RuleBook
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
@@ -88,8 +89,13 @@ class InboxWatcher:
         except OSError as error:
             if self.poll or error.errno not in (errno.ENOSPC, errno.EMFILE):
                 raise
-            log.warning(kv("inotify_limit", error=error.strerror,
-                           action="polling the inbox instead; raise fs.inotify.max_user_watches"))
+            log.warning(
+                kv(
+                    "inotify_limit",
+                    error=error.strerror,
+                    action="polling the inbox instead; raise fs.inotify.max_user_watches",
+                )
+            )
             self.poll = True
             self.observer = self._start(True)
         log.info(kv("watching", inbox=self.inbox, mode="polling" if self.poll else "inotify"))
@@ -114,8 +120,14 @@ class InboxWatcher:
         if not self._short:  # folders come and go: act when it persists
             self._short = True
             return
-        log.warning(kv("inotify_limit", folders=folders, watched=watches,
-                       action="polling the inbox instead; raise fs.inotify.max_user_watches"))
+        log.warning(
+            kv(
+                "inotify_limit",
+                folders=folders,
+                watched=watches,
+                action="polling the inbox instead; raise fs.inotify.max_user_watches",
+            )
+        )
         self.stop()
         self.poll = True
         self.start()
@@ -185,7 +197,9 @@ class Daemon:
         self.arrivals = Arrivals()
         self.studies = Studies(headers.BASE_FIELDS)
         self.tags = headers.tags_for(())
-        self.retry = RetryPolicy(attempts=config.retry_attempts, max_seconds=config.retry_max_seconds)
+        self.retry = RetryPolicy(
+            attempts=config.retry_attempts, max_seconds=config.retry_max_seconds
+        )
         self.watcher: InboxWatcher | None = None
         self.counts = Counts()
         self.state = config.state
@@ -193,8 +207,12 @@ class Daemon:
         self.unmatched_dir = config.state / "unmatched"
         self.retry_dir = config.state / "retry"
         self.journal = config.state / "placing.json"
-        self.hooks = HookRunner(config.state / "hooks", concurrency=config.hook_concurrency,
-                                retry_seconds=config.hook_retry_seconds, clock=clock)
+        self.hooks = HookRunner(
+            config.state / "hooks",
+            concurrency=config.hook_concurrency,
+            retry_seconds=config.hook_retry_seconds,
+            clock=clock,
+        )
         self.saved_retries: dict[str, dict[str, object]] = {}
         self.started = self.clock()
         self._next_rescan = self._next_rules = self._next_status = 0.0
@@ -205,16 +223,29 @@ class Daemon:
         self._prepare()
         self._reload_rules()
         if not self.once:
-            self.watcher = InboxWatcher(self.config.inbox, self.config.poll, self.config.poll_seconds)
+            self.watcher = InboxWatcher(
+                self.config.inbox, self.config.poll, self.config.poll_seconds
+            )
             self.watcher.start()  # before the first scan: nothing falls between them
-        log.info(kv("started", inbox=self.config.inbox, rules=self.config.rules,
-                    state=self.state, quiet_seconds=self.config.quiet_seconds, once=self.once))
+        log.info(
+            kv(
+                "started",
+                inbox=self.config.inbox,
+                rules=self.config.rules,
+                state=self.state,
+                quiet_seconds=self.config.quiet_seconds,
+                once=self.once,
+            )
+        )
         try:
             self._reroute_unmatched()
             while not self.stop.is_set():
                 self.tick()
-                if self.once and not self.arrivals and not self.hooks.busy and all(
-                    s.parked_since is not None for s in self.studies
+                if (
+                    self.once
+                    and not self.arrivals
+                    and not self.hooks.busy
+                    and all(s.parked_since is not None for s in self.studies)
                 ):
                     break
                 self.stop.wait(TICK_SECONDS)
@@ -224,8 +255,13 @@ class Daemon:
             self._write_status()
         parked = [s for s in self.studies if s.parked_since is not None]
         if self.once and parked:
-            log.error(kv("once_incomplete", parked_studies=len(parked),
-                         files_left=sum(len(s.instances) for s in parked)))
+            log.error(
+                kv(
+                    "once_incomplete",
+                    parked_studies=len(parked),
+                    files_left=sum(len(s.instances) for s in parked),
+                )
+            )
             return 1
         log.info(kv("stopped", pending_studies=len(self.studies), files_waiting=len(self.arrivals)))
         return 0
@@ -320,7 +356,7 @@ class Daemon:
         folder a receiver has just made for a new study is kept)."""
         limit = self.clock() - self.config.empty_folder_seconds
         inbox = str(self.config.inbox)
-        for directory, folders, files in os.walk(inbox, topdown=False):
+        for directory, _folders, files in os.walk(inbox, topdown=False):
             if directory == inbox or files:
                 continue
             try:
@@ -380,8 +416,14 @@ class Daemon:
         study.next_try = float(saved.get("next_try", 0))  # type: ignore[arg-type]
         study.last_error = str(saved.get("last_error", ""))
         study.parked_since = float(saved.get("parked_since", self.clock()))  # type: ignore[arg-type]
-        log.info(kv("retry_state_restored", study=study.uid, attempts=study.attempts,
-                    next_try_in=round(max(study.next_try - self.clock(), 0))))
+        log.info(
+            kv(
+                "retry_state_restored",
+                study=study.uid,
+                attempts=study.attempts,
+                next_try_in=round(max(study.next_try - self.clock(), 0)),
+            )
+        )
 
     def _handle_unroutable(self, now: float) -> None:
         grace = self.config.settle_seconds if self.once else self.config.quarantine_after_seconds
@@ -399,8 +441,13 @@ class Daemon:
         for problem in problems:
             log.error(kv("rule_problem", problem=str(problem)))
         ruleset = self.rulebook.ruleset
-        log.info(kv("rules_loaded", rules=",".join(r.name for r in ruleset.rules) or "(none)",
-                    problems=len(problems)))
+        log.info(
+            kv(
+                "rules_loaded",
+                rules=",".join(r.name for r in ruleset.rules) or "(none)",
+                problems=len(problems),
+            )
+        )
         fields = tuple(sorted(set(headers.BASE_FIELDS) | ruleset.fields))
         self.tags = headers.tags_for(fields)
         self.studies.fields = fields
@@ -413,10 +460,18 @@ class Daemon:
         if study.fields != self.studies.fields:
             self._reread(study)
         ruleset = self.rulebook.ruleset
-        plan = [(study.instance(p), ruleset.route(study.values(p))) for p in study.instances.values()]
+        plan = [
+            (study.instance(p), ruleset.route(study.values(p))) for p in study.instances.values()
+        ]
         if why == "max_age":
-            log.warning(kv("study_forced", study=study.uid, files=len(plan),
-                           reason=f"still receiving after {self.config.max_study_age_seconds:.0f} s"))
+            log.warning(
+                kv(
+                    "study_forced",
+                    study=study.uid,
+                    files=len(plan),
+                    reason=f"still receiving after {self.config.max_study_age_seconds:.0f} s",
+                )
+            )
         elif why == "expected_count":
             log.info(kv("study_complete_by_count", study=study.uid, files=len(plan)))
         self._write_journal(plan)
@@ -453,8 +508,15 @@ class Daemon:
             self.journal.unlink(missing_ok=True)
         if unmatched:
             self.counts.unmatched += unmatched
-            log.warning(kv("study_unmatched", study=study.uid, patient=study.patient, files=unmatched,
-                           kept_in=self.unmatched_dir / safe_component(study.uid)))
+            log.warning(
+                kv(
+                    "study_unmatched",
+                    study=study.uid,
+                    patient=study.patient,
+                    files=unmatched,
+                    kept_in=self.unmatched_dir / safe_component(study.uid),
+                )
+            )
         if error is not None:
             self._park(study, error)
         elif not study.instances:
@@ -469,8 +531,10 @@ class Daemon:
         if not study.policy or study.policy[0] is not ruleset:
             first = next(iter(study.instances.values()))
             rules = ruleset.matching(study.values(first))
-            quiet = max((r.quiet_seconds for r in rules if r.quiet_seconds is not None),
-                        default=self.config.quiet_seconds)
+            quiet = max(
+                (r.quiet_seconds for r in rules if r.quiet_seconds is not None),
+                default=self.config.quiet_seconds,
+            )
             if self.quiet_override is not None:
                 quiet = self.quiet_override
             expected = tuple(r.expected_instances for r in rules if r.expected_instances)
@@ -488,30 +552,68 @@ class Daemon:
         seconds = time.monotonic() - progress.started
         self.counts.placed_files += progress.files
         self.counts.last_placement = {
-            "study": study.uid, "lab": rule.lab_name, "files": progress.files,
-            "destination": str(progress.folder), "time": self.clock(),
+            "study": study.uid,
+            "lab": rule.lab_name,
+            "files": progress.files,
+            "destination": str(progress.folder),
+            "time": self.clock(),
         }
-        log.info(kv("study_placed", lab=rule.lab_name, rule=rule.name, patient=study.patient,
-                    study=study.uid, files=progress.files, new=progress.placed,
-                    bytes=progress.bytes, seconds=f"{seconds:.2f}", destination=progress.folder))
+        log.info(
+            kv(
+                "study_placed",
+                lab=rule.lab_name,
+                rule=rule.name,
+                patient=study.patient,
+                study=study.uid,
+                files=progress.files,
+                new=progress.placed,
+                bytes=progress.bytes,
+                seconds=f"{seconds:.2f}",
+                destination=progress.folder,
+            )
+        )
         manifest = None
         if rule.manifest:
             manifest = manifest_path(rule, progress.route.relative_path, study.uid)
             try:
-                written = write_manifest(manifest, study_uid=study.uid, rule=rule,
-                                         patient=study.patient, entries=progress.entries,
-                                         clock=self.clock())
-                log.info(kv("manifest_written", lab=rule.lab_name, study=study.uid,
-                            files=written["files"], path=manifest))
+                written = write_manifest(
+                    manifest,
+                    study_uid=study.uid,
+                    rule=rule,
+                    patient=study.patient,
+                    entries=progress.entries,
+                    clock=self.clock(),
+                )
+                log.info(
+                    kv(
+                        "manifest_written",
+                        lab=rule.lab_name,
+                        study=study.uid,
+                        files=written["files"],
+                        path=manifest,
+                    )
+                )
             except OSError as error:
-                log.error(kv("manifest_failed", lab=rule.lab_name, study=study.uid, path=manifest,
-                             error=_describe(error)))
+                log.error(
+                    kv(
+                        "manifest_failed",
+                        lab=rule.lab_name,
+                        study=study.uid,
+                        path=manifest,
+                        error=_describe(error),
+                    )
+                )
                 manifest = None
         if rule.hooks:
             values = hook_values(
-                study_folder=progress.folder, lab=rule.lab_name, rule=rule.name,
-                patient=study.patient, study_uid=study.uid, files=progress.files,
-                manifest=manifest, destination=rule.destination,
+                study_folder=progress.folder,
+                lab=rule.lab_name,
+                rule=rule.name,
+                patient=study.patient,
+                study_uid=study.uid,
+                files=progress.files,
+                manifest=manifest,
+                destination=rule.destination,
             )
             for hook in rule.hooks:
                 self.hooks.submit(make_job(hook, values, cwd=progress.folder))
@@ -525,31 +627,53 @@ class Daemon:
             self.studies.add(instance, study.last_arrival)
 
     def _write_journal(self, plan: list[tuple[headers.Instance, list[Route]]]) -> None:
-        folders = sorted({
-            str(route.rule.destination / os.path.dirname(route.relative_path))
-            for _, routes in plan for route in routes
-        })
+        folders = sorted(
+            {
+                str(route.rule.destination / os.path.dirname(route.relative_path))
+                for _, routes in plan
+                for route in routes
+            }
+        )
         atomic_write(self.journal, json.dumps({"folders": folders}))
 
     def _placed(self, study: Study) -> None:
         self.counts.placed_studies += 1
         if study.parked_since is not None:
-            log.warning(kv("study_resumed", study=study.uid, attempts=study.attempts,
-                           parked_seconds=round(self.clock() - study.parked_since)))
+            log.warning(
+                kv(
+                    "study_resumed",
+                    study=study.uid,
+                    attempts=study.attempts,
+                    parked_seconds=round(self.clock() - study.parked_since),
+                )
+            )
         (self.retry_dir / f"{safe_component(study.uid)}.json").unlink(missing_ok=True)
 
     def _park(self, study: Study, error: str) -> None:
         now = self.clock()
-        changed = Studies.park(study, error, now, self.config.park_first_seconds,
-                               self.config.park_max_seconds)
-        record = {"study": study.uid, "attempts": study.attempts, "next_try": study.next_try,
-                  "last_error": error, "parked_since": study.parked_since,
-                  "files": len(study.instances)}
+        changed = Studies.park(
+            study, error, now, self.config.park_first_seconds, self.config.park_max_seconds
+        )
+        record = {
+            "study": study.uid,
+            "attempts": study.attempts,
+            "next_try": study.next_try,
+            "last_error": error,
+            "parked_since": study.parked_since,
+            "files": len(study.instances),
+        }
         atomic_write(self.retry_dir / f"{safe_component(study.uid)}.json", json.dumps(record))
         if changed:
-            log.warning(kv("study_parked", study=study.uid, patient=study.patient,
-                           files=len(study.instances), error=error,
-                           next_try_in=round(study.next_try - now)))
+            log.warning(
+                kv(
+                    "study_parked",
+                    study=study.uid,
+                    patient=study.patient,
+                    files=len(study.instances),
+                    error=error,
+                    next_try_in=round(study.next_try - now),
+                )
+            )
         else:
             log.debug(kv("study_retry_failed", study=study.uid, attempts=study.attempts))
 
@@ -562,8 +686,11 @@ class Daemon:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             placement = place(path, self.quarantine_dir, f"{day}/{name}", link=True)
-            atomic_write(placement.path.with_name(placement.path.name + ".reason.txt"),
-                         f"{reason}\nfrom: {path}\nat: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))}\n")
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock()))
+            atomic_write(
+                placement.path.with_name(placement.path.name + ".reason.txt"),
+                f"{reason}\nfrom: {path}\nat: {stamp}\n",
+            )
             remove_source(path)
         except (OSError, DestinationUnavailable) as error:
             log.error(kv("quarantine_failed", path=path, error=_describe(error)))
@@ -612,19 +739,33 @@ class Daemon:
             if study.parked_since is not None:
                 step = f"parked: next try in {max(study.next_try - now, 0):.0f} s"
             else:
-                step = f"complete in {max(self.config.quiet_seconds - (now - study.last_arrival), 0):.0f} s"
-            studies.append({
-                "study": study.uid, "patient": study.patient, "files": len(study.instances),
-                "bytes": study.bytes, "age_seconds": round(now - study.first_arrival, 1),
-                "quiet_seconds": round(now - study.last_arrival, 1), "next": step,
-                "attempts": study.attempts, "last_error": study.last_error,
-            })
+                quiet = study.policy[1] if study.policy else self.config.quiet_seconds
+                left = max(quiet - (now - study.last_arrival), 0)
+                step = f"complete in {left:.0f} s"
+            studies.append(
+                {
+                    "study": study.uid,
+                    "patient": study.patient,
+                    "files": len(study.instances),
+                    "bytes": study.bytes,
+                    "age_seconds": round(now - study.first_arrival, 1),
+                    "quiet_seconds": round(now - study.last_arrival, 1),
+                    "next": step,
+                    "attempts": study.attempts,
+                    "last_error": study.last_error,
+                }
+            )
         status = {
-            "pid": os.getpid(), "started": self.started, "updated": now,
-            "inbox": str(self.config.inbox), "files_arriving": len(self.arrivals),
-            "studies": studies, "quarantine_files": _count_files(self.quarantine_dir, ".reason.txt"),
+            "pid": os.getpid(),
+            "started": self.started,
+            "updated": now,
+            "inbox": str(self.config.inbox),
+            "files_arriving": len(self.arrivals),
+            "studies": studies,
+            "quarantine_files": _count_files(self.quarantine_dir, ".reason.txt"),
             "unmatched_files": _count_files(self.unmatched_dir),
-            "placed_files": self.counts.placed_files, "placed_studies": self.counts.placed_studies,
+            "placed_files": self.counts.placed_files,
+            "placed_studies": self.counts.placed_studies,
             "last_placement": self.counts.last_placement,
         }
         try:
@@ -651,8 +792,14 @@ class RulePlacement:
             self.placed += 1
         if self.route.rule.manifest:
             values = instance.values
-            self.entries.append(Entry(values["SOPInstanceUID"], values.get("SeriesInstanceUID", ""),
-                                      values.get("SeriesNumber", ""), placement))
+            self.entries.append(
+                Entry(
+                    values["SOPInstanceUID"],
+                    values.get("SeriesInstanceUID", ""),
+                    values.get("SeriesNumber", ""),
+                    placement,
+                )
+            )
 
     @property
     def folder(self) -> Path:
@@ -674,15 +821,17 @@ def _expected_count_reached(study: Study, expected: tuple[int | str, ...]) -> bo
         values = study.values(pending)
         entry = series.setdefault(values.get("SeriesInstanceUID", ""), [0, 0])
         entry[0] += 1
-        try:
+        with contextlib.suppress(ValueError):
             entry[1] = max(entry[1], int(values.get(PER_SERIES_COUNT, "0")))
-        except ValueError:
-            pass
     return all(needed > 0 and have >= needed for have, needed in series.values())
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror and not isinstance(error, DestinationUnavailable):
+    if (
+        isinstance(error, OSError)
+        and error.strerror
+        and not isinstance(error, DestinationUnavailable)
+    ):
         return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
     return str(error)
 
@@ -690,7 +839,9 @@ def _describe(error: BaseException) -> str:
 def _count_files(folder: Path, suffix: str = "") -> int:
     total = 0
     for _, _, files in os.walk(folder):
-        total += sum(1 for name in files if name.endswith(suffix) and not name.startswith(TEMP_PREFIX))
+        total += sum(
+            1 for name in files if name.endswith(suffix) and not name.startswith(TEMP_PREFIX)
+        )
     return total
 
 

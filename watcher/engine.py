@@ -27,8 +27,18 @@ log = logging.getLogger(__name__)
 
 #: Errors worth an immediate retry: the NAS hiccuped, the write may succeed now.
 TRANSIENT_ERRNOS = frozenset(
-    {errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR, errno.EBUSY,
-     errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTDOWN, errno.EHOSTUNREACH}
+    {
+        errno.EIO,
+        errno.ESTALE,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.EINTR,
+        errno.EBUSY,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+    }
 )
 
 
@@ -90,8 +100,15 @@ def place_instance(
         rule = route.rule
         permissions = Permissions(rule.group, rule.file_mode, rule.folder_mode)
         placements.append(
-            retrying(place, instance.path, rule.destination, route.relative_path, link=link,
-                     digest=rule.manifest if digest is None else digest, permissions=permissions)
+            retrying(
+                place,
+                instance.path,
+                rule.destination,
+                route.relative_path,
+                link=link,
+                digest=rule.manifest if digest is None else digest,
+                permissions=permissions,
+            )
         )
         _warn_if_beside(instance, placements[-1])
     if move:
@@ -121,8 +138,12 @@ def _warn_if_beside(instance: headers.Instance, placement: Placement) -> None:
         other = ""
     if other == instance.sop_instance_uid:
         log.warning(
-            kv("same_uid_other_bytes", sop=instance.sop_instance_uid,
-               kept_beside=placement.beside, placed_as=placement.path)
+            kv(
+                "same_uid_other_bytes",
+                sop=instance.sop_instance_uid,
+                kept_beside=placement.beside,
+                placed_as=placement.path,
+            )
         )
     else:
         log.info(kv("name_taken", path=placement.beside, placed_as=placement.path))
@@ -223,7 +244,9 @@ class Sorter:
             self.summary.failed.append((path, str(error)))
             return
         except OSError as error:
-            self.summary.failed.append((path, f"{error.strerror or error} ({error.filename or ''})"))
+            self.summary.failed.append(
+                (path, f"{error.strerror or error} ({error.filename or ''})")
+            )
             return
         for placement in placements:
             if placement.outcome == "placed":

@@ -85,7 +85,7 @@ def configure_pydicom() -> None:
 def tags_for(fields: Iterable[str]) -> list[int]:
     """The tags to ask pydicom for: the fields plus what decoding needs."""
     wanted = {"SpecificCharacterSet", "Rows", *BASE_FIELDS, *fields}
-    return sorted(tag_for_keyword(keyword) for keyword in wanted if tag_for_keyword(keyword))
+    return sorted(tag for tag in map(tag_for_keyword, wanted) if tag is not None)
 
 
 def read_instance(path: str | os.PathLike[str], tags: list[int] | None = None) -> Instance:

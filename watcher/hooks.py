@@ -15,6 +15,7 @@ then kept in `state/hooks/failed/` for the operator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,8 +43,15 @@ KILL_GRACE_SECONDS = 5.0
 
 
 def hook_values(
-    *, study_folder: Path, lab: str, rule: str, patient: str, study_uid: str, files: int,
-    manifest: Path | None, destination: Path,
+    *,
+    study_folder: Path,
+    lab: str,
+    rule: str,
+    patient: str,
+    study_uid: str,
+    files: int,
+    manifest: Path | None,
+    destination: Path,
 ) -> dict[str, str]:
     """The values hooks may use. Header values are made safe first."""
     return {
@@ -88,8 +96,14 @@ class HookJob:
 def make_job(hook: Hook, values: Mapping[str, str], cwd: Path) -> HookJob:
     env = {f"DW_{key.upper()}": value for key, value in values.items()}
     return HookJob(
-        argv=substitute(hook.command, values), env=env, cwd=str(cwd), timeout=hook.timeout,
-        retries_left=hook.retries, label=hook.label, lab=values["lab"], study=values["study_uid"],
+        argv=substitute(hook.command, values),
+        env=env,
+        cwd=str(cwd),
+        timeout=hook.timeout,
+        retries_left=hook.retries,
+        label=hook.label,
+        lab=values["lab"],
+        study=values["study_uid"],
     )
 
 
@@ -104,7 +118,11 @@ class HookRunner:
     """Runs hook jobs in the background; `poll` is called from the daemon loop."""
 
     def __init__(
-        self, folder: Path, *, concurrency: int = 2, retry_seconds: float = 60.0,
+        self,
+        folder: Path,
+        *,
+        concurrency: int = 2,
+        retry_seconds: float = 60.0,
         clock: Callable[[], float],
     ) -> None:
         self.folder = folder
@@ -149,8 +167,9 @@ class HookRunner:
                 continue
             self.waiting.remove(job)
             job.attempt += 1
-            thread = threading.Thread(target=self._run, args=(job,), daemon=True,
-                                      name=f"hook-{job.label}")
+            thread = threading.Thread(
+                target=self._run, args=(job,), daemon=True, name=f"hook-{job.label}"
+            )
             self.running[job.id] = thread
             thread.start()
 
@@ -167,8 +186,9 @@ class HookRunner:
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
         if outcome.status == 0:
-            log.info(kv("hook_done", hook=job.label, lab=job.lab, study=job.study,
-                        attempt=job.attempt))
+            log.info(
+                kv("hook_done", hook=job.label, lab=job.lab, study=job.study, attempt=job.attempt)
+            )
             self._forget(job)
             return
         if job.retries_left > 0:
@@ -176,24 +196,54 @@ class HookRunner:
             job.next_try = self.clock() + self.retry_seconds * 2 ** (job.attempt - 1)
             self._save(job)
             self.waiting.append(job)
-            log.warning(kv("hook_failed", hook=job.label, lab=job.lab, study=job.study,
-                           status=outcome.status, reason=outcome.reason, attempt=job.attempt,
-                           next_try_in=round(job.next_try - self.clock())))
+            log.warning(
+                kv(
+                    "hook_failed",
+                    hook=job.label,
+                    lab=job.lab,
+                    study=job.study,
+                    status=outcome.status,
+                    reason=outcome.reason,
+                    attempt=job.attempt,
+                    next_try_in=round(job.next_try - self.clock()),
+                )
+            )
             return
-        log.error(kv("hook_gave_up", hook=job.label, lab=job.lab, study=job.study,
-                     status=outcome.status, reason=outcome.reason, attempts=job.attempt,
-                     kept=self.failed_folder / f"{job.id}.json"))
+        log.error(
+            kv(
+                "hook_gave_up",
+                hook=job.label,
+                lab=job.lab,
+                study=job.study,
+                status=outcome.status,
+                reason=outcome.reason,
+                attempts=job.attempt,
+                kept=self.failed_folder / f"{job.id}.json",
+            )
+        )
         self._save(job, self.failed_folder)
         self._forget(job)
 
     def _run(self, job: HookJob) -> None:
-        log.info(kv("hook_started", hook=job.label, lab=job.lab, study=job.study,
-                    attempt=job.attempt, argv=json.dumps(job.argv, ensure_ascii=False)))
+        log.info(
+            kv(
+                "hook_started",
+                hook=job.label,
+                lab=job.lab,
+                study=job.study,
+                attempt=job.attempt,
+                argv=json.dumps(job.argv, ensure_ascii=False),
+            )
+        )
         try:
             process = subprocess.Popen(
-                job.argv, cwd=job.cwd if os.path.isdir(job.cwd) else None,
-                env={**os.environ, **job.env}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                job.argv,
+                cwd=job.cwd if os.path.isdir(job.cwd) else None,
+                env={**os.environ, **job.env},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         except OSError as error:
             self.done.put(Outcome(job, None, f"cannot start: {error.strerror or error}"))
@@ -215,11 +265,18 @@ class HookRunner:
         lines = output.decode("utf-8", errors="replace").splitlines()
         shown = lines[-OUTPUT_LINES:]
         if len(lines) > len(shown):
-            log.info(kv("hook_output", hook=job.label, study=job.study,
-                        line=f"... {len(lines) - len(shown)} earlier lines not shown"))
+            log.info(
+                kv(
+                    "hook_output",
+                    hook=job.label,
+                    study=job.study,
+                    line=f"... {len(lines) - len(shown)} earlier lines not shown",
+                )
+            )
         for line in shown:
-            log.info(kv("hook_output", hook=job.label, study=job.study,
-                        line=line[:OUTPUT_LINE_LENGTH]))
+            log.info(
+                kv("hook_output", hook=job.label, study=job.study, line=line[:OUTPUT_LINE_LENGTH])
+            )
 
     def _save(self, job: HookJob, folder: Path | None = None) -> None:
         folder = folder or self.folder
@@ -240,7 +297,5 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

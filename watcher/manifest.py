@@ -82,8 +82,11 @@ def write_manifest(
         "bytes": sum(int(item["size"]) for item in listed),  # type: ignore[call-overload]
         "instances": listed,
     }
-    _replace(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
-             Permissions(rule.group, rule.file_mode, rule.folder_mode))
+    _replace(
+        path,
+        json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+        Permissions(rule.group, rule.file_mode, rule.folder_mode),
+    )
     return manifest
 
 

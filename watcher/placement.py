@@ -20,6 +20,7 @@ Other `OSError`s (EIO, ESTALE, timeouts) propagate: they are worth retrying.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -36,7 +37,15 @@ from watcher.template import with_suffix
 TEMP_PREFIX = ".dicom-watcher-tmp."
 #: Errors that mean "this destination cannot take files now", not "try again at once".
 UNAVAILABLE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR}
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ENOTDIR,
+    }
 )
 CHUNK = 1024 * 1024
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -135,7 +144,9 @@ def _place_in(
     existing = _stat(name, folder_fd)
     if existing is not None:
         if _same_size(existing, size) and _same_bytes(source, name, folder_fd):
-            return Placement(folder / name, "present", size, sha256=_sha256(source) if digest else "")
+            return Placement(
+                folder / name, "present", size, sha256=_sha256(source) if digest else ""
+            )
         content = _sha256(source)
         # Other bytes under this name: go beside them, under a name derived
         # from our own content, so that a re-run finds us there again.
@@ -296,10 +307,8 @@ def _fsync_folder(fd: int) -> None:
 
 
 def _unlink_quietly(name: str, folder_fd: int) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=folder_fd)
-    except FileNotFoundError:
-        pass
 
 
 def _close_unless(fd: int, keep: int) -> None:
@@ -309,7 +318,9 @@ def _close_unless(fd: int, keep: int) -> None:
 
 def _unavailable(root: Path, error: OSError) -> DestinationUnavailable:
     if error.errno in (errno.ENOENT, errno.ENOTDIR):
-        return DestinationUnavailable(str(root), "the folder does not exist (is the share mounted?)")
+        return DestinationUnavailable(
+            str(root), "the folder does not exist (is the share mounted?)"
+        )
     return DestinationUnavailable(str(root), error.strerror or str(error))
 
 

@@ -21,11 +21,25 @@ import yaml
 from watcher import template
 from watcher.errors import RuleError
 
-RULE_KEYS = frozenset({
-    "name", "lab", "description", "match", "destination", "path", "exclusive", "priority",
-    "hooks", "group", "file_mode", "folder_mode", "quiet_seconds", "expected_instances",
-    "manifest",
-})
+RULE_KEYS = frozenset(
+    {
+        "name",
+        "lab",
+        "description",
+        "match",
+        "destination",
+        "path",
+        "exclusive",
+        "priority",
+        "hooks",
+        "group",
+        "file_mode",
+        "folder_mode",
+        "quiet_seconds",
+        "expected_instances",
+        "manifest",
+    }
+)
 HOOK_KEYS = frozenset({"command", "timeout", "retries", "name"})
 #: What a hook argument may contain: `{study_folder}` and the like.
 HOOK_PLACEHOLDERS = frozenset(
@@ -152,14 +166,18 @@ class RuleSet:
                 if first.exclusive or second.exclusive:
                     winner = first if first.exclusive else second
                     if first.exclusive and second.exclusive and first.priority == second.priority:
-                        how = (f"both exclusive with priority {first.priority}: "
-                               f"{winner.name} wins by name; give them different priorities")
+                        how = (
+                            f"both exclusive with priority {first.priority}: "
+                            f"{winner.name} wins by name; give them different priorities"
+                        )
                     else:
                         how = f"{winner.name} is exclusive and takes what both match"
                 else:
                     how = "each gets its own copy (set exclusive/priority if that is not meant)"
-                warnings.append(f"{second.source}: warning: rules {first.name} and {second.name} "
-                                f"may match the same instances: {how}")
+                warnings.append(
+                    f"{second.source}: warning: rules {first.name} and {second.name} "
+                    f"may match the same instances: {how}"
+                )
         return warnings
 
 
@@ -171,7 +189,10 @@ def _disjoint(first: Rule, second: Rule) -> bool:
         other = theirs.get(condition.field)
         if other is None:
             continue
-        mine_prefix, other_prefix = _literal_prefix(condition.pattern.pattern), _literal_prefix(other)
+        mine_prefix, other_prefix = (
+            _literal_prefix(condition.pattern.pattern),
+            _literal_prefix(other),
+        )
         if mine_prefix is None or other_prefix is None:
             continue
         if not (mine_prefix.startswith(other_prefix) or other_prefix.startswith(mine_prefix)):
@@ -198,15 +219,19 @@ def check_allowed(rule: Rule, allowed: Mapping[str, Sequence[Path]] | None) -> s
         return None
     roots = allowed.get(rule.lab_name)
     if not roots:
-        return (f"lab {rule.lab_name!r} has no allowed destination in the config "
-                f"(allowed_destinations)")
+        return (
+            f"lab {rule.lab_name!r} has no allowed destination in the config (allowed_destinations)"
+        )
     target = Path(os.path.realpath(rule.destination))
     for root in roots:
         real_root = Path(os.path.realpath(root))
         if target == real_root or real_root in target.parents:
             return None
     listed = ", ".join(str(r) for r in roots)
-    return f"destination {rule.destination} is outside the folders allowed for lab {rule.lab_name!r} ({listed})"
+    return (
+        f"destination {rule.destination} is outside the folders allowed for lab "
+        f"{rule.lab_name!r} ({listed})"
+    )
 
 
 def load_rules(
@@ -222,7 +247,9 @@ def load_rules(
     try:
         files = sorted(p for p in folder.iterdir() if p.suffix in RULE_SUFFIXES and p.is_file())
     except OSError as error:
-        raise RuleError(str(folder), 0, f"cannot read the rules folder: {error.strerror}") from error
+        raise RuleError(
+            str(folder), 0, f"cannot read the rules folder: {error.strerror}"
+        ) from error
     rules: list[Rule] = []
     problems: list[RuleError] = []
     for path in files:
@@ -344,7 +371,11 @@ def _validate(
     if not folder.is_absolute():
         folder = Path(os.path.normpath(Path(source).parent.absolute() / folder))
     return Rule(
-        name=str(name), source=source, match=conditions, destination=folder, path=parsed,
+        name=str(name),
+        source=source,
+        match=conditions,
+        destination=folder,
+        path=parsed,
         **options,
     ), problems
 
@@ -358,7 +389,7 @@ def _options(data: dict[str, Any], problem: Any) -> dict[str, Any]:
             problem("lab", f"lab must be letters, digits, '_', '.' or '-': {lab!r}")
         else:
             options["lab"] = lab
-    for key, kind in (("exclusive", bool), ("manifest", bool)):
+    for key in ("exclusive", "manifest"):
         if key in data:
             if not isinstance(data[key], bool):
                 problem(key, f"{key} must be true or false")
@@ -382,8 +413,10 @@ def _options(data: dict[str, Any], problem: Any) -> dict[str, Any]:
         ):
             options["expected_instances"] = value
         else:
-            problem("expected_instances",
-                    f"expected_instances must be a count > 0 or {PER_SERIES_COUNT!r}")
+            problem(
+                "expected_instances",
+                f"expected_instances must be a count > 0 or {PER_SERIES_COUNT!r}",
+            )
     for key in ("file_mode", "folder_mode"):
         if key in data:
             mode = _mode(data[key])
@@ -438,14 +471,23 @@ def _hooks(value: Any, problem: Any) -> tuple[Hook, ...]:
             continue
         for key in entry:
             if key not in HOOK_KEYS:
-                problem("hooks", f"{where}: unknown key {key!r} (known: {', '.join(sorted(HOOK_KEYS))})")
+                problem(
+                    "hooks", f"{where}: unknown key {key!r} (known: {', '.join(sorted(HOOK_KEYS))})"
+                )
         command = entry.get("command")
         if isinstance(command, str):
-            problem("hooks", f"{where}: command must be a list of arguments, "
-                             "not a shell line (no shell is ever used)")
+            problem(
+                "hooks",
+                f"{where}: command must be a list of arguments, "
+                "not a shell line (no shell is ever used)",
+            )
             continue
-        if not isinstance(command, list) or not command or not all(
-            isinstance(arg, str | int | float) and not isinstance(arg, bool) for arg in command
+        if (
+            not isinstance(command, list)
+            or not command
+            or not all(
+                isinstance(arg, str | int | float) and not isinstance(arg, bool) for arg in command
+            )
         ):
             problem("hooks", f"{where}: command must be a non-empty list of arguments")
             continue
@@ -462,8 +504,14 @@ def _hooks(value: Any, problem: Any) -> tuple[Hook, ...]:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             problem("hooks", f"{where}: retries must be a whole number from 0 to 10")
             continue
-        hooks.append(Hook(command=arguments, timeout=float(timeout), retries=retries,
-                          name=str(entry.get("name", ""))))
+        hooks.append(
+            Hook(
+                command=arguments,
+                timeout=float(timeout),
+                retries=retries,
+                name=str(entry.get("name", "")),
+            )
+        )
     return tuple(hooks)
 
 

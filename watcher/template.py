@@ -33,13 +33,30 @@ MAX_COMPONENT_BYTES = 255
 
 #: Fields that are the same for every instance of a study (patient and study
 #: level): the folders a template builds from them alone are the study's folder.
-STUDY_LEVEL_FIELDS = frozenset({
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "PatientAge",
-    "OtherPatientIDs", "IssuerOfPatientID", "StudyInstanceUID", "StudyID", "StudyDate",
-    "StudyTime", "StudyDescription", "AccessionNumber", "ReferringPhysicianName",
-    "InstitutionName", "InstitutionalDepartmentName", "RequestingPhysician",
-    "RequestedProcedureDescription", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
-})
+STUDY_LEVEL_FIELDS = frozenset(
+    {
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "PatientAge",
+        "OtherPatientIDs",
+        "IssuerOfPatientID",
+        "StudyInstanceUID",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "StudyDescription",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "InstitutionName",
+        "InstitutionalDepartmentName",
+        "RequestingPhysician",
+        "RequestedProcedureDescription",
+        "PerformingPhysicianName",
+        "NameOfPhysiciansReadingStudy",
+    }
+)
 PERSON_NAME_PARTS = {"family": 0, "given": 1, "middle": 2, "prefix": 3, "suffix": 4}
 UNSAFE_CHARACTERS = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f-\x9f]')
 WINDOWS_RESERVED = frozenset(
@@ -131,7 +148,9 @@ def parse(source: str) -> Template:
     components = []
     for text in source.split("/"):
         if text in ("", ".", ".."):
-            raise TemplateError(f"the path template has an empty, '.' or '..' component: {source!r}")
+            raise TemplateError(
+                f"the path template has an empty, '.' or '..' component: {source!r}"
+            )
         components.append(_parse_component(text))
     return Template(source=source, components=tuple(components))
 
@@ -225,9 +244,9 @@ def safe_component(text: str) -> str:
     """One path component that every common filesystem and share accepts.
 
     No separators or control characters, no leading dot (so never `.`, `..` or
-    a hidden file) or dash (never read as an option), no trailing dot or space, not a Windows device name,
-    never empty, and at most 255 bytes of UTF-8 with the extension kept and no
-    character cut in half.
+    a hidden file) or dash (never read as an option), no trailing dot or space,
+    not a Windows device name, never empty, and at most 255 bytes of UTF-8
+    with the extension kept and no character cut in half.
     """
     text = safe_value(text).strip()
     if text.startswith((".", "-")):  # hidden, `.`/`..`, or read as an option by tools
@@ -251,7 +270,7 @@ def fit(name: str, limit: int) -> str:
     stem, dot, extension = name.rpartition(".")
     if not dot or not 0 < len(extension) <= 16 or not stem:
         stem, extension = name, ""
-    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
     tail = f"~{digest}" + (f".{extension}" if extension else "")
     budget = limit - len(tail.encode("utf-8"))
     shortened = stem.encode("utf-8")[:budget].decode("utf-8", errors="ignore").rstrip(". ")
