@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from watcher import fastheader
 from watcher.errors import NotRoutable
 
 #: Fields every instance carries, whatever the rules ask for.
@@ -106,14 +107,22 @@ def read_instance(path: str | os.PathLike[str], tags: list[int] | None = None) -
         has_preamble = len(head) == 132 and head[128:132] == b"DICM"
         if not has_preamble and not _looks_like_data_set(head):
             raise NotRoutable("not a DICOM file (no DICM prefix and no data set at its start)")
-        fp.seek(0)
-        ds = _parse(fp, force=not has_preamble, tags=tags)
-        stopped_at = fp.tell()
-        _check_complete(fp, ds, size, stopped_at, has_preamble)
+        try:
+            if not has_preamble:
+                raise fastheader.Fallback("no preamble")
+            values, sop_class, implicit, pixel = fastheader.read_values(fp, size, tags)
+            if pixel is not None:
+                _walk(fp, pixel, size, implicit, True)
+        except fastheader.Fallback:
+            fp.seek(0)
+            ds = _parse(fp, force=not has_preamble, tags=tags)
+            stopped_at = fp.tell()
+            _check_complete(fp, ds, size, stopped_at, has_preamble)
+            sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+            values = _values(ds, tags)
 
-    if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+    if sop_class == DICOMDIR_SOP_CLASS:
         raise NotRoutable("DICOMDIR (a media directory, not an instance)")
-    values = _values(ds, tags)
     for required in ("SOPInstanceUID", "StudyInstanceUID"):
         if not values.get(required):
             raise NotRoutable(f"no {required} in the header")

@@ -1,0 +1,92 @@
+"""The fast header reader agrees with pydicom on every file it takes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from watcher import fastheader, headers
+from watcher.errors import NotRoutable
+from watcher.synthetic import make_dataset, write_dataset
+
+CORPUS = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+FILES = sorted(p for p in CORPUS.rglob("*") if p.is_file()) + sorted(
+    p for p in (CORPUS.parent / "charset_files").iterdir() if p.is_file()
+)
+TAGS = headers.tags_for(
+    [
+        "ImageType",
+        "InstitutionName",
+        "ImagesInAcquisition",
+        "ReferringPhysicianName",
+        "EchoTime",
+        "PixelSpacing",
+        "ProtocolName",
+        "AccessionNumber",
+        "Rows",
+        "Columns",
+    ]
+)
+
+
+def with_pydicom(path: Path) -> tuple[str, object]:
+    size = path.stat().st_size
+    with open(path, "rb") as fp:
+        preamble = fp.read(132)[128:132] == b"DICM"
+        fp.seek(0)
+        try:
+            ds = headers._parse(fp, not preamble, TAGS)
+            headers._check_complete(fp, ds, size, fp.tell(), preamble)
+        except NotRoutable as error:
+            return "not routable", error.reason.split(":")[0]
+        return "values", headers._values(ds, TAGS)
+
+
+def with_fast_reader(path: Path) -> tuple[str, object] | None:
+    size = path.stat().st_size
+    with open(path, "rb") as fp:
+        if size < 132 or fp.read(132)[128:132] != b"DICM":
+            return None
+        try:
+            values, _, implicit, pixel = fastheader.read_values(fp, size, TAGS)
+            if pixel is not None:
+                headers._walk(fp, pixel, size, implicit, True)
+        except fastheader.Fallback:
+            return None
+        except NotRoutable as error:
+            return "not routable", error.reason.split(":")[0]
+        return "values", values
+
+
+def test_fast_reader_gives_what_pydicom_gives_on_every_file_it_takes():
+    taken = 0
+    for path in FILES:
+        fast = with_fast_reader(path)  # None: left to pydicom (big endian, deflate, ...)
+        if fast is not None:
+            taken += 1
+            assert fast == with_pydicom(path), path.name
+    assert taken >= 100
+
+
+def test_most_of_the_corpus_takes_the_fast_path():
+    taken = sum(with_fast_reader(path) is not None for path in FILES)
+    assert taken >= 0.7 * len(FILES)
+
+
+@pytest.mark.parametrize("cut", [0.6, 0.9, 0.02])
+def test_fast_reader_finds_truncation(tmp_path: Path, cut: float):
+    whole = write_dataset(make_dataset(Rows=64, Columns=64), tmp_path / "whole.dcm").read_bytes()
+    part = tmp_path / "part.dcm"
+    part.write_bytes(whole[: max(140, int(len(whole) * cut))])
+    with pytest.raises(NotRoutable, match="truncated|no SOPInstanceUID|no StudyInstanceUID"):
+        headers.read_instance(part)
+
+
+def test_non_ascii_values_take_the_pydicom_path_and_decode(tmp_path: Path):
+    path = write_dataset(make_dataset(PatientName="Müller^Jürgen"), tmp_path / "a.dcm")
+    with open(path, "rb") as fp, pytest.raises(fastheader.Fallback):
+        fastheader.read_values(fp, os.path.getsize(path), TAGS)
+    assert headers.read_instance(path).values["PatientName"] == "Müller^Jürgen"
