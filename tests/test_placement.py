@@ -1,0 +1,262 @@
+"""Durable placement into real folders under tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from support import files_under, sha256, tree
+
+from watcher import placement
+from watcher.errors import DestinationUnavailable
+from watcher.placement import TEMP_PREFIX, PathConflict, place, remove_temporaries
+
+RELATIVE = "SUBJ01/20261125_SMITH^Memory/001_T1_MPRAGE/00001.dcm"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "nas" / "smithlab"
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def source(make_dicom, tmp_path: Path) -> Path:
+    return make_dicom(tmp_path / "inbox", name="first.dcm", PatientID="SUBJ01")
+
+
+@pytest.fixture
+def other(make_dicom, tmp_path: Path) -> Path:
+    return make_dicom(tmp_path / "inbox", name="second.dcm", PatientID="SUBJ01")
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in files_under(folder) if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_placed_bytes_are_identical(root, source):
+    result = place(str(source), root, RELATIVE)
+    target = root / RELATIVE
+    assert result.outcome == "placed"
+    assert result.path == target
+    assert result.size == source.stat().st_size
+    assert result.beside is None
+    assert target.read_bytes() == source.read_bytes()
+    assert source.exists(), "place copies; the caller decides about the source"
+    assert list(tree(root)) == [RELATIVE]
+    assert temporaries(root) == []
+
+
+def test_a_file_larger_than_one_chunk_is_copied_whole(root, tmp_path):
+    big = tmp_path / "big.dcm"
+    big.write_bytes(os.urandom(placement.CHUNK * 2 + 12345))
+    place(str(big), root, "a/b.dcm")
+    assert sha256(root / "a" / "b.dcm") == sha256(big)
+
+
+def test_the_same_bytes_again_are_present_and_nothing_is_written(root, source, tmp_path):
+    place(str(source), root, RELATIVE)
+    before = tree(root)
+    inode = (root / RELATIVE).stat().st_ino
+    copy = tmp_path / "copy.dcm"  # another file, same bytes
+    copy.write_bytes(source.read_bytes())
+    for again in (source, copy):
+        result = place(str(again), root, RELATIVE)
+        assert result.outcome == "present"
+        assert result.path == root / RELATIVE
+    assert tree(root) == before
+    assert (root / RELATIVE).stat().st_ino == inode
+
+
+def test_other_bytes_at_the_same_name_go_beside_under_their_hash(root, source, other):
+    first = place(str(source), root, RELATIVE)
+    second = place(str(other), root, RELATIVE)
+    digest = sha256(other)
+    assert second.outcome == "placed"
+    assert second.beside == root / RELATIVE
+    assert second.path == root / RELATIVE.replace("00001.dcm", f"00001~{digest[:12]}.dcm")
+    assert second.path.read_bytes() == other.read_bytes()
+    assert first.path.read_bytes() == source.read_bytes(), "the first file is never replaced"
+    # Placing the second file again finds it beside the first.
+    again = place(str(other), root, RELATIVE)
+    assert (again.outcome, again.path) == ("present", second.path)
+    assert len(files_under(root)) == 2
+
+
+def test_the_suffix_is_the_same_on_every_run(tmp_path, source, other, make_dicom):
+    third = make_dicom(tmp_path / "inbox", name="third.dcm")
+    names = []
+    for run in ("run1", "run2"):
+        lab = tmp_path / run
+        lab.mkdir()
+        for path in (source, other, third):
+            place(str(path), lab, RELATIVE)
+        names.append(tree(lab))
+    assert names[0] == names[1]
+    assert len(names[0]) == 3
+    assert set(names[0].values()) == {sha256(source), sha256(other), sha256(third)}
+
+
+def test_a_missing_root_raises_and_creates_nothing(tmp_path, source):
+    parent = tmp_path / "nas"
+    parent.mkdir()
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(parent))
+    with pytest.raises(DestinationUnavailable) as error:
+        place(str(source), parent / "unmounted", RELATIVE)
+    assert "does not exist" in error.value.reason
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(parent))) == before
+    assert not (parent / "unmounted").exists()
+
+
+def test_a_root_that_is_a_file_is_unavailable(tmp_path, source):
+    not_a_folder = tmp_path / "lab"
+    not_a_folder.write_text("oops")
+    with pytest.raises(DestinationUnavailable):
+        place(str(source), not_a_folder, RELATIVE)
+    assert not_a_folder.read_text() == "oops"
+
+
+def test_a_symlinked_folder_inside_the_lab_is_never_followed(tmp_path, root, source):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "SUBJ01").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PathConflict):
+        place(str(source), root, RELATIVE)
+    assert os.listdir(outside) == []
+    assert temporaries(root) == []
+
+
+def test_a_symlinked_file_inside_the_lab_is_never_followed(tmp_path, root, source):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    decoy = outside / "00001.dcm"
+    decoy.write_bytes(source.read_bytes())  # same bytes: following it would say "present"
+    folder = root / "P"
+    folder.mkdir()
+    (folder / "00001.dcm").symlink_to(decoy)
+    result = place(str(source), root, "P/00001.dcm")
+    assert result.outcome == "placed"
+    assert not result.path.is_symlink()
+    assert result.path.read_bytes() == source.read_bytes()
+    assert (folder / "00001.dcm").is_symlink() and os.readlink(folder / "00001.dcm") == str(decoy)
+    assert os.listdir(outside) == ["00001.dcm"]
+
+
+def test_a_symlink_whose_length_equals_the_file_size_is_not_opened(tmp_path, root, source):
+    """A symbolic link's own size is the length of its target: a link whose
+    target text is as long as the file must not be taken for a file to compare."""
+    size = source.stat().st_size
+    prefix = str(tmp_path / "outside") + "/"
+    target = prefix + "x" * (size - len(prefix))
+    (root / "P").mkdir()
+    (root / "P" / "00001.dcm").symlink_to(target)
+    assert os.lstat(root / "P" / "00001.dcm").st_size == size
+    result = place(str(source), root, "P/00001.dcm")
+    assert result.outcome == "placed"
+    assert result.path.name.startswith("00001~")
+    assert result.path.read_bytes() == source.read_bytes()
+    assert not (tmp_path / "outside").exists()
+
+
+def test_a_dangling_symlink_is_not_written_through(tmp_path, root, source):
+    target = tmp_path / "outside" / "written.dcm"
+    (root / "P").mkdir()
+    (root / "P" / "00001.dcm").symlink_to(target)
+    result = place(str(source), root, "P/00001.dcm")
+    assert result.outcome == "placed" and result.path != root / "P" / "00001.dcm"
+    assert not target.exists() and not target.parent.exists()
+
+
+def test_a_file_where_a_folder_is_needed_is_a_conflict(root, source):
+    (root / "SUBJ01").write_text("a file, not a folder")
+    before = tree(root)
+    with pytest.raises(PathConflict):
+        place(str(source), root, RELATIVE)
+    assert tree(root) == before
+    assert temporaries(root) == []
+
+
+def test_no_temporary_file_remains_after_a_failed_write(tmp_path, root):
+    """A write that fails halfway (file size limit: EFBIG, even for root)
+    leaves neither a temporary file nor a final one."""
+    source = tmp_path / "big.dcm"
+    source.write_bytes(os.urandom(200_000))
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from pathlib import Path
+        from watcher.placement import place
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+        try:
+            place({str(source)!r}, Path({str(root)!r}), "P/S/big.dcm")
+        except OSError as error:
+            print("failed", error.errno)
+            sys.exit(3)
+        print("placed")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.startswith("failed")
+    assert (root / "P" / "S").is_dir()
+    assert files_under(root) == []
+    assert source.stat().st_size == 200_000
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into read-only folders; see the EFBIG test above"
+)
+def test_a_read_only_lab_folder_is_unavailable_and_keeps_nothing(root, source):
+    folder = root / "SUBJ01"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(DestinationUnavailable):
+            place(str(source), root, "SUBJ01/00001.dcm")
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_remove_temporaries_removes_only_leftover_temporary_files(root):
+    folder = root / "P"
+    folder.mkdir()
+    leftovers = [folder / f"{TEMP_PREFIX}abc123.00001.dcm", folder / f"{TEMP_PREFIX}x"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    keep = folder / "00001.dcm"
+    keep.write_bytes(b"placed")
+    (folder / f"{TEMP_PREFIX}a-folder").mkdir()
+    (folder / f"{TEMP_PREFIX}link").symlink_to(keep)
+    assert remove_temporaries(folder) == 2
+    assert sorted(os.listdir(folder)) == sorted(
+        ["00001.dcm", f"{TEMP_PREFIX}a-folder", f"{TEMP_PREFIX}link"]
+    )
+    assert keep.read_bytes() == b"placed"
+    assert remove_temporaries(folder) == 0
+    assert remove_temporaries(root / "missing") == 0
+
+
+def test_link_on_one_filesystem_gives_identical_bytes(root, source):
+    content = source.read_bytes()
+    result = place(str(source), root, RELATIVE, link=True)
+    assert result.outcome == "placed"
+    assert result.path.read_bytes() == content
+    assert source.read_bytes() == content
+    assert result.path.stat().st_ino == source.stat().st_ino  # a hard link, no copy
+    assert source.stat().st_nlink == 2, "the temporary name is gone"
+    assert temporaries(root) == []
+    again = place(str(source), root, RELATIVE, link=True)
+    assert again.outcome == "present"
+
+
+def test_names_at_the_length_limit_are_placed(root, source):
+    name = "é" * 120 + ".dcm"  # 244 bytes
+    result = place(str(source), root, f"{'山' * 80}/{name}")
+    assert result.path.read_bytes() == source.read_bytes()
+    assert hashlib.sha256(result.path.read_bytes()).hexdigest() == sha256(source)
