@@ -19,7 +19,7 @@ from typing import TextIO
 from watcher import __version__, headers, logs
 from watcher.config import load_config
 from watcher.daemon import Daemon
-from watcher.engine import Sorter, iter_files
+from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
 from watcher.errors import NotRoutable, WatcherError
 from watcher.rules import RuleSet, load_rules, single_rule
 
@@ -250,9 +250,12 @@ def cmd_sort(args: argparse.Namespace) -> int:
     sorter = Sorter(ruleset, subject=args.subject, move=args.move, dry_run=args.dry_run)
     files = list(iter_files(args.sources))
     progress = Progress(len(files))
-    for path in files:
-        sorter.sort_file(path)
-        progress.step()
+    pool = header_pool() if len(files) >= POOL_THRESHOLD else None
+    try:
+        sorter.sort_files(files, pool, progress.step)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     progress.done()
     prefix = "dry run (nothing written): " if args.dry_run else ""
     for line in sorter.summary.lines():
@@ -271,8 +274,8 @@ class Progress:
         self.enabled = total > 0 and getattr(self.stream, "isatty", lambda: False)()
         self.started = self.shown = time.monotonic()
 
-    def step(self) -> None:
-        self.count += 1
+    def step(self, files: int = 1) -> None:
+        self.count += files
         now = time.monotonic()
         if self.enabled and (now - self.shown > 0.2 or self.count == self.total):
             self.shown = now

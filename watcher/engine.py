@@ -7,11 +7,14 @@ about studies; the daemon does that on top.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +23,15 @@ import tenacity
 from watcher import headers
 from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.logs import kv
-from watcher.placement import TEMP_PREFIX, PathConflict, Permissions, Placement, place
+from watcher.placement import (
+    TEMP_PREFIX,
+    Job,
+    PathConflict,
+    Permissions,
+    Placement,
+    place,
+    place_batch,
+)
 from watcher.rules import Route, RuleSet
 
 log = logging.getLogger(__name__)
@@ -96,30 +107,106 @@ def place_instance(
     retrying = (retry or RetryPolicy()).retrying()
     link = move and len(routes) == 1
     placements = []
-    for route in routes:
-        rule = route.rule
-        permissions = Permissions(rule.group, rule.file_mode, rule.folder_mode)
-        placements.append(
-            retrying(
+    failure: BaseException | None = None
+    for route in routes:  # every lab that can take its copy gets it now
+        job = _job(instance, route, link, digest)
+        try:
+            placement = retrying(
                 place,
-                instance.path,
-                rule.destination,
-                route.relative_path,
-                link=link,
-                digest=rule.manifest if digest is None else digest,
-                permissions=permissions,
+                job.source,
+                job.root,
+                job.relative,
+                link=job.link,
+                digest=job.digest,
+                permissions=job.permissions,
             )
-        )
-        _warn_if_beside(instance, placements[-1])
+        except (OSError, DestinationUnavailable) as error:
+            failure = failure or error
+            continue
+        placements.append(placement)
+        _warn_if_beside(instance, placement)
+    if failure is not None:
+        raise failure
     if move:
         remove_source(instance.path)
     return placements
 
 
+def _job(instance: headers.Instance, route: Route, link: bool, digest: bool | None) -> Job:
+    rule = route.rule
+    return Job(
+        source=instance.path,
+        root=rule.destination,
+        relative=route.relative_path,
+        link=link,
+        digest=rule.manifest if digest is None else digest,
+        permissions=Permissions(rule.group, rule.file_mode, rule.folder_mode),
+    )
+
+
+def place_many(
+    items: Sequence[tuple[headers.Instance, list[Route]]],
+    *,
+    move: bool = False,
+    retry: RetryPolicy | None = None,
+    digest: bool | None = None,
+) -> list[list[Placement] | BaseException]:
+    """`place_instance` for many instances, with one flush per filesystem
+    and per folder (`placement.place_batch`) instead of one per file.
+
+    Returns, per instance, its placements or the error that kept it (its
+    source then stays). Instances that met a transient error are tried again
+    alone, with retries. With `move`, each source whose copies are all
+    durable is removed, and its folder flushed once.
+    """
+    jobs: list[Job] = []
+    owners: list[int] = []
+    for index, (instance, routes) in enumerate(items):
+        link = move and len(routes) == 1
+        for route in routes:
+            jobs.append(_job(instance, route, link, digest))
+            owners.append(index)
+    placed: list[list[Placement]] = [[] for _ in items]
+    failed: dict[int, BaseException] = {}
+    for owner, result in zip(owners, place_batch(jobs), strict=True):
+        if isinstance(result, BaseException):
+            failed.setdefault(owner, result)
+        else:
+            placed[owner].append(result)
+    for index, error in list(failed.items()):
+        if is_transient(error):
+            instance, routes = items[index]
+            try:
+                placed[index] = place_instance(instance, routes, retry=retry, digest=digest)
+                del failed[index]
+            except (OSError, DestinationUnavailable) as again:
+                failed[index] = again
+    outcomes: list[list[Placement] | BaseException] = []
+    folders: set[str] = set()
+    for index, (instance, _) in enumerate(items):
+        if index in failed:
+            outcomes.append(failed[index])
+            continue
+        for placement in placed[index]:
+            _warn_if_beside(instance, placement)
+        if move:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(instance.path)
+            folders.add(os.path.dirname(instance.path) or ".")
+        outcomes.append(placed[index])
+    for folder in folders:
+        _fsync_folder_path(folder)
+    return outcomes
+
+
 def remove_source(path: str) -> None:
     """Remove a source file whose copies are durable, and flush its folder."""
     os.unlink(path)
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_folder_path(os.path.dirname(path) or ".")
+
+
+def _fsync_folder_path(path: str) -> None:
+    folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(folder)
     except OSError as error:
@@ -127,6 +214,47 @@ def remove_source(path: str) -> None:
             raise
     finally:
         os.close(folder)
+
+
+#: Files placed together, with one flush per filesystem and folder.
+BATCH = 256
+#: Below this many files, headers are read in-process: a pool costs more.
+POOL_THRESHOLD = 256
+
+
+def read_many(
+    paths: Sequence[str], tags: list[int], pool: Executor | None = None
+) -> list[headers.Instance | NotRoutable | OSError]:
+    """Read many headers, on every core when a pool is given and it is worth it."""
+    return list(iter_read(paths, tags, pool))
+
+
+def iter_read(
+    paths: Sequence[str], tags: list[int], pool: Executor | None = None
+) -> Iterator[headers.Instance | NotRoutable | OSError]:
+    """Like `read_many`, lazily: with a pool, every read is submitted at once
+    and runs while the caller places what came back first."""
+    if pool is None or len(paths) < POOL_THRESHOLD:
+        return (_read_one(path, tags) for path in paths)
+    chunk = max(16, min(128, len(paths) // 32))
+    return pool.map(_read_one, paths, [tags] * len(paths), chunksize=chunk)
+
+
+def _read_one(path: str, tags: list[int]) -> headers.Instance | NotRoutable | OSError:
+    try:
+        return headers.read_instance(path, tags)
+    except NotRoutable as error:
+        return error
+    except OSError as error:
+        return OSError(error.errno, error.strerror, error.filename)
+
+
+def header_pool() -> Executor:
+    """A process pool for header reading (forkserver: safe beside threads)."""
+    context = multiprocessing.get_context("forkserver")
+    return ProcessPoolExecutor(
+        max_workers=os.cpu_count() or 1, mp_context=context, initializer=headers.configure_pydicom
+    )
 
 
 def _warn_if_beside(instance: headers.Instance, placement: Placement) -> None:
@@ -212,43 +340,72 @@ class Sorter:
     def __post_init__(self) -> None:
         self.tags = headers.tags_for(self.rules.fields)
 
+    def sort_files(
+        self,
+        paths: Sequence[str],
+        pool: Executor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Sort files in batches: headers read (on every core with `pool`),
+        then each batch placed with one flush per filesystem."""
+        results = iter_read(paths, self.tags, pool)
+        for start in range(0, len(paths), BATCH):
+            batch = list(paths[start : start + BATCH])
+            items = []
+            for path, result in zip(batch, results, strict=False):
+                item = self._route(path, result)
+                if item is not None:
+                    items.append(item)
+            if items and not self.dry_run:
+                outcomes = place_many(items, move=self.move, retry=self.retry, digest=False)
+                for (instance, _), outcome in zip(items, outcomes, strict=True):
+                    self._count(instance.path, outcome)
+            if progress is not None:
+                progress(len(batch))
+
     def sort_file(self, path: str) -> None:
+        self.sort_files([path])
+
+    def _route(
+        self, path: str, result: headers.Instance | NotRoutable | OSError
+    ) -> tuple[headers.Instance, list[Route]] | None:
         self.summary.files += 1
-        try:
-            instance = headers.read_instance(path, self.tags)
-        except NotRoutable as error:
-            log.warning(kv("not_routable", path=path, reason=error.reason))
-            self.summary.not_routable.append((path, error.reason))
-            return
-        except OSError as error:
-            self.summary.failed.append((path, f"cannot read: {error.strerror or error}"))
-            return
+        if isinstance(result, NotRoutable):
+            log.warning(kv("not_routable", path=path, reason=result.reason))
+            self.summary.not_routable.append((path, result.reason))
+            return None
+        if isinstance(result, OSError):
+            self.summary.failed.append((path, f"cannot read: {result.strerror or result}"))
+            return None
+        instance = result
         if self.subject is not None and instance.values.get("PatientID") != self.subject:
             self.summary.skipped += 1
-            return
+            return None
         routes = self.rules.route(instance.values)
         if not routes:
             log.info(kv("unmatched", path=path, study=instance.study_instance_uid))
             self.summary.unmatched.append(path)
-            return
+            return None
         if self.dry_run:
             for route in routes:
                 print(f"{path} -> {route.rule.destination / route.relative_path}")
             self.summary.placed += len(routes)
+            return None
+        return instance, routes
+
+    def _count(self, path: str, outcome: list[Placement] | BaseException) -> None:
+        if isinstance(outcome, DestinationUnavailable):
+            self.summary.failed.append((path, str(outcome)))
             return
-        try:
-            placements = place_instance(
-                instance, routes, move=self.move, retry=self.retry, digest=False
-            )
-        except DestinationUnavailable as error:
-            self.summary.failed.append((path, str(error)))
-            return
-        except OSError as error:
+        if isinstance(outcome, OSError):
             self.summary.failed.append(
-                (path, f"{error.strerror or error} ({error.filename or ''})")
+                (path, f"{outcome.strerror or outcome} ({outcome.filename or ''})")
             )
             return
-        for placement in placements:
+        if isinstance(outcome, BaseException):
+            self.summary.failed.append((path, str(outcome)))
+            return
+        for placement in outcome:
             if placement.outcome == "placed":
                 self.summary.placed += 1
                 self.summary.bytes += placement.size

@@ -21,11 +21,13 @@ Other `OSError`s (EIO, ESTALE, timeouts) propagate: they are worth retrying.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -137,29 +139,10 @@ def _place_in(
     digest: bool,
     permissions: Permissions,
 ) -> Placement:
-    folder = root.joinpath(*folders)
-    size = os.stat(source).st_size
-    candidate = name
-    beside = None
-    existing = _stat(name, folder_fd)
-    if existing is not None:
-        if _same_size(existing, size) and _same_bytes(source, name, folder_fd):
-            return Placement(
-                folder / name, "present", size, sha256=_sha256(source) if digest else ""
-            )
-        content = _sha256(source)
-        # Other bytes under this name: go beside them, under a name derived
-        # from our own content, so that a re-run finds us there again.
-        beside = folder / name
-        for candidate in (with_suffix(name, content[:12]), with_suffix(name, content)):
-            existing = _stat(candidate, folder_fd)
-            if existing is None:
-                break
-            if _same_size(existing, size) and _same_bytes(source, candidate, folder_fd):
-                return Placement(folder / candidate, "present", size, beside, content)
-        else:
-            raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
-
+    target = _choose_name(source, root.joinpath(*folders), folder_fd, name, digest)
+    if isinstance(target, Placement):
+        return target
+    candidate, beside, size = target
     temporary, content = _write_temporary(source, root, folder_fd, name, link, permissions)
     try:
         _link_into_place(temporary, candidate, folder_fd)
@@ -174,7 +157,172 @@ def _place_in(
     _fsync_folder(folder_fd)
     if digest and not content:
         content = _sha256(source)
-    return Placement(folder / candidate, "placed", size, beside, content)
+    return Placement(root.joinpath(*folders) / candidate, "placed", size, beside, content)
+
+
+def _choose_name(
+    source: str, folder: Path, folder_fd: int, name: str, digest: bool
+) -> Placement | tuple[str, Path | None, int]:
+    """The name to write under, or the Placement of identical bytes already
+    there. Returns (name, the taken name it goes beside, size)."""
+    size = os.stat(source).st_size
+    existing = _stat(name, folder_fd)
+    if existing is None:
+        return name, None, size
+    if _same_size(existing, size) and _same_bytes(source, name, folder_fd):
+        return Placement(folder / name, "present", size, sha256=_sha256(source) if digest else "")
+    content = _sha256(source)
+    # Other bytes under this name: go beside them, under a name derived from
+    # our own content, so that a re-run finds us there again.
+    for candidate in (with_suffix(name, content[:12]), with_suffix(name, content)):
+        existing = _stat(candidate, folder_fd)
+        if existing is None:
+            return candidate, folder / name, size
+        if _same_size(existing, size) and _same_bytes(source, candidate, folder_fd):
+            return Placement(folder / candidate, "present", size, folder / name, content)
+    raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One file to place with `place_batch`; the arguments of `place`."""
+
+    source: str
+    root: Path
+    relative: str
+    link: bool = False
+    digest: bool = False
+    permissions: Permissions = NO_PERMISSIONS
+
+
+def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
+    """Place many files with the guarantees of `place`, flushing once.
+
+    Every file is written under its temporary name first; then each
+    filesystem is flushed once (syncfs), the files are linked into place, and
+    each folder is flushed once. Returns, per job, its Placement or the error
+    that stopped it (`DestinationUnavailable`, `PathConflict`, `OSError`).
+    """
+    results: list[Placement | BaseException | None] = [None] * len(jobs)
+    handles = _Handles()
+    written: list[tuple[int, int, str, str, str, Path | None, int]] = []
+    try:
+        for index, job in enumerate(jobs):
+            *folders, name = job.relative.split("/")
+            try:
+                folder_fd = handles.folder(job.root, folders, job.permissions)
+                target = _choose_name(
+                    job.source, job.root.joinpath(*folders), folder_fd, name, job.digest
+                )
+                if isinstance(target, Placement):
+                    results[index] = target
+                    continue
+                candidate, beside, size = target
+                temporary, content = _write_temporary(
+                    job.source, job.root, folder_fd, name, job.link, job.permissions, flush=False
+                )
+            except (OSError, DestinationUnavailable) as error:
+                results[index] = error
+                continue
+            written.append((index, folder_fd, temporary, candidate, content, beside, size))
+        _flush_filesystems({fd for _, fd, *_ in written}, [(fd, t) for _, fd, t, *_ in written])
+        touched: set[int] = set()
+        for index, folder_fd, temporary, candidate, content, beside, size in written:
+            job = jobs[index]
+            try:
+                _link_into_place(temporary, candidate, folder_fd)
+            except FileExistsError:
+                _unlink_quietly(temporary, folder_fd)
+                try:  # placed by someone else meanwhile: decide again, alone
+                    results[index] = place(
+                        job.source,
+                        job.root,
+                        job.relative,
+                        link=job.link,
+                        digest=job.digest,
+                        permissions=job.permissions,
+                    )
+                except (OSError, DestinationUnavailable) as error:
+                    results[index] = error
+                continue
+            except OSError as error:
+                _unlink_quietly(temporary, folder_fd)
+                results[index] = _classify(job.root, error)
+                continue
+            _unlink_quietly(temporary, folder_fd)
+            touched.add(folder_fd)
+            if job.digest and not content:
+                content = _sha256(job.source)
+            folder = job.root.joinpath(*job.relative.split("/")[:-1])
+            results[index] = Placement(folder / candidate, "placed", size, beside, content)
+        for folder_fd in touched:
+            _fsync_folder(folder_fd)
+    finally:
+        handles.close()
+    return [result if result is not None else OSError("not placed") for result in results]
+
+
+class _Handles:
+    """Open folders of one batch, so each is opened (and made) once."""
+
+    def __init__(self) -> None:
+        self.roots: dict[Path, int | DestinationUnavailable] = {}
+        self.folders: dict[tuple[Path, tuple[str, ...]], int] = {}
+
+    def folder(self, root: Path, folders: list[str], permissions: Permissions) -> int:
+        key = (root, tuple(folders))
+        if key in self.folders:
+            return self.folders[key]
+        if root not in self.roots:
+            try:
+                self.roots[root] = os.open(root, DIRECTORY_FLAGS)
+            except OSError as error:
+                self.roots[root] = _unavailable(root, error)
+        root_fd = self.roots[root]
+        if isinstance(root_fd, DestinationUnavailable):
+            raise root_fd
+        fd = _open_folders(root, root_fd, folders, permissions)
+        self.folders[key] = fd
+        return fd
+
+    def close(self) -> None:
+        roots = {fd for fd in self.roots.values() if isinstance(fd, int)}
+        for fd in set(self.folders.values()) - roots:
+            os.close(fd)
+        for fd in roots:
+            os.close(fd)
+
+
+def _flush_filesystems(folder_fds: set[int], temporaries: list[tuple[int, str]]) -> None:
+    """Make the written temporary files durable: one syncfs per filesystem,
+    or one fsync per file where syncfs is not available."""
+    by_device: dict[int, int] = {}
+    for fd in folder_fds:
+        by_device.setdefault(os.fstat(fd).st_dev, fd)
+    if _SYNCFS is not None:
+        for fd in by_device.values():
+            if _SYNCFS(fd) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, os.strerror(error))
+        return
+    for folder_fd, temporary in temporaries:
+        fd = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC, dir_fd=folder_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs: Callable[[int], int] = libc.syncfs
+        return syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _load_syncfs()
 
 
 def _open_folders(root: Path, root_fd: int, folders: list[str], permissions: Permissions) -> int:
@@ -211,12 +359,18 @@ def _open_folders(root: Path, root_fd: int, folders: list[str], permissions: Per
 
 
 def _write_temporary(
-    source: str, root: Path, folder_fd: int, name: str, link: bool, permissions: Permissions
+    source: str,
+    root: Path,
+    folder_fd: int,
+    name: str,
+    link: bool,
+    permissions: Permissions,
+    flush: bool = True,
 ) -> tuple[str, str]:
     """Write the bytes under a temporary name, flushed; return it and the
     SHA-256 of what was written ("" when linked instead)."""
     temporary = f"{TEMP_PREFIX}{secrets.token_hex(6)}.{name[:32]}"
-    if link and _try_link(source, temporary, folder_fd, permissions):
+    if link and _try_link(source, temporary, folder_fd, permissions, flush):
         return temporary, ""
     digest = hashlib.sha256()
     with open(source, "rb", buffering=0) as inp:
@@ -232,7 +386,8 @@ def _write_temporary(
                 while view:
                     view = view[os.write(out, view) :]
             permissions.apply_to_file(out)
-            os.fsync(out)
+            if flush:
+                os.fsync(out)
         except OSError as error:
             _unlink_quietly(temporary, folder_fd)
             raise _classify(root, error) from error
@@ -241,14 +396,17 @@ def _write_temporary(
     return temporary, digest.hexdigest()
 
 
-def _try_link(source: str, temporary: str, folder_fd: int, permissions: Permissions) -> bool:
+def _try_link(
+    source: str, temporary: str, folder_fd: int, permissions: Permissions, flush: bool
+) -> bool:
     try:
         os.link(source, temporary, dst_dir_fd=folder_fd)
     except OSError:
         return False  # another filesystem, or links not allowed: copy instead
     with open(source, "rb") as handle:
         permissions.apply_to_file(handle.fileno())
-        os.fsync(handle.fileno())
+        if flush:
+            os.fsync(handle.fileno())
     return True
 
 
