@@ -22,8 +22,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -32,7 +34,16 @@ from watchdog.observers.polling import PollingObserver
 
 from watcher import headers
 from watcher.config import Config
-from watcher.engine import RetryPolicy, place_instance, remove_source
+from watcher.engine import (
+    BATCH,
+    POOL_THRESHOLD,
+    RetryPolicy,
+    header_pool,
+    place_instance,
+    place_many,
+    read_many,
+    remove_source,
+)
 from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.hooks import HookRunner, hook_values, make_job
 from watcher.logs import kv
@@ -45,6 +56,8 @@ from watcher.template import safe_component
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.2
+#: Files read per turn of the loop before it looks at the stop flag again.
+READ_CHUNK = 2048
 STATUS_SECONDS = 2.0
 
 
@@ -65,6 +78,11 @@ class InboxHandler(FileSystemEventHandler):
                 return
             path = os.fsdecode(event.dest_path if kind == "moved" else event.src_path)
             if event.is_directory:
+                # A new folder (storescp -su) is scanned: files may predate its
+                # watch. A folder is "modified" by every file created in it:
+                # scanning on those would rescan the inbox once per file.
+                if kind not in ("created", "moved"):
+                    return
                 kind = "dir"
             self.events.put((kind, path))
         except Exception:  # noqa: BLE001 - see class docstring
@@ -201,6 +219,7 @@ class Daemon:
             attempts=config.retry_attempts, max_seconds=config.retry_max_seconds
         )
         self.watcher: InboxWatcher | None = None
+        self.pool: Executor | None = None
         self.counts = Counts()
         self.state = config.state
         self.quarantine_dir = config.state / "quarantine"
@@ -252,6 +271,8 @@ class Daemon:
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
             self._write_status()
         parked = [s for s in self.studies if s.parked_since is not None]
         if self.once and parked:
@@ -369,18 +390,17 @@ class Daemon:
         if os.path.basename(path).startswith(TEMP_PREFIX):
             return
         try:
-            stat = os.stat(path, follow_symlinks=False)
+            stat = os.lstat(path)
         except FileNotFoundError:
             self.arrivals.forget(path)
             return
-        if not os.path.isfile(path) or os.path.islink(path):
+        if not S_ISREG(stat.st_mode):  # folders, links, sockets: not ours to read
             return
         self.arrivals.observe(path, stat.st_size, stat.st_mtime, now, closed)
 
     def _read_ready(self, now: float) -> None:
+        unchanged = []
         for path in self.arrivals.ready(now, self.config.settle_seconds, self.clock()):
-            if self.stop.is_set():
-                return
             candidate = self.arrivals.files[path]
             try:
                 stat = os.stat(path)
@@ -390,23 +410,34 @@ class Daemon:
             if (stat.st_size, stat.st_mtime) != (candidate.size, candidate.mtime):
                 self.arrivals.observe(path, stat.st_size, stat.st_mtime, now)
                 continue
-            retry_after = max(self.config.settle_seconds, 1.0)
-            try:
-                instance = headers.read_instance(path, self.tags)
-            except NotRoutable as error:
-                self.arrivals.failed(path, error.reason, now, retry_after)
-                continue
-            except FileNotFoundError:
-                self.arrivals.forget(path)
-                continue
-            except OSError as error:
-                reason = f"cannot read: {error.strerror or error}"
-                log.warning(kv("read_error", path=path, error=reason))
-                self.arrivals.failed(path, reason, now, retry_after)
-                continue
-            self.arrivals.forget(path)
-            study = self.studies.add(instance, now)
-            self._apply_saved_retry(study)
+            unchanged.append(path)
+        retry_after = max(self.config.settle_seconds, 1.0)
+        for start in range(0, len(unchanged), READ_CHUNK):
+            if self.stop.is_set():
+                return
+            chunk = unchanged[start : start + READ_CHUNK]
+            pool = self._pool() if len(chunk) >= POOL_THRESHOLD else None
+            for path, result in zip(chunk, read_many(chunk, self.tags, pool), strict=True):
+                if isinstance(result, NotRoutable):
+                    self.arrivals.failed(path, result.reason, now, retry_after)
+                elif isinstance(result, FileNotFoundError) or (
+                    isinstance(result, OSError) and result.errno == errno.ENOENT
+                ):
+                    self.arrivals.forget(path)
+                elif isinstance(result, OSError):
+                    reason = f"cannot read: {result.strerror or result}"
+                    log.warning(kv("read_error", path=path, error=reason))
+                    self.arrivals.failed(path, reason, now, retry_after)
+                else:
+                    self.arrivals.forget(path)
+                    study = self.studies.add(result, now)
+                    self._apply_saved_retry(study)
+
+    def _pool(self) -> Executor:
+        """Processes to read many headers at once (a full inbox at start-up)."""
+        if self.pool is None:
+            self.pool = header_pool()
+        return self.pool
 
     def _apply_saved_retry(self, study: Study) -> None:
         saved = self.saved_retries.pop(study.uid, None)
@@ -477,33 +508,39 @@ class Daemon:
         self._write_journal(plan)
         error = None
         unmatched = 0
+        matched = []
         try:
             for instance, routes in plan:
-                if self.stop.is_set():
-                    break
-                if not routes:
-                    self._keep_unmatched(instance, study.uid)
-                    unmatched += 1
-                    self.studies.remove_path(instance.path)
+                if routes:
+                    matched.append((instance, routes))
                     continue
-                try:
-                    placements = place_instance(instance, routes, move=True, retry=self.retry)
-                except FileNotFoundError as missing:
-                    if not os.path.exists(instance.path):
-                        log.warning(kv("source_vanished", path=instance.path))
-                        self.studies.remove_path(instance.path)
-                        continue
-                    error = f"{missing.strerror}: {missing.filename}"
-                    break
-                except (DestinationUnavailable, PathConflict, OSError) as failure:
-                    error = _describe(failure)
-                    break
+                self._keep_unmatched(instance, study.uid)
+                unmatched += 1
                 self.studies.remove_path(instance.path)
-                for route, placement in zip(routes, placements, strict=True):
-                    progress = study.progress.get(route.rule.name)
-                    if progress is None:
-                        progress = study.progress[route.rule.name] = RulePlacement(route, started)
-                    progress.add(placement, instance)
+            for start in range(0, len(matched), BATCH):
+                if self.stop.is_set():  # SIGTERM: the batch in hand is finished
+                    break
+                batch = matched[start : start + BATCH]
+                outcomes = place_many(batch, move=True, retry=self.retry)
+                for (instance, routes), outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        if isinstance(outcome, FileNotFoundError) and not os.path.exists(
+                            instance.path
+                        ):
+                            log.warning(kv("source_vanished", path=instance.path))
+                            self.studies.remove_path(instance.path)
+                        else:
+                            error = error or _describe(outcome)
+                        continue
+                    self.studies.remove_path(instance.path)
+                    for route, placement in zip(routes, outcome, strict=True):
+                        progress = study.progress.get(route.rule.name)
+                        if progress is None:
+                            progress = RulePlacement(route, started)
+                            study.progress[route.rule.name] = progress
+                        progress.add(placement, instance)
+                if error is not None:
+                    break
         finally:
             self.journal.unlink(missing_ok=True)
         if unmatched:

@@ -94,13 +94,18 @@ def _replace(path: Path, text: str, permissions: Permissions) -> None:
     temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}.{path.name}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        with open(fd, "w", encoding="utf-8", closefd=False) as handle:
-            handle.write(text)
-        permissions.apply_to_file(fd)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            with open(fd, "w", encoding="utf-8", closefd=False) as handle:
+                handle.write(text)
+            permissions.apply_to_file(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        # A full or failing lab share: leave no partial manifest behind.
+        temporary.unlink(missing_ok=True)
+        raise
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(folder)
