@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -182,36 +183,106 @@ class DaemonProcess:
 
 
 def assert_accounted(
-    entered: dict[str, str], labs: Iterable[Path], state: Path, inbox: Path | None = None
+    entered: dict[str, str],
+    labs: Iterable[Path],
+    state: Path | Iterable[Path],
+    inbox: Path | None = None,
+    *,
+    root: Path | None = None,
+    before: set[str] | None = None,
+    allowed: Iterable[Path] = (),
+    exact: bool = False,
+    unique_uids: bool = False,
 ) -> dict[str, int]:
     """Every file that entered the inbox (path -> sha256) is, by content, in a
-    lab tree, in quarantine or in unmatched; no temporary file is left in a
-    lab tree; no content is placed twice under one lab. Returns counts."""
+    lab tree, in quarantine or in unmatched (a byte-identical duplicate of
+    another entered file counts with it); no temporary file is left in a lab
+    tree; no content is placed twice under one lab. Returns counts.
+
+    `state` may be several state folders (several daemons). The stricter
+    checks are asked for by keyword:
+
+    - `root` and `before` (from `paths_under(root)` taken at the start):
+      nothing new exists under `root` outside the labs, the state folders, the
+      inbox and the `allowed` folders (the test's own files);
+    - `exact`: every instance file in a lab tree (manifests aside) has the
+      bytes of a file that entered: nothing partial, foreign or altered is
+      visible there;
+    - `unique_uids`: no SOPInstanceUID is placed twice in one lab (even
+      under another name or with other bytes).
+    """
     labs = list(labs)
+    states = [state] if isinstance(state, (str, os.PathLike)) else list(state)
+    entered_hashes = set(entered.values())
     where: dict[str, set[str]] = {}
+    lab_file_count = 0
     for lab in labs:
-        hashes = [sha256(p) for p in files_under(lab) if not p.name.endswith(".json")]
-        temporaries = [p for p in files_under(lab) if p.name.startswith(TEMP_PREFIX)]
+        files = files_under(lab)
+        temporaries = [p for p in files if p.name.startswith(TEMP_PREFIX)]
         assert not temporaries, f"temporary files left in {lab}: {temporaries}"
-        duplicates = {h for h in hashes if hashes.count(h) > 1}
+        instances = [p for p in files if not p.name.endswith(".json")]
+        lab_file_count += len(instances)
+        hashes = [sha256(p) for p in instances]
+        duplicates = {h for h, n in Counter(hashes).items() if n > 1}
         assert not duplicates, f"{len(duplicates)} contents placed twice in {lab}"
+        if exact:
+            foreign = [str(p) for p, h in zip(instances, hashes) if h not in entered_hashes]
+            assert not foreign, f"{len(foreign)} files in {lab} are not a file that entered: {foreign[:3]}"
+        if unique_uids:
+            uids = [_sop_instance_uid(p) for p in instances]
+            twice = {u for u, n in Counter(uids).items() if n > 1}
+            assert not twice, f"{len(twice)} SOPInstanceUIDs placed twice in {lab}: {sorted(twice)[:3]}"
         for digest in hashes:
             where.setdefault(digest, set()).add(str(lab))
-    for kind in ("quarantine", "unmatched"):
-        for path in files_under(state / kind):
-            if not path.name.endswith(".reason.txt"):
-                where.setdefault(sha256(path), set()).add(kind)
+    for folder in states:
+        for kind in ("quarantine", "unmatched"):
+            for path in files_under(Path(folder) / kind):
+                if not path.name.endswith(".reason.txt"):
+                    where.setdefault(sha256(path), set()).add(kind)
     left = {sha256(p) for p in files_under(inbox)} if inbox else set()
-    missing = [
-        path for path, digest in entered.items() if digest not in where and digest not in left
-    ]
+    missing = [path for path, digest in entered.items() if digest not in where and digest not in left]
     assert not missing, f"{len(missing)} files lost, e.g. {missing[:3]}"
     counts = {"entered": len(entered), "still_in_inbox": len(left)}
-    for digest in set(entered.values()):
+    for digest in entered_hashes:
         for place in where.get(digest, ()):
             key = place if place in ("quarantine", "unmatched") else "placed"
             counts[key] = counts.get(key, 0) + 1
+    counts["distinct_contents"] = len(entered_hashes)
+    counts["lab_files"] = lab_file_count
+    if root is not None:
+        assert before is not None, "give `before=paths_under(root)` with `root`"
+        keep = [*labs, *states, *([inbox] if inbox else []), *allowed]
+        counts["new_paths_checked"] = assert_nothing_outside(root, before, keep)
     return counts
+
+
+def _sop_instance_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("SOPInstanceUID", ""))
+
+
+def paths_under(root: Path) -> set[str]:
+    """Every file, folder and link under `root` (links not followed)."""
+    found = set()
+    for parent, folders, names in os.walk(root):
+        found.update(os.path.join(parent, name) for name in folders + names)
+    return found
+
+
+def assert_nothing_outside(root: Path, before: set[str], allowed: Iterable[Path]) -> int:
+    """Nothing new under `root` since `before`, except inside (or being) one of
+    the `allowed` folders; returns how many new paths were checked."""
+    keep = [os.path.realpath(p) for p in allowed]
+    new = paths_under(root) - before
+
+    def inside(path: str) -> bool:
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        return any(real == k or real.startswith(k + os.sep) for k in keep)
+
+    outside = sorted(p for p in new if not inside(p))
+    assert not outside, f"{len(outside)} new paths outside the destinations and state: {outside[:5]}"
+    return len(new)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
