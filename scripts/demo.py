@@ -170,7 +170,8 @@ def start_receiver(port: int, inbox: Path):  # type: ignore[no-untyped-def]
         "INBOX": str(inbox),
         "TCP_NODELAY": "1",
     }
-    if shutil.which("storescp") and shutil.which("storescu"):
+    wanted = os.environ.get("DW_DEMO_RECEIVER", "")  # "pynetdicom" forces the fallback
+    if wanted != "pynetdicom" and shutil.which("storescp") and shutil.which("storescu"):
         print(f"demo: receiver: dcmtk storescp on port {port}, writing into {inbox}")
         receiver = subprocess.Popen(
             [str(REPO / "scripts" / "storescp.sh")],
@@ -195,7 +196,8 @@ def start_receiver(port: int, inbox: Path):  # type: ignore[no-untyped-def]
             "demo: neither dcmtk (apt-get install dcmtk) nor pynetdicom "
             "(pip install pynetdicom) is installed: no receiver to run"
         )
-    print(f"demo: dcmtk is not installed: using pynetdicom's storescp on port {port} instead")
+    reason = "asked for" if wanted == "pynetdicom" else "dcmtk is not installed"
+    print(f"demo: {reason}: using pynetdicom's storescp on port {port} instead")
     receiver = subprocess.Popen(
         [
             sys.executable,
