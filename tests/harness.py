@@ -62,13 +62,16 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+def is_manifest(path: Path) -> bool:
+    """A study manifest or its lock: written by the daemon beside the instances."""
+    return path.name == ".manifest.lock" or (
+        path.suffix == ".json" and path.name.startswith("manifest")
+    )
+
+
 def lab_files(folder: Path) -> list[Path]:
     """The instances in a lab tree: every file but the study manifests."""
-    return [
-        p
-        for p in files_under(folder)
-        if not (p.suffix == ".json" and p.name.startswith("manifest"))
-    ]
+    return [p for p in files_under(folder) if not is_manifest(p)]
 
 
 class DaemonProcess:
@@ -220,7 +223,7 @@ def assert_accounted(
         files = files_under(lab)
         temporaries = [p for p in files if p.name.startswith(TEMP_PREFIX)]
         assert not temporaries, f"temporary files left in {lab}: {temporaries}"
-        instances = [p for p in files if not p.name.endswith(".json")]
+        instances = [p for p in files if not is_manifest(p)]
         lab_file_count += len(instances)
         hashes = [sha256(p) for p in instances]
         duplicates = {h for h, n in Counter(hashes).items() if n > 1}

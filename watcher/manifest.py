@@ -9,10 +9,13 @@ script that reads it sees only files that are whole.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +55,38 @@ def write_manifest(
     clock: float | None = None,
 ) -> dict[str, object]:
     """Merge `entries` into the manifest at `path` (new or existing) and
-    replace it atomically. Returns what was written."""
+    replace it atomically. Returns what was written.
+
+    Several daemons (receiver nodes) may update one manifest: the merge runs
+    under a lock on the study's folder, so none loses another's entries
+    (where the filesystem has such locks; NFS does not for folders).
+    """
+    with _locked(path.parent):
+        return _merge_and_replace(path, study_uid, rule, patient, entries, clock)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:  # a share without folder locks: go on unlocked
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                raise
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _merge_and_replace(
+    path: Path,
+    study_uid: str,
+    rule: Rule,
+    patient: str,
+    entries: Iterable[Entry],
+    clock: float | None,
+) -> dict[str, object]:
     instances: dict[str, dict[str, object]] = {}
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
