@@ -171,7 +171,7 @@ def start_receiver(port: int, inbox: Path):  # type: ignore[no-untyped-def]
         "TCP_NODELAY": "1",
     }
     wanted = os.environ.get("DW_DEMO_RECEIVER", "")  # "pynetdicom" forces the fallback
-    if wanted != "pynetdicom" and shutil.which("storescp") and shutil.which("storescu"):
+    if wanted != "pynetdicom" and dcmtk_installed():
         print(f"demo: receiver: dcmtk storescp on port {port}, writing into {inbox}")
         receiver = subprocess.Popen(
             [str(REPO / "scripts" / "storescp.sh")],
@@ -234,6 +234,15 @@ def start_receiver(port: int, inbox: Path):  # type: ignore[no-untyped-def]
         )
 
     return receiver, send
+
+
+def dcmtk_installed() -> bool:
+    """dcmtk's storescp, not pynetdicom's program of the same name."""
+    try:
+        version = subprocess.run(["storescp", "--version"], capture_output=True, text=True)
+    except OSError:
+        return False
+    return "dcmtk" in version.stdout + version.stderr
 
 
 def free_port() -> int:

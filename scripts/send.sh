@@ -59,8 +59,20 @@ done
 shift $((OPTIND - 1))
 
 (($#)) || die "no FOLDER to send (usage: $PROG [-h HOST] [-p PORT] [-a CALLED_AE] FOLDER...)"
-command -v "$STORESCU" >/dev/null 2>&1 \
-    || die "storescu not found ('$STORESCU'): install dcmtk (apt-get install dcmtk) or set STORESCU=/path/to/storescu"
+# pynetdicom installs programs named storescp/storescu too: take dcmtk's.
+dcmtk_program() {
+    local candidate
+    while read -r candidate; do
+        if [[ $("$candidate" --version 2>&1) == *dcmtk* ]]; then
+            echo "$candidate"
+            return 0
+        fi
+    done < <(type -ap "$1")
+    return 1
+}
+wanted_program=$STORESCU
+STORESCU=$(dcmtk_program "$wanted_program") \
+    || die "dcmtk's storescu not found ('$wanted_program'): install dcmtk (apt-get install dcmtk) or set STORESCU=/path/to/storescu"
 if ! [[ $PORT =~ ^[0-9]+$ ]] || ((10#$PORT < 1 || 10#$PORT > 65535)); then
     die "PORT must be a number from 1 to 65535, not '$PORT'"
 fi

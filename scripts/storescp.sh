@@ -81,10 +81,20 @@ done
 
 # -- checks, each with a one-line error -------------------------------------
 
-if ! command -v "$STORESCP" >/dev/null 2>&1; then
-    die "storescp not found ('$STORESCP'): install dcmtk (apt-get install dcmtk) or set STORESCP=/path/to/storescp"
-fi
-STORESCP=$(command -v "$STORESCP")
+# pynetdicom installs programs named storescp/storescu too: take dcmtk's.
+dcmtk_program() {
+    local candidate
+    while read -r candidate; do
+        if [[ $("$candidate" --version 2>&1) == *dcmtk* ]]; then
+            echo "$candidate"
+            return 0
+        fi
+    done < <(type -ap "$1")
+    return 1
+}
+wanted_program=$STORESCP
+STORESCP=$(dcmtk_program "$wanted_program") \
+    || die "dcmtk's storescp not found ('$wanted_program'): install dcmtk (apt-get install dcmtk) or set STORESCP=/path/to/storescp"
 
 if ! [[ $PORT =~ ^[0-9]+$ ]] || ((10#$PORT < 1 || 10#$PORT > 65535)); then
     die "PORT must be a number from 1 to 65535, not '$PORT'"

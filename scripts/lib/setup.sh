@@ -34,10 +34,15 @@ apt_install() {
 }
 
 missing=()
-command -v storescp >/dev/null && command -v storescu >/dev/null || missing+=(dcmtk)
+dcmtk_installed() {
+    [[ $(storescp --version 2>&1) == *dcmtk* && $(storescu --version 2>&1) == *dcmtk* ]]
+}
+dcmtk_installed || missing+=(dcmtk)
 command -v systemd-analyze >/dev/null || missing+=(systemd)   # verifies the units in tests
 if ((${#missing[@]})); then
     apt_install "${missing[@]}" \
         || echo "setup: ${missing[*]} missing and cannot be installed without root (tests that need them skip)"
 fi
-export PATH="$repo/.venv/bin:$PATH"
+# After the system's: pynetdicom puts programs named storescp/storescu in
+# .venv/bin, which must not shadow dcmtk's.
+export PATH="$PATH:$repo/.venv/bin"
