@@ -237,9 +237,19 @@ def start_receiver(port: int, inbox: Path):  # type: ignore[no-untyped-def]
 
 
 def dcmtk_installed() -> bool:
-    """dcmtk's storescp, not pynetdicom's program of the same name."""
+    """dcmtk's storescp and storescu on PATH (pynetdicom installs programs of
+    the same names, which scripts/storescp.sh and send.sh pass over)."""
+    return all(
+        any(_is_dcmtk(Path(folder) / name) for folder in os.environ["PATH"].split(os.pathsep))
+        for name in ("storescp", "storescu")
+    )
+
+
+def _is_dcmtk(program: Path) -> bool:
+    if not os.access(program, os.X_OK):
+        return False
     try:
-        version = subprocess.run(["storescp", "--version"], capture_output=True, text=True)
+        version = subprocess.run([program, "--version"], capture_output=True, text=True)
     except OSError:
         return False
     return "dcmtk" in version.stdout + version.stderr

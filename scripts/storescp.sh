@@ -81,6 +81,17 @@ done
 
 # -- checks, each with a one-line error -------------------------------------
 
+if ! [[ $PORT =~ ^[0-9]+$ ]] || ((10#$PORT < 1 || 10#$PORT > 65535)); then
+    die "PORT must be a number from 1 to 65535, not '$PORT'"
+fi
+PORT=$((10#$PORT))
+[[ -n $AE_TITLE && ${#AE_TITLE} -le 16 && $AE_TITLE != *\\* ]] \
+    || die "AE title must be 1 to 16 characters without a backslash, not '$AE_TITLE'"
+case $STORESCP_LOG_LEVEL in
+    fatal|error|warn|info|debug|trace) ;;
+    *) die "STORESCP_LOG_LEVEL must be one of fatal error warn info debug trace, not '$STORESCP_LOG_LEVEL'" ;;
+esac
+
 # pynetdicom installs programs named storescp/storescu too: take dcmtk's.
 dcmtk_program() {
     local candidate
@@ -95,17 +106,6 @@ dcmtk_program() {
 wanted_program=$STORESCP
 STORESCP=$(dcmtk_program "$wanted_program") \
     || die "dcmtk's storescp not found ('$wanted_program'): install dcmtk (apt-get install dcmtk) or set STORESCP=/path/to/storescp"
-
-if ! [[ $PORT =~ ^[0-9]+$ ]] || ((10#$PORT < 1 || 10#$PORT > 65535)); then
-    die "PORT must be a number from 1 to 65535, not '$PORT'"
-fi
-PORT=$((10#$PORT))
-[[ -n $AE_TITLE && ${#AE_TITLE} -le 16 && $AE_TITLE != *\\* ]] \
-    || die "AE title must be 1 to 16 characters without a backslash, not '$AE_TITLE'"
-case $STORESCP_LOG_LEVEL in
-    fatal|error|warn|info|debug|trace) ;;
-    *) die "STORESCP_LOG_LEVEL must be one of fatal error warn info debug trace, not '$STORESCP_LOG_LEVEL'" ;;
-esac
 
 mkdir -p -- "$INBOX" 2>/dev/null || die "cannot create the inbox folder $INBOX"
 [[ -d $INBOX && -w $INBOX ]] || die "the inbox $INBOX is not a writable folder"
