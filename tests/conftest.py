@@ -16,6 +16,7 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
+from harness import DaemonProcess
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -136,3 +137,27 @@ class RulesFolder:
 @pytest.fixture
 def rules_dir(tmp_path: Path) -> RulesFolder:
     return RulesFolder(tmp_path / "rules")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Makes `DaemonProcess`es (the real daemon, as a subprocess) on
+    `tmp_path`; every one still running at the end is killed."""
+    made: list[DaemonProcess] = []
+
+    def make(**settings: object) -> DaemonProcess:
+        run = DaemonProcess(tmp_path, **settings)
+        made.append(run)
+        return run
+
+    yield make
+    for run in made:
+        run.close()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    """An existing lab destination: tmp_path/nas/smithlab."""
+    folder = tmp_path / "nas" / "smithlab"
+    folder.mkdir(parents=True)
+    return folder

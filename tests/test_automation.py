@@ -34,27 +34,6 @@ exit "${RECORDER_STATUS:-0}"
 
 
 @pytest.fixture
-def daemon(tmp_path: Path):
-    made: list[DaemonProcess] = []
-
-    def make(**settings: object) -> DaemonProcess:
-        run = DaemonProcess(tmp_path, **settings)
-        made.append(run)
-        return run
-
-    yield make
-    for run in made:
-        run.close()
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    folder = tmp_path / "nas" / "smithlab"
-    folder.mkdir(parents=True)
-    return folder
-
-
-@pytest.fixture
 def stand_ins(tmp_path: Path) -> tuple[Path, Path]:
     """A bin/ folder with recording stand-ins (sbatch, record), and where they write."""
     bin_folder, records = tmp_path / "bin", tmp_path / "records"

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 from harness import (
     DaemonProcess,
     assert_accounted,
@@ -27,27 +26,6 @@ from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, make_dataset, study_datasets, write_dataset, write_study
 
 CORPUS = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
-
-
-@pytest.fixture
-def daemon(tmp_path: Path):
-    processes: list[DaemonProcess] = []
-
-    def make(**settings: object) -> DaemonProcess:
-        process = DaemonProcess(tmp_path, **settings)
-        processes.append(process)
-        return process
-
-    yield make
-    for process in processes:
-        process.close()
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    folder = tmp_path / "nas" / "smithlab"
-    folder.mkdir(parents=True)
-    return folder
 
 
 def uids_in(folder: Path) -> set[str]:
