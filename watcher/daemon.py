@@ -22,7 +22,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -219,7 +218,6 @@ class Daemon:
             attempts=config.retry_attempts, max_seconds=config.retry_max_seconds
         )
         self.watcher: InboxWatcher | None = None
-        self.pool: Executor | None = None
         self.counts = Counts()
         self.state = config.state
         self.quarantine_dir = config.state / "quarantine"
@@ -271,8 +269,6 @@ class Daemon:
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
-            if self.pool is not None:
-                self.pool.shutdown(cancel_futures=True)
             self._write_status()
         parked = [s for s in self.studies if s.parked_since is not None]
         if self.once and parked:
@@ -308,8 +304,20 @@ class Daemon:
             log.warning(kv("journal_unreadable", path=self.journal, error=error))
             folders = []
         removed = sum(remove_temporaries(Path(folder)) for folder in folders)
-        log.info(kv("cleaned_interrupted_placement", folders=len(folders), temporary_files=removed))
-        self.journal.unlink(missing_ok=True)
+        left = [folder for folder in folders if _has_temporaries(Path(folder))]
+        if removed or left:
+            log.info(
+                kv(
+                    "cleaned_interrupted_placement",
+                    folders=len(folders),
+                    temporary_files=removed,
+                    folders_left=len(left),
+                )
+            )
+        if left:  # a read-only share: kept, and tried again before the next placement
+            atomic_write(self.journal, json.dumps({"folders": left}))
+        else:
+            self.journal.unlink(missing_ok=True)
 
     # -- one turn of the loop --
 
@@ -412,32 +420,39 @@ class Daemon:
                 continue
             unchanged.append(path)
         retry_after = max(self.config.settle_seconds, 1.0)
-        for start in range(0, len(unchanged), READ_CHUNK):
-            if self.stop.is_set():
-                return
-            chunk = unchanged[start : start + READ_CHUNK]
-            pool = self._pool() if len(chunk) >= POOL_THRESHOLD else None
-            for path, result in zip(chunk, read_many(chunk, self.tags, pool), strict=True):
-                if isinstance(result, NotRoutable):
-                    self.arrivals.failed(path, result.reason, now, retry_after)
-                elif isinstance(result, FileNotFoundError) or (
-                    isinstance(result, OSError) and result.errno == errno.ENOENT
-                ):
-                    self.arrivals.forget(path)
-                elif isinstance(result, OSError):
-                    reason = f"cannot read: {result.strerror or result}"
-                    log.warning(kv("read_error", path=path, error=reason))
-                    self.arrivals.failed(path, reason, now, retry_after)
-                else:
-                    self.arrivals.forget(path)
-                    study = self.studies.add(result, now)
-                    self._apply_saved_retry(study)
+        pool = header_pool() if len(unchanged) >= POOL_THRESHOLD else None
+        try:
+            for start in range(0, len(unchanged), READ_CHUNK):
+                if self.stop.is_set():
+                    return
+                chunk = unchanged[start : start + READ_CHUNK]
+                self._take_read(chunk, read_many(chunk, self.tags, pool), now, retry_after)
+        finally:
+            if pool is not None:  # only for bursts: an idle daemon keeps no workers
+                pool.shutdown(cancel_futures=True)
 
-    def _pool(self) -> Executor:
-        """Processes to read many headers at once (a full inbox at start-up)."""
-        if self.pool is None:
-            self.pool = header_pool()
-        return self.pool
+    def _take_read(
+        self,
+        chunk: list[str],
+        results: list[headers.Instance | NotRoutable | OSError],
+        now: float,
+        retry_after: float,
+    ) -> None:
+        for path, result in zip(chunk, results, strict=True):
+            if isinstance(result, NotRoutable):
+                self.arrivals.failed(path, result.reason, now, retry_after)
+            elif isinstance(result, FileNotFoundError) or (
+                isinstance(result, OSError) and result.errno == errno.ENOENT
+            ):
+                self.arrivals.forget(path)
+            elif isinstance(result, OSError):
+                reason = f"cannot read: {result.strerror or result}"
+                log.warning(kv("read_error", path=path, error=reason))
+                self.arrivals.failed(path, reason, now, retry_after)
+            else:
+                self.arrivals.forget(path)
+                study = self.studies.add(result, now)
+                self._apply_saved_retry(study)
 
     def _apply_saved_retry(self, study: Study) -> None:
         saved = self.saved_retries.pop(study.uid, None)
@@ -479,6 +494,14 @@ class Daemon:
                 problems=len(problems),
             )
         )
+        if not ruleset.rules:
+            log.warning(
+                kv(
+                    "no_rules",
+                    rules=self.config.rules,
+                    action="every study is kept in state/unmatched until a rule file appears",
+                )
+            )
         fields = tuple(sorted(set(headers.BASE_FIELDS) | ruleset.fields))
         self.tags = headers.tags_for(fields)
         self.studies.fields = fields
@@ -505,10 +528,12 @@ class Daemon:
             )
         elif why == "expected_count":
             log.info(kv("study_complete_by_count", study=study.uid, files=len(plan)))
-        self._write_journal(plan)
+        self._clean_interrupted_placement()  # what a failed attempt could not remove
+        inherited = self._write_journal(_plan_folders(plan))
         error = None
         unmatched = 0
         matched = []
+        done = False
         try:
             for instance, routes in plan:
                 if routes:
@@ -541,8 +566,13 @@ class Daemon:
                         progress.add(placement, instance)
                 if error is not None:
                     break
+            done = error is None
         finally:
-            self.journal.unlink(missing_ok=True)
+            # After a failure the journal stays: temporary files that could
+            # not be removed (a read-only share) are removed before the next
+            # placement, or at the next start after a crash.
+            if done:
+                self._close_journal(inherited)
         if unmatched:
             self.counts.unmatched += unmatched
             log.warning(
@@ -612,7 +642,11 @@ class Daemon:
         manifest = None
         if rule.manifest:
             manifest = manifest_path(rule, progress.route.relative_path, study.uid)
+            inherited = False
             try:
+                # Journaled like a placement: the temporary manifest of a write
+                # that a crash interrupts is removed at the next start.
+                inherited = self._write_journal({str(manifest.parent)})
                 written = write_manifest(
                     manifest,
                     study_uid=study.uid,
@@ -641,6 +675,8 @@ class Daemon:
                     )
                 )
                 manifest = None
+            finally:
+                self._close_journal(inherited)
         if rule.hooks:
             values = hook_values(
                 study_folder=progress.folder,
@@ -663,15 +699,23 @@ class Daemon:
                 continue
             self.studies.add(instance, study.last_arrival)
 
-    def _write_journal(self, plan: list[tuple[headers.Instance, list[Route]]]) -> None:
-        folders = sorted(
-            {
-                str(route.rule.destination / os.path.dirname(route.relative_path))
-                for _, routes in plan
-                for route in routes
-            }
-        )
-        atomic_write(self.journal, json.dumps({"folders": folders}))
+    def _write_journal(self, folders: set[str]) -> bool:
+        """Record the folders a placement writes temporary files into, with
+        those of an earlier failed one not cleaned yet; True if there were."""
+        try:
+            earlier = set(json.loads(self.journal.read_text(encoding="utf-8"))["folders"])
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = set()
+        atomic_write(self.journal, json.dumps({"folders": sorted(folders | earlier)}))
+        return bool(earlier)
+
+    def _close_journal(self, inherited: bool) -> None:
+        """After a placement that went well: drop the journal, or clean the
+        folders it inherited from a failed one (and keep what still stays)."""
+        if inherited:
+            self._clean_interrupted_placement()
+        else:
+            self.journal.unlink(missing_ok=True)
 
     def _placed(self, study: Study) -> None:
         self.counts.placed_studies += 1
@@ -871,6 +915,21 @@ def _describe(error: BaseException) -> str:
     ):
         return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
     return str(error)
+
+
+def _plan_folders(plan: list[tuple[headers.Instance, list[Route]]]) -> set[str]:
+    return {
+        str(route.rule.destination / os.path.dirname(route.relative_path))
+        for _, routes in plan
+        for route in routes
+    }
+
+
+def _has_temporaries(folder: Path) -> bool:
+    try:
+        return any(entry.name.startswith(TEMP_PREFIX) for entry in os.scandir(folder))
+    except OSError:
+        return False  # gone (or unmounted): nothing to remove there now
 
 
 def _count_files(folder: Path, suffix: str = "") -> int:

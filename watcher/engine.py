@@ -8,10 +8,12 @@ about studies; the daemon does that on top.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -250,11 +252,24 @@ def _read_one(path: str, tags: list[int]) -> headers.Instance | NotRoutable | OS
 
 
 def header_pool() -> Executor:
-    """A process pool for header reading (forkserver: safe beside threads)."""
-    context = multiprocessing.get_context("forkserver")
+    """A process pool for header reading. Its workers are spawned (not forked
+    beside the daemon's threads) and die with the process that made them."""
+    context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(
-        max_workers=os.cpu_count() or 1, mp_context=context, initializer=headers.configure_pydicom
+        max_workers=os.cpu_count() or 1, mp_context=context, initializer=_init_worker
     )
+
+
+def _init_worker() -> None:
+    headers.configure_pydicom()
+    with contextlib.suppress(OSError, AttributeError):  # Linux only
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(0)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _warn_if_beside(instance: headers.Instance, placement: Placement) -> None:

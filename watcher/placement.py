@@ -151,7 +151,7 @@ def _place_in(
         _unlink_quietly(temporary, folder_fd)
         return _place_in(source, root, folder_fd, folders, name, link, digest, permissions)
     except OSError as error:
-        _unlink_quietly(temporary, folder_fd)
+        _discard(temporary, folder_fd)
         raise _classify(root, error) from error
     _unlink_quietly(temporary, folder_fd)
     _fsync_folder(folder_fd)
@@ -225,14 +225,20 @@ def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
                 results[index] = error
                 continue
             written.append((index, folder_fd, temporary, candidate, content, beside, size))
-        _flush_filesystems({fd for _, fd, *_ in written}, [(fd, t) for _, fd, t, *_ in written])
-        touched: set[int] = set()
+        try:
+            _flush_filesystems({fd for _, fd, *_ in written}, [(fd, t) for _, fd, t, *_ in written])
+        except OSError as error:
+            for index, folder_fd, temporary, *_ in written:
+                _discard(temporary, folder_fd)
+                results[index] = _classify(jobs[index].root, error)
+            written = []
+        touched: dict[int, list[int]] = {}
         for index, folder_fd, temporary, candidate, content, beside, size in written:
             job = jobs[index]
             try:
                 _link_into_place(temporary, candidate, folder_fd)
             except FileExistsError:
-                _unlink_quietly(temporary, folder_fd)
+                _discard(temporary, folder_fd)
                 try:  # placed by someone else meanwhile: decide again, alone
                     results[index] = place(
                         job.source,
@@ -246,17 +252,28 @@ def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
                     results[index] = error
                 continue
             except OSError as error:
-                _unlink_quietly(temporary, folder_fd)
+                _discard(temporary, folder_fd)
                 results[index] = _classify(job.root, error)
                 continue
-            _unlink_quietly(temporary, folder_fd)
-            touched.add(folder_fd)
+            try:
+                _unlink_quietly(temporary, folder_fd)
+            except OSError as error:
+                # Placed, but its temporary name cannot go (the share turned
+                # read-only): an error, so that the caller's journal of this
+                # placement is kept and the name removed later.
+                results[index] = _classify(job.root, error)
+                continue
+            touched.setdefault(folder_fd, []).append(index)
             if job.digest and not content:
                 content = _sha256(job.source)
             folder = job.root.joinpath(*job.relative.split("/")[:-1])
             results[index] = Placement(folder / candidate, "placed", size, beside, content)
-        for folder_fd in touched:
-            _fsync_folder(folder_fd)
+        for folder_fd, indexes in touched.items():
+            try:
+                _fsync_folder(folder_fd)
+            except OSError as error:
+                for index in indexes:
+                    results[index] = _classify(jobs[index].root, error)
     finally:
         handles.close()
     return [result if result is not None else OSError("not placed") for result in results]
@@ -469,6 +486,13 @@ def _unlink_quietly(name: str, folder_fd: int) -> None:
         os.unlink(name, dir_fd=folder_fd)
 
 
+def _discard(temporary: str, folder_fd: int) -> None:
+    """Remove a temporary file after a failure, if the destination lets us
+    (a read-only one does not: the daemon's journal removes it later)."""
+    with contextlib.suppress(OSError):
+        os.unlink(temporary, dir_fd=folder_fd)
+
+
 def _close_unless(fd: int, keep: int) -> None:
     if fd != keep:
         os.close(fd)
@@ -504,6 +528,6 @@ def remove_temporaries(folder: Path) -> int:
             try:
                 os.unlink(entry.path)
                 removed += 1
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # gone already, or the folder is read-only: try again later
     return removed
