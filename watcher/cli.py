@@ -250,7 +250,7 @@ def cmd_sort(args: argparse.Namespace) -> int:
     sorter = Sorter(ruleset, subject=args.subject, move=args.move, dry_run=args.dry_run)
     files = list(iter_files(args.sources))
     progress = Progress(len(files))
-    pool = header_pool() if len(files) >= POOL_THRESHOLD else None
+    pool = header_pool(threads_running=False) if len(files) >= POOL_THRESHOLD else None
     try:
         sorter.sort_files(files, pool, progress.step)
     finally:

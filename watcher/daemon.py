@@ -35,7 +35,6 @@ from watcher import headers
 from watcher.config import Config
 from watcher.engine import (
     BATCH,
-    POOL_THRESHOLD,
     RetryPolicy,
     header_pool,
     place_instance,
@@ -57,6 +56,8 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.2
 #: Files read per turn of the loop before it looks at the stop flag again.
 READ_CHUNK = 2048
+#: Files ready at once from which the daemon reads them on every core.
+DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
 
 
@@ -420,7 +421,9 @@ class Daemon:
                 continue
             unchanged.append(path)
         retry_after = max(self.config.settle_seconds, 1.0)
-        pool = header_pool() if len(unchanged) >= POOL_THRESHOLD else None
+        # Workers must be spawned beside the observer thread, which costs about
+        # a second: worth it only for a large burst (a full inbox at start-up).
+        pool = header_pool() if len(unchanged) >= DAEMON_POOL_THRESHOLD else None
         try:
             for start in range(0, len(unchanged), READ_CHUNK):
                 if self.stop.is_set():

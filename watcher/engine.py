@@ -251,10 +251,11 @@ def _read_one(path: str, tags: list[int]) -> headers.Instance | NotRoutable | OS
         return OSError(error.errno, error.strerror, error.filename)
 
 
-def header_pool() -> Executor:
-    """A process pool for header reading. Its workers are spawned (not forked
-    beside the daemon's threads) and die with the process that made them."""
-    context = multiprocessing.get_context("spawn")
+def header_pool(threads_running: bool = True) -> Executor:
+    """A process pool for header reading, whose workers die with the process
+    that made them. Beside other threads (the daemon's) workers are spawned,
+    which costs a second of start-up; a single-threaded caller forks them."""
+    context = multiprocessing.get_context("spawn" if threads_running else "fork")
     return ProcessPoolExecutor(
         max_workers=os.cpu_count() or 1, mp_context=context, initializer=_init_worker
     )

@@ -11,6 +11,7 @@ and `headers.read_instance` reads the file with pydicom instead.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import BinaryIO
 
@@ -133,8 +134,16 @@ def _walk_data_set(
     """Walk the top-level elements up to the pixel data, keeping the wanted
     ones; return the pixel data's offset (None when there is none)."""
     size = reader.size
+    # The hot loop of header reading: the window's bytes are sliced directly
+    # while the element header lies inside it (nearly always).
+    buffer, base = reader.buffer, reader.base
     while offset < size:
-        header = reader.bytes_at(offset, 12)
+        at = offset - base
+        if at < 0 or at + 12 > len(buffer):
+            reader.bytes_at(offset, 12)
+            buffer, base = reader.buffer, reader.base
+            at = offset - base
+        header = buffer[at : at + 12]
         if len(header) < 8:
             raise NotRoutable(f"truncated: {size} bytes end inside an element header")
         group, element = _tag(header)
@@ -147,12 +156,14 @@ def _walk_data_set(
         start = offset + header_length
         if length == UNDEFINED:
             offset = _skip_undefined(reader, start, implicit)
+            buffer, base = reader.buffer, reader.base
             continue
         offset = start + length
         if offset > size:
             raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
         if tag in wanted:
             raw[tag] = (vr, reader.bytes_at(start, length))
+            buffer, base = reader.buffer, reader.base
     return None
 
 
@@ -197,7 +208,7 @@ def _decode(raw: dict[int, tuple[bytes, bytes]]) -> dict[str, str]:
         vr = vr_bytes.decode("ascii") if vr_bytes and vr_bytes != b"UN" else _dictionary_vr(tag)
         if vr in BINARY_VRS:
             continue
-        keyword = keyword_for_tag(tag)
+        keyword = _keyword(tag)
         if vr in NUMBER_FORMATS:
             code = NUMBER_FORMATS[vr]
             count = len(value) // struct.calcsize(code)
@@ -226,6 +237,12 @@ def _person_name(text: str) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=1024)
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag)
+
+
+@functools.lru_cache(maxsize=1024)
 def _dictionary_vr(tag: int) -> str:
     try:
         vr = dictionary_VR(tag)

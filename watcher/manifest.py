@@ -116,12 +116,23 @@ def _merge_and_replace(
         "bytes": sum(int(item["size"]) for item in listed),  # type: ignore[call-overload]
         "instances": listed,
     }
-    _replace(
-        path,
-        json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
-        Permissions(rule.group, rule.file_mode, rule.folder_mode),
-    )
+    _replace(path, _to_json(manifest), Permissions(rule.group, rule.file_mode, rule.folder_mode))
     return manifest
+
+
+def _to_json(manifest: dict[str, object]) -> str:
+    """One instance per line: readable with `grep`, and written by the
+    C encoder (`indent` would switch to the slow pure-Python one)."""
+    head = {key: value for key, value in manifest.items() if key != "instances"}
+    instances = manifest["instances"]
+    assert isinstance(instances, list)
+    lines = ",\n  ".join(json.dumps(item, ensure_ascii=False) for item in instances)
+    opening = json.dumps(head, ensure_ascii=False)[:-1]
+    return (
+        f'{opening}, "instances": [\n  {lines}\n]}}\n'
+        if instances
+        else (json.dumps(manifest, ensure_ascii=False) + "\n")
+    )
 
 
 def _replace(path: Path, text: str, permissions: Permissions) -> None:

@@ -205,15 +205,16 @@ def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
     """
     results: list[Placement | BaseException | None] = [None] * len(jobs)
     handles = _Handles()
+    paths: dict[tuple[Path, tuple[str, ...]], Path] = {}
     written: list[tuple[int, int, str, str, str, Path | None, int]] = []
     try:
         for index, job in enumerate(jobs):
             *folders, name = job.relative.split("/")
+            key = (job.root, tuple(folders))
+            folder = paths.get(key) or paths.setdefault(key, job.root.joinpath(*folders))
             try:
                 folder_fd = handles.folder(job.root, folders, job.permissions)
-                target = _choose_name(
-                    job.source, job.root.joinpath(*folders), folder_fd, name, job.digest
-                )
+                target = _choose_name(job.source, folder, folder_fd, name, job.digest)
                 if isinstance(target, Placement):
                     results[index] = target
                     continue
@@ -266,7 +267,7 @@ def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
             touched.setdefault(folder_fd, []).append(index)
             if job.digest and not content:
                 content = _sha256(job.source)
-            folder = job.root.joinpath(*job.relative.split("/")[:-1])
+            folder = paths[(job.root, tuple(job.relative.split("/")[:-1]))]
             results[index] = Placement(folder / candidate, "placed", size, beside, content)
         for folder_fd, indexes in touched.items():
             try:

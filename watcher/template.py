@@ -18,6 +18,7 @@ file, or produce a name that a Windows/SMB share rejects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -229,6 +230,7 @@ def _pad(value: str, width: int) -> str:
 # --- sanitization ------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)  # study-level values repeat for every instance
 def safe_value(value: str) -> str:
     """A header value with everything that could act as structure replaced.
 
@@ -240,6 +242,7 @@ def safe_value(value: str) -> str:
     return "".join("_" if unicodedata.category(char) in ("Cc", "Cs") else char for char in text)
 
 
+@functools.lru_cache(maxsize=8192)
 def safe_component(text: str) -> str:
     """One path component that every common filesystem and share accepts.
 
