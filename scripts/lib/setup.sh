@@ -39,6 +39,8 @@ dcmtk_installed() {
 }
 dcmtk_installed || missing+=(dcmtk)
 command -v systemd-analyze >/dev/null || missing+=(systemd)   # verifies the units in tests
+command -v dcm2niix >/dev/null || missing+=(dcm2niix)         # the conversion hook example
+[ -x /usr/bin/time ] || missing+=(time)                        # peak memory in scripts/bench
 if ((${#missing[@]})); then
     apt_install "${missing[@]}" \
         || echo "setup: ${missing[*]} missing and cannot be installed without root (tests that need them skip)"
