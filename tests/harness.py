@@ -229,12 +229,14 @@ def assert_accounted(
         duplicates = {h for h, n in Counter(hashes).items() if n > 1}
         assert not duplicates, f"{len(duplicates)} contents placed twice in {lab}"
         if exact:
-            foreign = [str(p) for p, h in zip(instances, hashes) if h not in entered_hashes]
-            assert not foreign, f"{len(foreign)} files in {lab} are not a file that entered: {foreign[:3]}"
+            foreign = [
+                str(p) for p, h in zip(instances, hashes, strict=True) if h not in entered_hashes
+            ]
+            assert not foreign, f"{len(foreign)} files in {lab} did not enter: {foreign[:3]}"
         if unique_uids:
             uids = [_sop_instance_uid(p) for p in instances]
             twice = {u for u, n in Counter(uids).items() if n > 1}
-            assert not twice, f"{len(twice)} SOPInstanceUIDs placed twice in {lab}: {sorted(twice)[:3]}"
+            assert not twice, f"{len(twice)} instances placed twice in {lab}: {sorted(twice)[:3]}"
         for digest in hashes:
             where.setdefault(digest, set()).add(str(lab))
     for folder in states:
@@ -243,7 +245,7 @@ def assert_accounted(
                 if not path.name.endswith(".reason.txt"):
                     where.setdefault(sha256(path), set()).add(kind)
     left = {sha256(p) for p in files_under(inbox)} if inbox else set()
-    missing = [path for path, digest in entered.items() if digest not in where and digest not in left]
+    missing = [p for p, digest in entered.items() if digest not in where and digest not in left]
     assert not missing, f"{len(missing)} files lost, e.g. {missing[:3]}"
     counts = {"entered": len(entered), "still_in_inbox": len(left)}
     for digest in entered_hashes:
@@ -284,7 +286,7 @@ def assert_nothing_outside(root: Path, before: set[str], allowed: Iterable[Path]
         return any(real == k or real.startswith(k + os.sep) for k in keep)
 
     outside = sorted(p for p in new if not inside(p))
-    assert not outside, f"{len(outside)} new paths outside the destinations and state: {outside[:5]}"
+    assert not outside, f"{len(outside)} new paths outside destinations and state: {outside[:5]}"
     return len(new)
 
 

@@ -111,7 +111,7 @@ def test_one_folder_per_study_inbox_and_folders_created_while_running(daemon, la
         write_study(StudySpec(patient_id=f"S{n}", series=2, instances=5), run.inbox / f"study{n}")
     run.wait_event("study_placed", count=2)
     run.wait_drained()
-    assert len(lab_files(lab)) == 20
+    wait_for(lambda: len(lab_files(lab)) == 20, 10, "20 instances (and no temporary manifest)")
     wait_for(lambda: not any(run.inbox.iterdir()), 10, "the emptied study folders to go")
 
 
