@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from harness import skip_or_fail
+from harness import free_port, skip_or_fail
 
 from watcher.config import Config, load_config
 from watcher.synthetic import StudySpec, write_study
@@ -115,12 +115,18 @@ def verify_problems(units: list[Path]) -> list[str]:
     analyze = require_tool("systemd-analyze", "systemd")
     result = subprocess.run(
         [analyze, "verify", "--man=no", *map(str, units)],
-        capture_output=True, text=True, timeout=120, cwd=units[0].parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=units[0].parent,
     )
     output = (result.stdout + result.stderr).splitlines()
-    ours = [line for line in output
-            if any(unit.name in line or str(unit.parent) in line for unit in units)
-            and not MISSING_ACCOUNT.search(line)]
+    ours = [
+        line
+        for line in output
+        if any(unit.name in line or str(unit.parent) in line for unit in units)
+        and not MISSING_ACCOUNT.search(line)
+    ]
     if result.returncode != 0 and not ours:
         ours = [f"systemd-analyze verify failed ({result.returncode}):", *output]
     return ours
@@ -152,9 +158,18 @@ def test_units_hardening_exposure_is_low(tmp_path: Path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     units = install_units(tmp_path)
     result = subprocess.run(
-        [analyze, "security", "--offline=true", "--threshold=30", "--no-pager",
-         *map(str, units.values())],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            analyze,
+            "security",
+            "--offline=true",
+            "--threshold=30",
+            "--no-pager",
+            *map(str, units.values()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     overall = [line for line in result.stdout.splitlines() if "Overall exposure" in line]
     assert result.returncode == 0, "\n".join(overall) or result.stdout + result.stderr
@@ -166,9 +181,14 @@ def test_units_settings() -> None:
     for name in UNITS:
         text = (SYSTEMD / name).read_text(encoding="utf-8")
         for key, expected in [
-            ("User", "dicom-watcher"), ("Group", "dicom-watcher"), ("Restart", "on-failure"),
-            ("ProtectSystem", "strict"), ("ProtectHome", "true"), ("PrivateTmp", "true"),
-            ("NoNewPrivileges", "true"), ("PrivateDevices", "true"),
+            ("User", "dicom-watcher"),
+            ("Group", "dicom-watcher"),
+            ("Restart", "on-failure"),
+            ("ProtectSystem", "strict"),
+            ("ProtectHome", "true"),
+            ("PrivateTmp", "true"),
+            ("NoNewPrivileges", "true"),
+            ("PrivateDevices", "true"),
             ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
             ("SystemCallArchitectures", "native"),
         ]:
@@ -177,12 +197,14 @@ def test_units_settings() -> None:
         assert "/srv/dicom-watcher/inbox" in writable, name
         assert values(text, "UMask"), f"{name}: UMask="
         assert values(text, "KillMode") in ([], ["control-group"]), (
-            f"{name}: storescp's forked children must be stopped with the service")
+            f"{name}: storescp's forked children must be stopped with the service"
+        )
     storescp = (SYSTEMD / "storescp.service").read_text(encoding="utf-8")
     assert "TCP_NODELAY=1" in values(storescp, "Environment")
     watcher = (SYSTEMD / "dicom-watcher.service").read_text(encoding="utf-8")
     assert values(watcher, "ExecStart") == [
-        f"{INSTALLED_DICOM_WATCHER} run --config /etc/dicom-watcher/config.yaml"]
+        f"{INSTALLED_DICOM_WATCHER} run --config /etc/dicom-watcher/config.yaml"
+    ]
     assert values(watcher, "KillSignal") == ["SIGTERM"]
     writable = " ".join(values(watcher, "ReadWritePaths")).split()
     assert {"/srv/dicom-watcher/state", "-/nas"} <= set(writable)
@@ -213,30 +235,41 @@ def test_example_config_loads_and_documents_every_key(tmp_path: Path) -> None:
 
 
 def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SCRIPTS / name), *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **env})
+    return subprocess.run(
+        [str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
 
 
 def test_storescp_sh_missing_binary_is_a_one_line_error(tmp_path: Path) -> None:
-    result = run_script("storescp.sh", STORESCP=str(tmp_path / "storescp"),
-                        INBOX=str(tmp_path / "inbox"))
+    result = run_script(
+        "storescp.sh", STORESCP=str(tmp_path / "storescp"), INBOX=str(tmp_path / "inbox")
+    )
     assert result.returncode != 0
     assert len(result.stderr.splitlines()) == 1
     assert "apt-get install dcmtk" in result.stderr
 
 
-@pytest.mark.parametrize(("args", "env", "message"), [
-    ((), {"PORT": "70000"}, "PORT"),
-    (("-a", "A" * 17), {}, "AE title"),
-    (("--bogus",), {}, "unknown argument"),
-])
-def test_storescp_sh_bad_settings(tmp_path: Path, args: tuple[str, ...],
-                                  env: dict[str, str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ((), {"PORT": "70000"}, "PORT"),
+        (("-a", "A" * 17), {}, "AE title"),
+        (("--bogus",), {}, "unknown argument"),
+    ],
+)
+def test_storescp_sh_bad_settings(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
     storescp = tmp_path / "storescp"  # never reached: the settings are checked first
     storescp.write_text("#!/bin/sh\nexit 99\n")
     storescp.chmod(0o755)
-    result = run_script("storescp.sh", *args, STORESCP=str(storescp),
-                        INBOX=str(tmp_path / "inbox"), **env)
+    result = run_script(
+        "storescp.sh", *args, STORESCP=str(storescp), INBOX=str(tmp_path / "inbox"), **env
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.splitlines()) == 1
 
@@ -248,12 +281,6 @@ def test_send_sh_needs_a_folder() -> None:
 
 
 # -- storescp.sh + send.sh over loopback -----------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def group_alive(pgid: int) -> bool:
@@ -281,10 +308,17 @@ class StoreSCP:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [str(SCRIPTS / "storescp.sh")],
-                env={**os.environ, "PORT": str(self.port), "INBOX": str(self.inbox),
-                     "AE_TITLE": self.ae_title, "STORESCP_LOG_LEVEL": "info",
-                     "STORESCP_PER_STUDY": "1" if per_study else "0"},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    "PORT": str(self.port),
+                    "INBOX": str(self.inbox),
+                    "AE_TITLE": self.ae_title,
+                    "STORESCP_LOG_LEVEL": "info",
+                    "STORESCP_PER_STUDY": "1" if per_study else "0",
+                },
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
 
@@ -301,8 +335,9 @@ class StoreSCP:
                     return
             except OSError:
                 time.sleep(0.1)
-        pytest.fail(f"storescp is not listening on port {self.port} after {timeout} s:\n"
-                    f"{self.log()}")
+        pytest.fail(
+            f"storescp is not listening on port {self.port} after {timeout} s:\n{self.log()}"
+        )
 
     def stop(self) -> None:
         pgid = self.process.pid  # the session leader: its pid is the group id
@@ -347,9 +382,19 @@ def test_storescp_receives_what_send_sh_sends(storescp: StoreSCP, tmp_path: Path
     assert len(sent) == 3
 
     result = subprocess.run(
-        [str(SCRIPTS / "send.sh"), "-h", "127.0.0.1", "-p", str(storescp.port),
-         "-a", storescp.ae_title, str(tmp_path / "outgoing")],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(SCRIPTS / "send.sh"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(storescp.port),
+            "-a",
+            storescp.ae_title,
+            str(tmp_path / "outgoing"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     report = f"send.sh:\n{result.stdout}{result.stderr}\nstorescp:\n{storescp.log()}"
     assert result.returncode == 0, report

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from harness import DaemonProcess, files_under, lab_files, skip_or_fail, wait_for
+from harness import (
+    DaemonProcess,
+    files_under,
+    free_port,
+    lab_files,
+    listening,
+    skip_or_fail,
+    wait_for,
+)
 
 from watcher import headers
 from watcher.errors import NotRoutable
@@ -32,17 +39,6 @@ AE_TITLE = "DICOMWATCHER"
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 class Receiver:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -540,10 +540,6 @@ def _conditions(match: Any, lines: dict[str, int], problem: Any) -> tuple[Condit
             continue
         conditions.append(Condition(field=str(keyword), pattern=compiled))
     return tuple(conditions)
-
-
-def describe(rules: Iterable[Rule]) -> str:
-    return ", ".join(rule.name for rule in rules) or "(none)"
 
 
 class RuleBook:

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from harness import DaemonProcess, files_under, skip_or_fail, wait_for
+from harness import DaemonProcess, files_under, free_port, listening, skip_or_fail, wait_for
 
 from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, write_study
@@ -167,17 +166,6 @@ class Mounts:
 
 
 # --- a real Storage SCP -------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 class Storescp:
