@@ -617,7 +617,7 @@ class Daemon:
 
     def _finish_rule(self, study: Study, progress: RulePlacement) -> None:
         """A study (or a late addition to it) is placed for one rule: its
-        summary line, its manifest, its hooks."""
+        manifest, its summary line, its hooks."""
         rule = progress.route.rule
         seconds = time.monotonic() - progress.started
         self.counts.placed_files += progress.files
@@ -628,20 +628,6 @@ class Daemon:
             "destination": str(progress.folder),
             "time": self.clock(),
         }
-        log.info(
-            kv(
-                "study_placed",
-                lab=rule.lab_name,
-                rule=rule.name,
-                patient=study.patient,
-                study=study.uid,
-                files=progress.files,
-                new=progress.placed,
-                bytes=progress.bytes,
-                seconds=f"{seconds:.2f}",
-                destination=progress.folder,
-            )
-        )
         manifest = None
         if rule.manifest:
             manifest = manifest_path(rule, progress.route.relative_path, study.uid)
@@ -680,6 +666,22 @@ class Daemon:
                 manifest = None
             finally:
                 self._close_journal(inherited)
+        # The summary line comes last, so that a study logged as placed has
+        # its manifest written as well.
+        log.info(
+            kv(
+                "study_placed",
+                lab=rule.lab_name,
+                rule=rule.name,
+                patient=study.patient,
+                study=study.uid,
+                files=progress.files,
+                new=progress.placed,
+                bytes=progress.bytes,
+                seconds=f"{seconds:.2f}",
+                destination=progress.folder,
+            )
+        )
         if rule.hooks:
             values = hook_values(
                 study_folder=progress.folder,
