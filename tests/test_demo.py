@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 def run_demo(receiver: str) -> str:
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py")],
-        capture_output=True, text=True, timeout=240, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
         env={**os.environ, "DW_DEMO_RECEIVER": receiver},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

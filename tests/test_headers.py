@@ -128,11 +128,26 @@ def test_odd_encodings_are_read(
 
 
 def test_one_instance_in_seven_transfer_syntaxes_reads_alike() -> None:
-    names = ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
-             "MR_small_expb.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
-             "MR_small_jp2klossless.dcm"]
-    keys = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientName",
-            "PatientID", "StudyDate", "SeriesNumber", "InstanceNumber", "Modality")
+    names = [
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+    ]
+    keys = (
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "PatientName",
+        "PatientID",
+        "StudyDate",
+        "SeriesNumber",
+        "InstanceNumber",
+        "Modality",
+    )
     seen = {tuple(headers.read_instance(CORPUS / n).values.get(k) for k in keys) for n in names}
     assert len(seen) == 1
     [values] = seen
@@ -209,8 +224,13 @@ def test_an_undeclared_charset_name_is_read_as_written(tmp_path, encoding):
 
 def test_values_are_plain_strings_in_their_dicom_form(make_dicom, tmp_path):
     path = make_dicom(
-        tmp_path, SeriesNumber=5, InstanceNumber=12, ImageType=["ORIGINAL", "PRIMARY", "M"],
-        SliceThickness=1.5, PatientName="Doe^Jane", AcquisitionDate="20261125",
+        tmp_path,
+        SeriesNumber=5,
+        InstanceNumber=12,
+        ImageType=["ORIGINAL", "PRIMARY", "M"],
+        SliceThickness=1.5,
+        PatientName="Doe^Jane",
+        AcquisitionDate="20261125",
         StudyDescription="  SMITH^Memory ",
     )
     fields = ["ImageType", "SliceThickness", "AcquisitionDate", "PixelData", "Rows"]
@@ -318,8 +338,17 @@ def test_every_cut_inside_a_value_of_a_file_without_pixel_data_is_truncated(tmp_
             headers.read_instance(cut)
 
 
-@pytest.mark.parametrize("name", ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm",
-                                  "MR_small_RLE.dcm", "JPEG2000.dcm", "image_dfl.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "JPEG2000.dcm",
+        "image_dfl.dcm",
+    ],
+)
 def test_corpus_files_cut_inside_their_pixel_data_are_truncated(tmp_path, name):
     whole = (CORPUS / name).read_bytes()
     cut = tmp_path / name
@@ -348,8 +377,9 @@ def test_pixel_data_declared_longer_than_the_file_is_truncated(make_dicom, tmp_p
 def test_large_pixel_data_of_garbage_is_not_decoded(make_dicom, tmp_path):
     rows = columns = 1024
     garbage = bytes((i * 7919) % 256 for i in range(256)) * (rows * columns * 2 // 256)
-    path = make_dicom(tmp_path, Rows=rows, Columns=columns, PixelData=garbage,
-                      PatientID="BIG", BitsAllocated=8)  # says 8 bits: the length is wrong too
+    path = make_dicom(
+        tmp_path, Rows=rows, Columns=columns, PixelData=garbage, PatientID="BIG", BitsAllocated=8
+    )  # says 8 bits: the length is wrong too
     instance = headers.read_instance(path)
     assert instance.values["PatientID"] == "BIG"
     assert instance.size == path.stat().st_size > rows * columns * 2

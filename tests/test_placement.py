@@ -199,8 +199,9 @@ def test_no_temporary_file_remains_after_a_failed_write(tmp_path, root):
             sys.exit(3)
         print("placed")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stdout.startswith("failed")
     assert (root / "P" / "S").is_dir()

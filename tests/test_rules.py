@@ -45,7 +45,8 @@ def test_a_valid_rule_loads(rules_dir, lab):
     assert rule.source == str(file)
     assert rule.destination == lab
     assert [(c.field, c.pattern.pattern) for c in rule.match] == [
-        ("StudyDescription", "^SMITH"), ("InstitutionName", "(?i)princeton"),
+        ("StudyDescription", "^SMITH"),
+        ("InstitutionName", "(?i)princeton"),
     ]
     assert rule.path.source.startswith("{PatientID}/")
     assert {"StudyDescription", "InstitutionName", "PatientID", "SeriesNumber"} <= rule.fields
@@ -117,12 +118,19 @@ def test_match_semantics(rules_dir, lab, match, expected):
 def test_a_route_says_where_and_which_values_decided(rules_dir, lab):
     rules_dir.write("smith", SMITH.format(destination=lab))
     ruleset = load_rules(rules_dir.path)
-    values = {**VALUES, "PatientID": "SUBJ01", "StudyDate": "20261125", "SeriesNumber": "3",
-              "SeriesDescription": "rfMRI_REST", "InstanceNumber": "12"}
+    values = {
+        **VALUES,
+        "PatientID": "SUBJ01",
+        "StudyDate": "20261125",
+        "SeriesNumber": "3",
+        "SeriesDescription": "rfMRI_REST",
+        "InstanceNumber": "12",
+    }
     [route] = ruleset.route(values)
     assert route.relative_path == "SUBJ01/20261125_SMITH^Memory/003_rfMRI_REST/00012.dcm"
     assert route.decided_by == (
-        ("StudyDescription", "SMITH^Memory"), ("InstitutionName", "Princeton University")
+        ("StudyDescription", "SMITH^Memory"),
+        ("InstitutionName", "Princeton University"),
     )
 
 
@@ -154,77 +162,105 @@ def test_every_matching_rule_gets_a_route(rules_dir, tmp_path):
     [
         (  # unknown key
             "name: a\nmatch: {}\ndestination: /tmp\npath: '{PatientID}.dcm'\ncolour: red\n",
-            5, "unknown key 'colour'",
+            5,
+            "unknown key 'colour'",
         ),
         (  # bad regular expression, on its own line inside match
             "name: a\nmatch:\n  StudyDescription: ^SMITH\n  PatientID: '(unclosed'\n"
             "destination: /tmp\npath: '{PatientID}.dcm'\n",
-            4, "bad regular expression for PatientID",
+            4,
+            "bad regular expression for PatientID",
         ),
         (  # unknown keyword in match
             "name: a\nmatch:\n  StudyDescription: ^SMITH\n\n  StudyDescriptoin: x\n"
             "destination: /tmp\npath: '{PatientID}.dcm'\n",
-            5, "unknown DICOM keyword 'StudyDescriptoin'",
+            5,
+            "unknown DICOM keyword 'StudyDescriptoin'",
         ),
         (  # unknown placeholder in path
             "# smith lab\nname: a\nmatch: {}\ndestination: /tmp\npath: '{PatientID}/{Bogus}.dcm'\n",
-            5, "unknown DICOM keyword 'Bogus'",
+            5,
+            "unknown DICOM keyword 'Bogus'",
         ),
         (  # malformed placeholder in path
             "name: a\nmatch: {}\ndestination: /tmp\n\npath: '{Patient ID}.dcm'\n",
-            5, "malformed placeholder",
+            5,
+            "malformed placeholder",
         ),
         (  # bad format in path
             "name: a\nmatch: {}\ndestination: /tmp\npath: '{SeriesNumber:5x}.dcm'\n",
-            4, "bad format",
+            4,
+            "bad format",
         ),
         (  # a path that climbs out
             "name: a\nmatch: {}\ndestination: /tmp\npath: '../{PatientID}.dcm'\n",
-            4, "'..'",
+            4,
+            "'..'",
         ),
         (  # missing destination
             "name: a\nmatch: {}\npath: '{PatientID}.dcm'\n",
-            1, "missing 'destination'",
+            1,
+            "missing 'destination'",
         ),
         (  # a destination key without a value
             "name: a\nmatch: {}\ndestination:\npath: '{PatientID}.dcm'\n",
-            3, "missing 'destination'",
+            3,
+            "missing 'destination'",
         ),
         (  # missing path
             "name: a\nmatch: {}\ndestination: /tmp\n",
-            1, "missing 'path'",
+            1,
+            "missing 'path'",
         ),
         (  # invalid YAML: an unquoted template is a flow mapping
             "name: a\nmatch: {}\ndestination: /tmp\npath: {PatientID}/x.dcm\n",
-            4, "not valid YAML",
+            4,
+            "not valid YAML",
         ),
         (  # invalid YAML: a tab
             "name: a\n\tmatch: {}\ndestination: /tmp\npath: '{PatientID}.dcm'\n",
-            2, "not valid YAML",
+            2,
+            "not valid YAML",
         ),
         (  # invalid YAML: a quote never closed is reported where it opens
-            "name: a\nmatch:\n  StudyDescription: \"^SMITH\n  PatientID: x\n"
+            'name: a\nmatch:\n  StudyDescription: "^SMITH\n  PatientID: x\n'
             "destination: /tmp\npath: '{PatientID}.dcm'\n",
-            3, "not valid YAML",
+            3,
+            "not valid YAML",
         ),
         (  # not a mapping
             "- name: a\n- match: {}\n",
-            1, "must be a mapping",
+            1,
+            "must be a mapping",
         ),
         (  # a bad name
             "match: {}\ndestination: /tmp\npath: '{PatientID}.dcm'\nname: 'smith lab/../x'\n",
-            4, "name must be",
+            4,
+            "name must be",
         ),
         (  # match not a mapping
             "name: a\ndestination: /tmp\nmatch: [StudyDescription]\npath: '{PatientID}.dcm'\n",
-            3, "match must map",
+            3,
+            "match must map",
         ),
     ],
     ids=[
-        "unknown-key", "bad-regex", "unknown-match-keyword", "unknown-placeholder",
-        "malformed-placeholder", "bad-format", "dotdot-path", "missing-destination",
-        "empty-destination", "missing-path", "yaml-flow-mapping", "yaml-tab",
-        "yaml-unclosed-quote", "not-a-mapping", "bad-name", "match-not-a-mapping",
+        "unknown-key",
+        "bad-regex",
+        "unknown-match-keyword",
+        "unknown-placeholder",
+        "malformed-placeholder",
+        "bad-format",
+        "dotdot-path",
+        "missing-destination",
+        "empty-destination",
+        "missing-path",
+        "yaml-flow-mapping",
+        "yaml-tab",
+        "yaml-unclosed-quote",
+        "not-a-mapping",
+        "bad-name",
+        "match-not-a-mapping",
     ],
 )
 def test_problems_are_reported_with_file_and_line(rules_dir, text, line, message):
@@ -250,7 +286,11 @@ def test_every_problem_of_a_file_is_reported(rules_dir):
     )
     problems = sorted(problems_of(rules_dir.path))
     assert [p.split(": ", 1)[0] for p in problems] == [
-        f"{file}:1", f"{file}:3", f"{file}:4", f"{file}:5", f"{file}:6"
+        f"{file}:1",
+        f"{file}:3",
+        f"{file}:4",
+        f"{file}:5",
+        f"{file}:6",
     ]
 
 
@@ -269,8 +309,9 @@ def test_duplicate_rule_names_point_at_the_second_name(rules_dir, lab):
         "a", f"name: smith\nmatch: {{}}\ndestination: {lab}\npath: '{{PatientID}}.dcm'\n"
     )
     second = rules_dir.write(
-        "b", f"# copied from a.yaml\n\nname: smith\nmatch: {{}}\ndestination: {lab}\n"
-             "path: '{PatientID}.dcm'\n"
+        "b",
+        f"# copied from a.yaml\n\nname: smith\nmatch: {{}}\ndestination: {lab}\n"
+        "path: '{PatientID}.dcm'\n",
     )
     ruleset = load_rules(rules_dir.path)
     assert [rule.source for rule in ruleset.rules] == [str(rules_dir.path / "a.yaml")]
@@ -285,8 +326,9 @@ def test_duplicate_rule_names_point_at_the_second_name(rules_dir, lab):
 def test_check_reports_each_problem_and_exits_non_zero(rules_dir, lab, capsys):
     rules_dir.rule("good", lab)
     bad = rules_dir.write(
-        "bad", f"name: bad\nmatch:\n  StudyDescription: '[SMITH'\ndestination: {lab}\n"
-               "path: '{PatientID}/{Nope}.dcm'\n"
+        "bad",
+        f"name: bad\nmatch:\n  StudyDescription: '[SMITH'\ndestination: {lab}\n"
+        "path: '{PatientID}/{Nope}.dcm'\n",
     )
     status = cli.main(["check", "--rules", str(rules_dir.path)])
     out = capsys.readouterr().out

@@ -118,8 +118,9 @@ def test_sorting_the_pydicom_corpus_places_every_routable_instance_once(
         with pytest.raises(NotRoutable) as error:
             headers.read_instance(path)
         assert reason == error.value.reason
-    kinds = {m.group(2): int(m.group(1))
-             for m in re.finditer(r"not routable: (\d+) x (.+)", run.out)}
+    kinds = {
+        m.group(2): int(m.group(1)) for m in re.finditer(r"not routable: (\d+) x (.+)", run.out)
+    }
     assert sum(kinds.values()) == len(bad)
     assert {"DICOMDIR (a media directory, not an instance)", "truncated"} <= set(kinds)
     # Nothing written anywhere else, nothing changed in the sources.
@@ -171,12 +172,27 @@ def test_two_labs_each_get_their_copies_under_their_names(tmp_path, rules_dir, l
     inbox = tmp_path / "inbox"
     both = write_study(StudySpec(patient_id="SUBJ01", series=3, instances=4), inbox)
     smith_only = write_study(
-        StudySpec(patient_id="SUBJ02", description="SMITH^Vision", institution="Yale",
-                  series=2, instances=3), inbox)
+        StudySpec(
+            patient_id="SUBJ02",
+            description="SMITH^Vision",
+            institution="Yale",
+            series=2,
+            instances=3,
+        ),
+        inbox,
+    )
     pni_only = write_study(
-        StudySpec(patient_id="PNI07", patient_name="Curie^Marie", description="JONES^Rest",
-                  institution="PRINCETON Neuroscience Institute", study_date="20261126",
-                  series=4, instances=2), inbox)
+        StudySpec(
+            patient_id="PNI07",
+            patient_name="Curie^Marie",
+            description="JONES^Rest",
+            institution="PRINCETON Neuroscience Institute",
+            study_date="20261126",
+            series=4,
+            instances=2,
+        ),
+        inbox,
+    )
     sources = both + smith_only + pni_only
     before = tree(inbox)
     expected = expected_names(sources)
@@ -192,7 +208,10 @@ def test_two_labs_each_get_their_copies_under_their_names(tmp_path, rules_dir, l
     assert per_series["SUBJ02/20261125_SMITH^Vision/001_T1_MPRAGE"] == 3
     assert sorted(os.listdir(pni)) == ["20261125", "20261126"]
     assert sorted(os.listdir(pni / "20261126" / "Curie")) == [
-        "01-T1_MPRAGE", "02-rfMRI_REST", "03-DWI_AP", "04-fmap_PA"
+        "01-T1_MPRAGE",
+        "02-rfMRI_REST",
+        "03-DWI_AP",
+        "04-fmap_PA",
     ]
     assert run.summary["placed"] == 38
     assert run.summary["files"] == len(sources)
@@ -329,8 +348,10 @@ def test_hostile_values_land_inside_the_destination(tmp_path, make_dicom, sort):
     for name, tags in HOSTILE.items():
         make_dicom(inbox, name=f"{name}.dcm", **tags)
     assert len(HOSTILE["long"]["StudyDescription"]) == 300
-    template = "{PatientID}/{PatientName}/{StudyDate}_{StudyDescription}/" \
-               "{SeriesNumber:03d}_{SeriesDescription}/{InstanceNumber:05d}.dcm"
+    template = (
+        "{PatientID}/{PatientName}/{StudyDate}_{StudyDescription}/"
+        "{SeriesNumber:03d}_{SeriesDescription}/{InstanceNumber:05d}.dcm"
+    )
     results = []
     for run_name in ("dest1", "dest2"):
         dest = tmp_path / run_name
@@ -396,8 +417,10 @@ def test_instances_with_the_same_name_get_distinct_deterministic_suffixes(
     tmp_path, make_dicom, sort
 ):
     inbox = tmp_path / "inbox"
-    sources = [make_dicom(inbox, name=f"{n}.dcm", SeriesNumber=1, InstanceNumber=1)
-               for n in ("a", "b", "c")]
+    sources = [
+        make_dicom(inbox, name=f"{n}.dcm", SeriesNumber=1, InstanceNumber=1)
+        for n in ("a", "b", "c")
+    ]
     template = "{PatientID}/{SeriesNumber:03d}/{InstanceNumber:05d}.dcm"
     trees = []
     for dest_name in ("dest1", "dest2"):
@@ -422,10 +445,12 @@ def test_the_same_uid_with_other_bytes_is_kept_beside_with_a_warning(tmp_path, s
     inbox, dest = tmp_path / "inbox", tmp_path / "dest"
     dest.mkdir()
     uid = "1.2.826.0.1.3680043.10.1389.42"
-    first = write_dataset(make_dataset(SOPInstanceUID=uid, SeriesDescription="first"),
-                          inbox / "1.dcm")
-    second = write_dataset(make_dataset(SOPInstanceUID=uid, SeriesDescription="resent"),
-                           inbox / "2.dcm")
+    first = write_dataset(
+        make_dataset(SOPInstanceUID=uid, SeriesDescription="first"), inbox / "1.dcm"
+    )
+    second = write_dataset(
+        make_dataset(SOPInstanceUID=uid, SeriesDescription="resent"), inbox / "2.dcm"
+    )
     assert sha256(first) != sha256(second)
 
     run = sort(inbox, "--dest", dest, "--path", "{PatientID}/{SOPInstanceUID}.dcm")

@@ -199,8 +199,11 @@ def test_fallback_takes_the_first_non_empty_alternative(
         ("Doe^Jane", "{PatientName.family}", "Doe"),
         ("Doe^Jane", "{PatientName.given}", "Jane"),
         ("Doe^Jane", "{PatientName}", "Doe^Jane"),
-        ("Doe^Jane^Q^Dr^III", "{PatientName.middle}_{PatientName.prefix}_{PatientName.suffix}",
-         "Q_Dr_III"),
+        (
+            "Doe^Jane^Q^Dr^III",
+            "{PatientName.middle}_{PatientName.prefix}_{PatientName.suffix}",
+            "Q_Dr_III",
+        ),
         ("Cher", "{PatientName.family}-{PatientName.given}", f"Cher-{MISSING_VALUE}"),
         ("山田^太郎", "{PatientName.family}/{PatientName.given}", "山田/太郎"),
         ("", "{PatientName.family}", MISSING_VALUE),
@@ -215,22 +218,43 @@ def test_person_name_parts(name: str, template: str, expected: str) -> None:
     ("values", "expected"),
     [
         (
-            {"PatientID": "SUBJ01", "StudyDate": "20261125", "StudyDescription": "SMITH^Memory",
-             "SeriesNumber": "5", "SeriesDescription": "T1_MPRAGE", "InstanceNumber": "12"},
+            {
+                "PatientID": "SUBJ01",
+                "StudyDate": "20261125",
+                "StudyDescription": "SMITH^Memory",
+                "SeriesNumber": "5",
+                "SeriesDescription": "T1_MPRAGE",
+                "InstanceNumber": "12",
+            },
             "SUBJ01/20261125_SMITH^Memory/005_T1_MPRAGE/00012.dcm",
         ),
         (
-            {"PatientID": "../../x", "StudyDate": "", "StudyDescription": "/abs",
-             "SeriesNumber": "abc", "SeriesDescription": "a\x00b\\c", "InstanceNumber": "-3"},
+            {
+                "PatientID": "../../x",
+                "StudyDate": "",
+                "StudyDescription": "/abs",
+                "SeriesNumber": "abc",
+                "SeriesDescription": "a\x00b\\c",
+                "InstanceNumber": "-3",
+            },
             f"_._.._x/{MISSING_VALUE}__abs/abc_a_b_c/_0003.dcm",
         ),
         (
-            {"PatientID": "..", "StudyDate": ".", "StudyDescription": ".",
-             "SeriesNumber": "", "SeriesDescription": "CON", "InstanceNumber": ""},
+            {
+                "PatientID": "..",
+                "StudyDate": ".",
+                "StudyDescription": ".",
+                "SeriesNumber": "",
+                "SeriesDescription": "CON",
+                "InstanceNumber": "",
+            },
             f"_/__/{MISSING_VALUE}_CON/{MISSING_VALUE}.dcm",
         ),
-        ({}, f"{MISSING_VALUE}/{MISSING_VALUE}_{MISSING_VALUE}/{MISSING_VALUE}_{MISSING_VALUE}/"
-             f"{MISSING_VALUE}.dcm"),
+        (
+            {},
+            f"{MISSING_VALUE}/{MISSING_VALUE}_{MISSING_VALUE}/{MISSING_VALUE}_{MISSING_VALUE}/"
+            f"{MISSING_VALUE}.dcm",
+        ),
     ],
 )
 def test_render_whole_paths(values: dict[str, str], expected: str) -> None:
@@ -247,8 +271,13 @@ def test_fields_and_study_depth() -> None:
         "{ProtocolName|SeriesDescription}/{InstanceNumber:05d}.dcm"
     )
     assert template.fields == {
-        "PatientID", "StudyDate", "StudyDescription", "SeriesNumber", "ProtocolName",
-        "SeriesDescription", "InstanceNumber",
+        "PatientID",
+        "StudyDate",
+        "StudyDescription",
+        "SeriesNumber",
+        "ProtocolName",
+        "SeriesDescription",
+        "InstanceNumber",
     }
     assert template.study_depth == 2
     assert template.study_folder("P/D_S/001_T1/00001.dcm") == "P/D_S"
@@ -302,8 +331,28 @@ EVERY_PLACEHOLDER = (
 )
 FIELDS = sorted(parse(EVERY_PLACEHOLDER).fields)
 ROOT = "/nas/lab/dicom"
-HOSTILE = ["", " ", ".", "..", "...", "/", "\\", "../..", "/etc/passwd", "\x00", "CON",
-           "aux", "lpt1.", ".hidden", "~", "\u3000", "\u202e", "1.e999", "-0", "é" * 200]
+HOSTILE = [
+    "",
+    " ",
+    ".",
+    "..",
+    "...",
+    "/",
+    "\\",
+    "../..",
+    "/etc/passwd",
+    "\x00",
+    "CON",
+    "aux",
+    "lpt1.",
+    ".hidden",
+    "~",
+    "\u3000",
+    "\u202e",
+    "1.e999",
+    "-0",
+    "é" * 200,
+]
 
 header_value = st.one_of(
     st.text(),
