@@ -23,7 +23,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.datadict import tag_for_keyword
 
@@ -64,6 +64,8 @@ WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
     + [f"{device}{n}" for device in ("COM", "LPT") for n in "123456789¹²³"]
 )
+#: Renderings of one path component remembered at most (then forgotten at once).
+MEMO_SIZE = 4096
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(\.[a-z]+)?")
 NUMBER_FORMAT = re.compile(r"0(\d{1,2})d")
@@ -96,6 +98,27 @@ class Template:
 
     source: str
     components: tuple[tuple[str | Field, ...], ...]
+    #: Per component: the keywords it reads, and its renderings by their values.
+    _memo: tuple[tuple[tuple[str, ...], dict[tuple[str | None, ...], str]], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        memo: tuple[tuple[tuple[str, ...], dict[tuple[str | None, ...], str]], ...] = tuple(
+            (
+                tuple(
+                    dict.fromkeys(
+                        name.partition(".")[0]
+                        for part in component
+                        if isinstance(part, Field)
+                        for name in part.alternatives
+                    )
+                ),
+                {},
+            )
+            for component in self.components
+        )
+        object.__setattr__(self, "_memo", memo)
 
     @property
     def fields(self) -> frozenset[str]:
@@ -131,12 +154,22 @@ class Template:
     def render(self, values: Mapping[str, str]) -> str:
         """The relative path for an instance with these values; always safe."""
         rendered = []
-        for component in self.components:
-            text = "".join(
-                part if isinstance(part, str) else safe_value(part.render(values))
-                for part in component
-            )
-            rendered.append(safe_component(text))
+        for component, (keywords, memo) in zip(self.components, self._memo, strict=True):
+            # Folders repeat for every instance of a series: each component
+            # is rendered once per distinct set of the values it reads.
+            key = tuple([values.get(keyword) for keyword in keywords])
+            text = memo.get(key)
+            if text is None:
+                text = safe_component(
+                    "".join(
+                        part if isinstance(part, str) else safe_value(part.render(values))
+                        for part in component
+                    )
+                )
+                if len(memo) >= MEMO_SIZE:
+                    memo.clear()
+                memo[key] = text
+            rendered.append(text)
         return "/".join(rendered)
 
 
