@@ -26,6 +26,32 @@ PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
+#: Explicit VRs with a 2-byte length.
+SHORT_VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FL",
+        b"FD",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
+)
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ", "AT"})
 NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d"}
 SINGLE_VALUED_TEXT = frozenset({"LT", "ST", "UT", "UR"})
@@ -38,6 +64,8 @@ WINDOW = 64 * 1024
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<L").unpack_from
 _tag = struct.Struct("<HH").unpack_from
+_implicit_header = struct.Struct("<HHL").unpack_from
+_explicit_header = struct.Struct("<HH2sH").unpack_from
 
 
 class Fallback(Exception):
@@ -134,8 +162,9 @@ def _walk_data_set(
     """Walk the top-level elements up to the pixel data, keeping the wanted
     ones; return the pixel data's offset (None when there is none)."""
     size = reader.size
-    # The hot loop of header reading: the window's bytes are sliced directly
-    # while the element header lies inside it (nearly always).
+    # The hot loop of header reading (about a hundred elements a file): the
+    # window's bytes are unpacked in place while the element header lies
+    # inside it (nearly always), and `_header` is inlined.
     buffer, base = reader.buffer, reader.base
     while offset < size:
         at = offset - base
@@ -143,16 +172,25 @@ def _walk_data_set(
             reader.bytes_at(offset, 12)
             buffer, base = reader.buffer, reader.base
             at = offset - base
-        header = buffer[at : at + 12]
-        if len(header) < 8:
-            raise NotRoutable(f"truncated: {size} bytes end inside an element header")
-        group, element = _tag(header)
-        tag = group << 16 | element
-        if tag in PIXEL_TAGS:
+            if len(buffer) - at < 8:
+                raise NotRoutable(f"truncated: {size} bytes end inside an element header")
+        if implicit:
+            group, element, length = _implicit_header(buffer, at)
+            header_length, vr = 8, b""
+        else:
+            group, element, vr, length = _explicit_header(buffer, at)
+            if vr in SHORT_VRS:
+                header_length = 8
+            elif vr in LONG_VRS:
+                if len(buffer) - at < 12:
+                    raise NotRoutable("truncated: the file ends inside an element header")
+                length, header_length = _u32(buffer, at + 8)[0], 12
+            else:  # a VR this reader does not know: as `_header` decides
+                length, header_length, vr = _header(buffer[at : at + 12], False)
+        if group == 0x7FE0 and (group << 16 | element) in PIXEL_TAGS:
             return offset
         if group == 0xFFFE:
             raise Fallback("item tag at the top level")
-        length, header_length, vr = _header(header, implicit)
         start = offset + header_length
         if length == UNDEFINED:
             offset = _skip_undefined(reader, start, implicit)
@@ -161,6 +199,7 @@ def _walk_data_set(
         offset = start + length
         if offset > size:
             raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
+        tag = group << 16 | element
         if tag in wanted:
             raw[tag] = (vr, reader.bytes_at(start, length))
             buffer, base = reader.buffer, reader.base
