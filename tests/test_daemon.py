@@ -22,6 +22,7 @@ from harness import (
     write_in_chunks,
 )
 
+from watcher.engine import BATCH
 from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, make_dataset, study_datasets, write_dataset, write_study
 
@@ -399,7 +400,9 @@ def test_symlinked_inbox_entries_and_temporaries_are_ignored(daemon, lab, tmp_pa
 def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplicates(daemon, lab):
     run = daemon(quiet_seconds=0.5)
     run.add_rule("smith", lab)
-    write_study(StudySpec(series=4, instances=250, rows=32, columns=32), run.inbox)
+    # Three placement batches: SIGTERM lets the batch in hand finish.
+    per_series = 3 * BATCH // 4
+    write_study(StudySpec(series=4, instances=per_series, rows=32, columns=32), run.inbox)
     entered = snapshot(run.inbox)
     run.start()
     wait_for(lambda: any(lab.rglob("*.dcm")), 60, "first placed file")
@@ -409,4 +412,4 @@ def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplica
     run.start()
     run.wait_drained(timeout=120)
     counts = assert_accounted(entered, [lab], run.state)
-    assert counts["placed"] == 1000 and len(lab_files(lab)) == 1000
+    assert counts["placed"] == 4 * per_series and len(lab_files(lab)) == 4 * per_series

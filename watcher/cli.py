@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from watcher import __version__, headers, logs
+from watcher import __version__, headers, logs, placement
 from watcher.config import load_config
 from watcher.daemon import Daemon
 from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup(level=args.log_level, log_format=args.log_format, log_file=args.log_file)
     headers.configure_pydicom()
+    placement.raise_open_file_limit()
     try:
         return int(args.handler(args))
     except WatcherError as error:

@@ -35,6 +35,7 @@ from watcher import headers
 from watcher.config import Config
 from watcher.engine import (
     BATCH,
+    POOL_THRESHOLD,
     RetryPolicy,
     header_pool,
     place_instance,
@@ -423,7 +424,9 @@ class Daemon:
         retry_after = max(self.config.settle_seconds, 1.0)
         # Workers must be spawned beside the observer thread, which costs about
         # a second: worth it only for a large burst (a full inbox at start-up).
-        pool = header_pool() if len(unchanged) >= DAEMON_POOL_THRESHOLD else None
+        forking = threading.active_count() == 1  # `run --once`: no observer thread
+        threshold = POOL_THRESHOLD if forking else DAEMON_POOL_THRESHOLD
+        pool = header_pool(not forking) if len(unchanged) >= threshold else None
         try:
             for start in range(0, len(unchanged), READ_CHUNK):
                 if self.stop.is_set():
@@ -923,11 +926,12 @@ def _describe(error: BaseException) -> str:
 
 
 def _plan_folders(plan: list[tuple[headers.Instance, list[Route]]]) -> set[str]:
-    return {
-        str(route.rule.destination / os.path.dirname(route.relative_path))
+    folders = {
+        (route.rule.destination, route.relative_path.rpartition("/")[0])
         for _, routes in plan
         for route in routes
     }
+    return {str(destination / folder) for destination, folder in folders}
 
 
 def _has_temporaries(folder: Path) -> bool:

@@ -17,7 +17,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tenacity
@@ -219,7 +219,7 @@ def _fsync_folder_path(path: str) -> None:
 
 
 #: Files placed together, with one flush per filesystem and folder.
-BATCH = 256
+BATCH = 1024
 #: Below this many files, headers are read in-process: a pool costs more.
 POOL_THRESHOLD = 256
 
@@ -321,6 +321,14 @@ class Summary:
     not_routable: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
 
+    def merge(self, other: Summary) -> None:
+        """Add what another part of the same sort did."""
+        for name in ("files", "placed", "present", "bytes", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.unmatched += other.unmatched
+        self.not_routable += other.not_routable
+        self.failed += other.failed
+
     @property
     def complete(self) -> bool:
         """True when every file was placed (or already there, or skipped by --subject)."""
@@ -340,6 +348,12 @@ class Summary:
 
 def _reason_kind(reason: str) -> str:
     return reason.split(":")[0]
+
+
+def _sort_batch(sorter: Sorter, paths: Sequence[str]) -> Summary:
+    """In a pool worker: sort one batch and return what it did."""
+    sorter._sort_here(paths)
+    return sorter.summary
 
 
 @dataclass
@@ -362,9 +376,26 @@ class Sorter:
         pool: Executor | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Sort files in batches: headers read (on every core with `pool`),
-        then each batch placed with one flush per filesystem."""
-        results = iter_read(paths, self.tags, pool)
+        """Sort files in batches: headers read, then each batch placed with
+        one flush per filesystem. With a `pool`, its workers sort batches side
+        by side, each from reading to placing (two workers placing one name
+        at once is safe: see `placement`)."""
+        if pool is None or self.dry_run or len(paths) < POOL_THRESHOLD:
+            self._sort_here(paths, progress)
+            return
+        batches = [paths[start : start + BATCH] for start in range(0, len(paths), BATCH)]
+        worker = replace(self, summary=Summary())
+        for batch, summary in zip(
+            batches, pool.map(_sort_batch, [worker] * len(batches), batches), strict=True
+        ):
+            self.summary.merge(summary)
+            if progress is not None:
+                progress(len(batch))
+
+    def _sort_here(
+        self, paths: Sequence[str], progress: Callable[[int], None] | None = None
+    ) -> None:
+        results = iter_read(paths, self.tags)
         for start in range(0, len(paths), BATCH):
             batch = list(paths[start : start + BATCH])
             items = []

@@ -94,9 +94,13 @@ def _merge_and_replace(
             instances[str(item["path"])] = item
     except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    base = path.parent
+    prefix = f"{path.parent}/"
     for entry in entries:
-        relative = os.path.relpath(entry.placement.path, base)
+        placed = str(entry.placement.path)
+        if placed.startswith(prefix):  # always, but for odd templates
+            relative = placed[len(prefix) :]
+        else:
+            relative = os.path.relpath(placed, path.parent)
         instances[relative] = {
             "sop_instance_uid": entry.sop_instance_uid,
             "series_instance_uid": entry.series_instance_uid,

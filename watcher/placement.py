@@ -8,9 +8,13 @@
 - folders below the root are created one at a time relative to an open
   handle on the root, never following a symbolic link, so a name can never
   lead outside the root;
-- bytes go to a temporary name in the target folder (`TEMP_PREFIX...`), are
-  flushed to disk, then linked to the final name, which fails rather than
-  replacing an existing file; the folder is flushed last;
+- bytes go to an unnamed file in the target folder (`O_TMPFILE`: nothing is
+  visible, and a crash leaves nothing behind) or, where the filesystem has
+  none, to a temporary name (`TEMP_PREFIX...`); they are flushed to disk,
+  then linked to the final name, which fails rather than replacing an
+  existing file; the folder is flushed last. Many files share one flush
+  (`place_batch`: one syncfs per filesystem), and bytes are copied in the
+  kernel (copy_file_range, sendfile) unless their SHA-256 is wanted;
 - a file already there with the same bytes is left alone ("present"); a
   different file at that name makes the new one go beside it under a suffix
   derived from its content, so the choice is the same on every run.
@@ -25,6 +29,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import resource
 import secrets
 import stat
 from collections.abc import Callable, Sequence
@@ -113,74 +118,10 @@ def place(
     `permissions` are given to the new file and to folders created for it,
     before they get their final names.
     """
-    *folders, name = relative.split("/")
-    try:
-        root_fd = os.open(root, DIRECTORY_FLAGS)
-    except OSError as error:
-        raise _unavailable(root, error) from error
-    try:
-        folder_fd = _open_folders(root, root_fd, folders, permissions)
-        try:
-            return _place_in(source, root, folder_fd, folders, name, link, digest, permissions)
-        finally:
-            if folder_fd != root_fd:
-                os.close(folder_fd)
-    finally:
-        os.close(root_fd)
-
-
-def _place_in(
-    source: str,
-    root: Path,
-    folder_fd: int,
-    folders: list[str],
-    name: str,
-    link: bool,
-    digest: bool,
-    permissions: Permissions,
-) -> Placement:
-    target = _choose_name(source, root.joinpath(*folders), folder_fd, name, digest)
-    if isinstance(target, Placement):
-        return target
-    candidate, beside, size = target
-    temporary, content = _write_temporary(source, root, folder_fd, name, link, permissions)
-    try:
-        _link_into_place(temporary, candidate, folder_fd)
-    except FileExistsError:
-        # Someone placed a file under this name since we looked: decide again.
-        _unlink_quietly(temporary, folder_fd)
-        return _place_in(source, root, folder_fd, folders, name, link, digest, permissions)
-    except OSError as error:
-        _discard(temporary, folder_fd)
-        raise _classify(root, error) from error
-    _unlink_quietly(temporary, folder_fd)
-    _fsync_folder(folder_fd)
-    if digest and not content:
-        content = _sha256(source)
-    return Placement(root.joinpath(*folders) / candidate, "placed", size, beside, content)
-
-
-def _choose_name(
-    source: str, folder: Path, folder_fd: int, name: str, digest: bool
-) -> Placement | tuple[str, Path | None, int]:
-    """The name to write under, or the Placement of identical bytes already
-    there. Returns (name, the taken name it goes beside, size)."""
-    size = os.stat(source).st_size
-    existing = _stat(name, folder_fd)
-    if existing is None:
-        return name, None, size
-    if _same_size(existing, size) and _same_bytes(source, name, folder_fd):
-        return Placement(folder / name, "present", size, sha256=_sha256(source) if digest else "")
-    content = _sha256(source)
-    # Other bytes under this name: go beside them, under a name derived from
-    # our own content, so that a re-run finds us there again.
-    for candidate in (with_suffix(name, content[:12]), with_suffix(name, content)):
-        existing = _stat(candidate, folder_fd)
-        if existing is None:
-            return candidate, folder / name, size
-        if _same_size(existing, size) and _same_bytes(source, candidate, folder_fd):
-            return Placement(folder / candidate, "present", size, folder / name, content)
-    raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
+    [result] = place_batch([Job(source, root, relative, link, digest, permissions)])
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,102 +136,130 @@ class Job:
     permissions: Permissions = NO_PERMISSIONS
 
 
-def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
-    """Place many files with the guarantees of `place`, flushing once.
+#: Files whose bytes are written (and kept open) before one flush, at most.
+OPEN_AT_ONCE = 1024
+#: Up to this many files or folders are flushed one by one; more, with syncfs.
+FEW = 4
 
-    Every file is written under its temporary name first; then each
-    filesystem is flushed once (syncfs), the files are linked into place, and
-    each folder is flushed once. Returns, per job, its Placement or the error
-    that stopped it (`DestinationUnavailable`, `PathConflict`, `OSError`).
+
+def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
+    """Place many files with the guarantees of `place`, flushing rarely.
+
+    The bytes of up to `OPEN_AT_ONCE` files are written into unnamed files
+    (or temporary names where the filesystem has no `O_TMPFILE`), made
+    durable together (one syncfs per filesystem), then linked under their
+    names; the names are made durable at the end. Returns, per job, its
+    Placement or the error that stopped it (`DestinationUnavailable`,
+    `PathConflict`, `OSError`); a Placement is only returned once durable.
     """
     results: list[Placement | BaseException | None] = [None] * len(jobs)
-    handles = _Handles()
-    paths: dict[tuple[Path, tuple[str, ...]], Path] = {}
-    written: list[tuple[int, int, str, str, str, Path | None, int]] = []
+    batch = _Batch()
+    at_once = _open_at_once()
     try:
-        for index, job in enumerate(jobs):
-            *folders, name = job.relative.split("/")
-            key = (job.root, tuple(folders))
-            folder = paths.get(key) or paths.setdefault(key, job.root.joinpath(*folders))
-            try:
-                folder_fd = handles.folder(job.root, folders, job.permissions)
-                target = _choose_name(job.source, folder, folder_fd, name, job.digest)
-                if isinstance(target, Placement):
-                    results[index] = target
-                    continue
-                candidate, beside, size = target
-                temporary, content = _write_temporary(
-                    job.source, job.root, folder_fd, name, job.link, job.permissions, flush=False
-                )
-            except (OSError, DestinationUnavailable) as error:
-                results[index] = error
-                continue
-            written.append((index, folder_fd, temporary, candidate, content, beside, size))
-        try:
-            _flush_filesystems({fd for _, fd, *_ in written}, [(fd, t) for _, fd, t, *_ in written])
-        except OSError as error:
-            for index, folder_fd, temporary, *_ in written:
-                _discard(temporary, folder_fd)
-                results[index] = _classify(jobs[index].root, error)
-            written = []
-        touched: dict[int, list[int]] = {}
-        for index, folder_fd, temporary, candidate, content, beside, size in written:
-            job = jobs[index]
-            try:
-                _link_into_place(temporary, candidate, folder_fd)
-            except FileExistsError:
-                _discard(temporary, folder_fd)
-                try:  # placed by someone else meanwhile: decide again, alone
-                    results[index] = place(
-                        job.source,
-                        job.root,
-                        job.relative,
-                        link=job.link,
-                        digest=job.digest,
-                        permissions=job.permissions,
-                    )
+        for start in range(0, len(jobs), at_once):
+            written: list[tuple[int, _Written]] = []
+            for index in range(start, min(start + at_once, len(jobs))):
+                try:
+                    written.append((index, batch.write(jobs[index])))
                 except (OSError, DestinationUnavailable) as error:
                     results[index] = error
-                continue
-            except OSError as error:
-                _discard(temporary, folder_fd)
-                results[index] = _classify(job.root, error)
-                continue
             try:
-                _unlink_quietly(temporary, folder_fd)
+                _flush_data([item for _, item in written])
             except OSError as error:
-                # Placed, but its temporary name cannot go (the share turned
-                # read-only): an error, so that the caller's journal of this
-                # placement is kept and the name removed later.
-                results[index] = _classify(job.root, error)
-                continue
-            touched.setdefault(folder_fd, []).append(index)
-            if job.digest and not content:
-                content = _sha256(job.source)
-            folder = paths[(job.root, tuple(job.relative.split("/")[:-1]))]
-            results[index] = Placement(folder / candidate, "placed", size, beside, content)
-        for folder_fd, indexes in touched.items():
-            try:
-                _fsync_folder(folder_fd)
-            except OSError as error:
-                for index in indexes:
+                for index, item in written:
+                    item.discard()
                     results[index] = _classify(jobs[index].root, error)
+                written = []
+            for index, item in written:
+                try:
+                    results[index] = batch.name(index, item)
+                except (OSError, DestinationUnavailable) as error:
+                    results[index] = error
+                finally:
+                    item.close()
+        for index, failure in batch.flush_names():
+            if isinstance(results[index], Placement):
+                results[index] = _classify(jobs[index].root, failure)
     finally:
-        handles.close()
+        batch.close()
     return [result if result is not None else OSError("not placed") for result in results]
 
 
-class _Handles:
-    """Open folders of one batch, so each is opened (and made) once."""
+def _open_at_once() -> int:
+    """`OPEN_AT_ONCE`, or fewer when the open-file limit is low (a batch also
+    holds its folders open)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return OPEN_AT_ONCE
+    return max(8, min(OPEN_AT_ONCE, soft // 4))
+
+
+def raise_open_file_limit(wanted: int = 8 * OPEN_AT_ONCE) -> None:
+    """Let the process open `wanted` files, within its hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+@dataclass(slots=True)
+class _Written:
+    """The bytes of one job on its destination's filesystem, not yet named:
+    an open unnamed file, a temporary name, or the source itself (a link)."""
+
+    job: Job
+    folder_fd: int
+    folder: Path
+    name: str
+    size: int
+    sha256: str
+    fd: int
+    device: int
+    temporary: str | None = None
+    linked_source: bool = False
+
+    def link(self, name: str) -> None:
+        """Give the bytes `name`; FileExistsError if it is taken."""
+        if self.temporary is not None:
+            _link_into_place(self.temporary, name, self.folder_fd)
+        elif _PROC_FD:
+            os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=self.folder_fd)
+        else:  # a linked source, without /proc: by its path
+            os.link(self.job.source, name, dst_dir_fd=self.folder_fd)
+
+    def discard(self) -> None:
+        """Drop the bytes after a failure; the source is never touched."""
+        if self.temporary is not None:
+            _discard(self.temporary, self.folder_fd)
+
+    def close(self) -> None:
+        """Close the file; the temporary name goes (an unnamed file goes by itself)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.temporary is not None:
+            temporary, self.temporary = self.temporary, None
+            _unlink_quietly(temporary, self.folder_fd)
+
+
+class _Batch:
+    """The folders, filesystems and new names of one `place_batch` call."""
 
     def __init__(self) -> None:
         self.roots: dict[Path, int | DestinationUnavailable] = {}
-        self.folders: dict[tuple[Path, tuple[str, ...]], int] = {}
+        self.folders: dict[tuple[Path, tuple[str, ...]], tuple[int, Path, int]] = {}
+        #: Folders that got new names, by filesystem: flushed at the end.
+        self.named: dict[int, dict[int, list[int]]] = {}
 
-    def folder(self, root: Path, folders: list[str], permissions: Permissions) -> int:
+    def folder(
+        self, root: Path, folders: list[str], permissions: Permissions
+    ) -> tuple[int, Path, int]:
+        """An open handle on the folder (made as needed), its path, its device."""
         key = (root, tuple(folders))
-        if key in self.folders:
-            return self.folders[key]
+        known = self.folders.get(key)
+        if known is not None:
+            return known
         if root not in self.roots:
             try:
                 self.roots[root] = os.open(root, DIRECTORY_FLAGS)
@@ -300,35 +269,141 @@ class _Handles:
         if isinstance(root_fd, DestinationUnavailable):
             raise root_fd
         fd = _open_folders(root, root_fd, folders, permissions)
-        self.folders[key] = fd
-        return fd
+        known = (fd, root.joinpath(*folders), os.fstat(fd).st_dev)
+        self.folders[key] = known
+        return known
+
+    def write(self, job: Job) -> _Written:
+        """Put the job's bytes on its destination's filesystem, unnamed."""
+        *folders, name = job.relative.split("/")
+        folder_fd, folder, device = self.folder(job.root, folders, job.permissions)
+        source = os.open(job.source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.fstat(source)
+            if job.link and status.st_dev == device:
+                try:
+                    job.permissions.apply_to_file(source)
+                except OSError as error:
+                    raise _classify(job.root, error) from error
+                sha256 = _sha256_fd(source) if job.digest else ""
+                item = _Written(
+                    job, folder_fd, folder, name, status.st_size, sha256, source, device
+                )
+                item.linked_source = True
+                source = -1  # kept open by the item
+                return item
+            fd, temporary = _new_file(job.root, folder_fd, name, device)
+            item = _Written(job, folder_fd, folder, name, status.st_size, "", fd, device, temporary)
+            try:
+                item.sha256 = _copy(source, fd, status.st_size, job.digest)
+                job.permissions.apply_to_file(fd)
+            except OSError as error:
+                item.discard()
+                item.close()
+                raise _classify(job.root, error) from error
+            return item
+        finally:
+            if source >= 0:
+                os.close(source)
+
+    def name(self, index: int, item: _Written) -> Placement:
+        """Link the bytes under their name, or find them (or others) there."""
+        job, name = item.job, item.name
+        beside: Path | None = None
+        content = item.sha256
+        candidates = [name]
+        attempts = 0
+        while candidates:
+            candidate = candidates[0]
+            try:
+                item.link(candidate)
+            except FileExistsError:
+                existing = _stat(candidate, item.folder_fd)
+                attempts += 1
+                if existing is None and attempts < 10:
+                    continue  # gone again since: try the same name once more
+                if (
+                    existing is not None
+                    and _same_size(existing, item.size)
+                    and (
+                        _same_file(item, existing)
+                        or _same_bytes(job.source, candidate, item.folder_fd)
+                    )
+                ):
+                    if job.digest and not content:
+                        content = _sha256(job.source)
+                    return Placement(item.folder / candidate, "present", item.size, beside, content)
+                # Other bytes under this name: go beside them, under a name
+                # derived from our own content, so that a re-run finds us there.
+                if beside is None:
+                    beside = item.folder / name
+                    content = content or _sha256(job.source)
+                    candidates += [with_suffix(name, content[:12]), with_suffix(name, content)]
+                candidates.pop(0)
+                continue
+            except OSError as error:
+                item.discard()
+                raise _classify(job.root, error) from error
+            self.named.setdefault(item.device, {}).setdefault(item.folder_fd, []).append(index)
+            try:
+                item.close()
+            except OSError as error:
+                # Placed, but its temporary name cannot go (the share turned
+                # read-only): an error, so that the caller's journal of this
+                # placement is kept and the name removed later.
+                raise _classify(job.root, error) from error
+            return Placement(
+                item.folder / candidate, "placed", item.size, beside, content if job.digest else ""
+            )
+        raise FileExistsError(errno.EEXIST, "no free name", str(item.folder / name))
+
+    def flush_names(self) -> list[tuple[int, OSError]]:
+        """Make the new names durable: fsync their folders when they are few,
+        one syncfs per filesystem otherwise. Returns the jobs it failed for."""
+        failed: list[tuple[int, OSError]] = []
+        for folders in self.named.values():
+            if len(folders) > FEW and _SYNCFS is not None:
+                try:
+                    _syncfs(next(iter(folders)))
+                except OSError as error:
+                    failed += [(index, error) for indexes in folders.values() for index in indexes]
+                continue
+            for folder_fd, indexes in folders.items():
+                try:
+                    _fsync_folder(folder_fd)
+                except OSError as error:
+                    failed += [(index, error) for index in indexes]
+        self.named.clear()
+        return failed
 
     def close(self) -> None:
         roots = {fd for fd in self.roots.values() if isinstance(fd, int)}
-        for fd in set(self.folders.values()) - roots:
-            os.close(fd)
+        for fd, _, _ in self.folders.values():
+            if fd not in roots:
+                os.close(fd)
         for fd in roots:
             os.close(fd)
 
 
-def _flush_filesystems(folder_fds: set[int], temporaries: list[tuple[int, str]]) -> None:
-    """Make the written temporary files durable: one syncfs per filesystem,
-    or one fsync per file where syncfs is not available."""
-    by_device: dict[int, int] = {}
-    for fd in folder_fds:
-        by_device.setdefault(os.fstat(fd).st_dev, fd)
-    if _SYNCFS is not None:
-        for fd in by_device.values():
-            if _SYNCFS(fd) != 0:
-                error = ctypes.get_errno()
-                raise OSError(error, os.strerror(error))
-        return
-    for folder_fd, temporary in temporaries:
-        fd = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC, dir_fd=folder_fd)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _flush_data(items: list[_Written]) -> None:
+    """Make the written bytes durable: an fsync per file when they are few,
+    else one syncfs per filesystem."""
+    by_device: dict[int, list[_Written]] = {}
+    for item in items:
+        by_device.setdefault(item.device, []).append(item)
+    for written in by_device.values():
+        if len(written) > FEW and _SYNCFS is not None:
+            _syncfs(written[0].fd)
+        else:
+            for item in written:
+                os.fsync(item.fd)
+
+
+def _syncfs(fd: int) -> None:
+    assert _SYNCFS is not None
+    if _SYNCFS(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -376,56 +451,106 @@ def _open_folders(root: Path, root_fd: int, folders: list[str], permissions: Per
     return fd
 
 
-def _write_temporary(
-    source: str,
-    root: Path,
-    folder_fd: int,
-    name: str,
-    link: bool,
-    permissions: Permissions,
-    flush: bool = True,
-) -> tuple[str, str]:
-    """Write the bytes under a temporary name, flushed; return it and the
-    SHA-256 of what was written ("" when linked instead)."""
+#: Filesystems (by device) that refused an unnamed file: temporary names there.
+_NO_TMPFILE: set[int] = set()
+#: Unnamed files are linked through /proc/self/fd (without it: temporary names).
+_PROC_FD = os.path.isdir("/proc/self/fd")
+_TMPFILE_REFUSALS = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL})
+
+
+def _new_file(root: Path, folder_fd: int, name: str, device: int) -> tuple[int, str | None]:
+    """An open file for new bytes in the folder: unnamed (O_TMPFILE), so that
+    nothing is visible, or left behind by a crash, before it is linked; or,
+    where the filesystem cannot, under a temporary name. Returns (fd, name)."""
+    if _PROC_FD and device not in _NO_TMPFILE and hasattr(os, "O_TMPFILE"):
+        try:
+            return os.open(
+                ".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=folder_fd
+            ), None
+        except OSError as error:
+            if error.errno not in _TMPFILE_REFUSALS:
+                raise _classify(root, error) from error
+            _NO_TMPFILE.add(device)
     temporary = f"{TEMP_PREFIX}{secrets.token_hex(6)}.{name[:32]}"
-    if link and _try_link(source, temporary, folder_fd, permissions, flush):
-        return temporary, ""
-    digest = hashlib.sha256()
-    with open(source, "rb", buffering=0) as inp:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            out = os.open(temporary, flags, 0o666, dir_fd=folder_fd)
-        except OSError as error:
-            raise _classify(root, error) from error
-        try:
-            while chunk := inp.read(CHUNK):
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
-            permissions.apply_to_file(out)
-            if flush:
-                os.fsync(out)
-        except OSError as error:
-            _unlink_quietly(temporary, folder_fd)
-            raise _classify(root, error) from error
-        finally:
-            os.close(out)
-    return temporary, digest.hexdigest()
-
-
-def _try_link(
-    source: str, temporary: str, folder_fd: int, permissions: Permissions, flush: bool
-) -> bool:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        os.link(source, temporary, dst_dir_fd=folder_fd)
-    except OSError:
-        return False  # another filesystem, or links not allowed: copy instead
-    with open(source, "rb") as handle:
-        permissions.apply_to_file(handle.fileno())
-        if flush:
-            os.fsync(handle.fileno())
-    return True
+        return os.open(temporary, flags, 0o666, dir_fd=folder_fd), temporary
+    except OSError as error:
+        raise _classify(root, error) from error
+
+
+def _copy(source: int, target: int, size: int, digest: bool) -> str:
+    """Copy `size` bytes; return their SHA-256 when `digest` is set, else ""."""
+    if digest:
+        hasher = hashlib.sha256()
+        copied = 0
+        while chunk := os.read(source, CHUNK):
+            hasher.update(chunk)
+            _write_all(target, chunk)
+            copied += len(chunk)
+        _check_copied(copied, size)
+        return hasher.hexdigest()
+    _check_copied(_copy_in_kernel(source, target, size), size)
+    return ""
+
+
+def _copy_in_kernel(source: int, target: int, size: int) -> int:
+    """Copy without passing the bytes through Python: copy_file_range (which
+    can share blocks, or copy on the server), else sendfile, else read/write."""
+    copied = 0
+    if _COPY_METHODS["copy_file_range"]:
+        try:
+            while copied < size and (count := os.copy_file_range(source, target, size - copied)):
+                copied += count
+            return copied
+        except OSError as error:
+            if copied or error.errno not in _COPY_REFUSALS:
+                raise
+            _COPY_METHODS["copy_file_range"] = False
+    if _COPY_METHODS["sendfile"]:
+        try:
+            while copied < size and (count := os.sendfile(target, source, copied, size - copied)):
+                copied += count
+            return copied
+        except OSError as error:
+            if copied or error.errno not in _COPY_REFUSALS:
+                raise
+            _COPY_METHODS["sendfile"] = False
+    while chunk := os.read(source, CHUNK):
+        _write_all(target, chunk)
+        copied += len(chunk)
+    return copied
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+_COPY_METHODS = {
+    "copy_file_range": hasattr(os, "copy_file_range"),
+    "sendfile": hasattr(os, "sendfile"),
+}
+_COPY_REFUSALS = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+)
+
+
+def _check_copied(copied: int, size: int) -> None:
+    if copied != size:  # the source changed under us: EAGAIN, so that it is retried
+        raise OSError(
+            errno.EAGAIN, f"the source changed while being copied ({copied} of {size} bytes)"
+        )
+
+
+def _same_file(item: _Written, existing: os.stat_result) -> bool:
+    """The name already links to the very source being placed (a re-run)."""
+    return (
+        item.linked_source
+        and existing.st_dev == item.device
+        and existing.st_ino == os.fstat(item.fd).st_ino
+    )
 
 
 def _link_into_place(temporary: str, name: str, folder_fd: int) -> None:
@@ -467,10 +592,19 @@ def _same_bytes(source: str, name: str, folder_fd: int) -> bool:
 
 
 def _sha256(source: str) -> str:
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_fd(fd: int) -> str:
     digest = hashlib.sha256()
-    with open(source, "rb", buffering=0) as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
     return digest.hexdigest()
 
 
