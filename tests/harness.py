@@ -56,8 +56,11 @@ FAST_SETTINGS = {
 }
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
-    """Poll `predicate` until it returns something true; fail after `timeout`."""
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 30.0, what: str = "", every: float = 0.05
+) -> object:
+    """Poll `predicate` every `every` seconds until it returns something
+    true; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -65,7 +68,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def sha256(path: str | Path) -> str:

@@ -400,12 +400,14 @@ def test_symlinked_inbox_entries_and_temporaries_are_ignored(daemon, lab, tmp_pa
 def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplicates(daemon, lab):
     run = daemon(quiet_seconds=0.5)
     run.add_rule("smith", lab)
-    # Three placement batches: SIGTERM lets the batch in hand finish.
+    # Three placement batches; SIGTERM comes while the first is being placed
+    # (the journal of a placement exists), and the batch in hand is finished.
     per_series = 3 * BATCH // 4
     write_study(StudySpec(series=4, instances=per_series, rows=32, columns=32), run.inbox)
     entered = snapshot(run.inbox)
     run.start()
-    wait_for(lambda: any(lab.rglob("*.dcm")), 60, "first placed file")
+    journal = run.state / "placing.json"
+    wait_for(journal.exists, 60, "the placement to start", every=0.001)
     assert run.terminate() == 0
     assert run.logs("stopped")
     assert run.inbox_files(), "SIGTERM came after the placement ended: nothing tested"

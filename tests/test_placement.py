@@ -261,3 +261,92 @@ def test_names_at_the_length_limit_are_placed(root, source):
     result = place(str(source), root, f"{'山' * 80}/{name}")
     assert result.path.read_bytes() == source.read_bytes()
     assert hashlib.sha256(result.path.read_bytes()).hexdigest() == sha256(source)
+
+
+def test_a_known_digest_is_used_only_while_the_source_is_unchanged(root, source):
+    """The daemon hashes a file when it reads it; placement trusts that hash
+    only while the file's size and modification time are still the same."""
+    status = source.stat()
+    stale = "0" * 64
+    job = placement.Job(
+        str(source),
+        root,
+        "a/1.dcm",
+        digest=True,
+        known_sha256=stale,
+        known_as_of=(status.st_size, status.st_mtime_ns),
+    )
+    [result] = placement.place_batch([job])
+    assert isinstance(result, placement.Placement) and result.sha256 == stale
+    source.write_bytes(source.read_bytes()[::-1])  # same size, other bytes
+    # (a rewrite moves the mtime on; set it, as a coarse clock may not have ticked)
+    os.utime(source, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000))
+    [again] = placement.place_batch(
+        [
+            placement.Job(
+                str(source),
+                root,
+                "b/1.dcm",
+                digest=True,
+                known_sha256=stale,
+                known_as_of=(status.st_size, status.st_mtime_ns),
+            )
+        ]
+    )
+    assert isinstance(again, placement.Placement)
+    assert again.sha256 == sha256(source) == sha256(root / "b" / "1.dcm")
+
+
+@pytest.fixture(params=["unnamed files", "temporary names"])
+def write_mode(request, monkeypatch):
+    """Both ways of holding bytes before they are named: O_TMPFILE, and the
+    temporary names used where a filesystem has no O_TMPFILE (SMB, NFS)."""
+    if request.param == "temporary names":
+        monkeypatch.setattr(placement, "_PROC_FD", False)
+    return request.param
+
+
+@pytest.fixture(params=["copy_file_range", "sendfile", "read and write"])
+def copy_method(request, monkeypatch):
+    """Each way of copying, as when a kernel or filesystem refuses the others."""
+    methods = dict.fromkeys(placement._COPY_METHODS, False)
+    if request.param in methods:
+        methods[request.param] = True
+    monkeypatch.setattr(placement, "_COPY_METHODS", methods)
+    return request.param
+
+
+def test_a_batch_places_every_file_whole_in_every_mode(
+    tmp_path, root, write_mode, copy_method, make_dicom
+):
+    sources = [
+        make_dicom(tmp_path / "inbox", name=f"{n}.dcm", InstanceNumber=n) for n in range(1, 41)
+    ]
+    big = tmp_path / "inbox" / "big.dcm"
+    big.write_bytes(os.urandom(placement.CHUNK * 2 + 7))
+    sources.append(big)
+    jobs = [placement.Job(str(s), root, f"S{n % 3}/{s.name}") for n, s in enumerate(sources)]
+    results = placement.place_batch(jobs)
+    assert all(isinstance(r, placement.Placement) and r.outcome == "placed" for r in results)
+    for job, result in zip(jobs, results, strict=True):
+        assert sha256(result.path) == sha256(Path(job.source))
+        assert result.size == Path(job.source).stat().st_size
+    assert temporaries(root) == []
+    assert len(files_under(root)) == len(sources)
+
+
+def test_one_name_twice_in_a_batch_is_placed_once_and_other_bytes_go_beside(
+    tmp_path, root, source, other, write_mode
+):
+    copy = tmp_path / "copy.dcm"
+    copy.write_bytes(source.read_bytes())
+    jobs = [placement.Job(str(path), root, RELATIVE) for path in (source, copy, other)]
+    first, same, different = placement.place_batch(jobs)
+    assert isinstance(first, placement.Placement) and first.outcome == "placed"
+    assert isinstance(same, placement.Placement) and same.outcome == "present"
+    assert same.path == first.path
+    assert isinstance(different, placement.Placement) and different.outcome == "placed"
+    assert different.beside == root / RELATIVE and different.path != first.path
+    assert sha256(different.path) == sha256(other)
+    assert temporaries(root) == []
+    assert len(files_under(root)) == 2

@@ -37,7 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(level=args.log_level, log_format=args.log_format, log_file=args.log_file)
-    headers.configure_pydicom()
     placement.raise_open_file_limit()
     try:
         return int(args.handler(args))

@@ -216,6 +216,8 @@ class Daemon:
         self.arrivals = Arrivals()
         self.studies = Studies(headers.BASE_FIELDS)
         self.tags = headers.tags_for(())
+        #: Hash files as they are read, for manifests (while the study is quiet).
+        self._digest = True
         self.retry = RetryPolicy(
             attempts=config.retry_attempts, max_seconds=config.retry_max_seconds
         )
@@ -432,7 +434,8 @@ class Daemon:
                 if self.stop.is_set():
                     return
                 chunk = unchanged[start : start + READ_CHUNK]
-                self._take_read(chunk, read_many(chunk, self.tags, pool), now, retry_after)
+                results = read_many(chunk, self.tags, pool, self._digest)
+                self._take_read(chunk, results, now, retry_after)
         finally:
             if pool is not None:  # only for bursts: an idle daemon keeps no workers
                 pool.shutdown(cancel_futures=True)
@@ -510,6 +513,7 @@ class Daemon:
             )
         fields = tuple(sorted(set(headers.BASE_FIELDS) | ruleset.fields))
         self.tags = headers.tags_for(fields)
+        self._digest = any(rule.manifest for rule in ruleset.rules)
         self.studies.fields = fields
         return True
 
@@ -702,7 +706,7 @@ class Daemon:
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):
             try:
-                instance = headers.read_instance(pending.path, self.tags)
+                instance = headers.read_instance(pending.path, self.tags, self._digest)
             except (NotRoutable, OSError):
                 continue
             self.studies.add(instance, study.last_arrival)

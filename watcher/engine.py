@@ -143,6 +143,8 @@ def _job(instance: headers.Instance, route: Route, link: bool, digest: bool | No
         link=link,
         digest=rule.manifest if digest is None else digest,
         permissions=Permissions(rule.group, rule.file_mode, rule.folder_mode),
+        known_sha256=instance.sha256,
+        known_as_of=(instance.size, instance.mtime_ns),
     )
 
 
@@ -225,26 +227,29 @@ POOL_THRESHOLD = 256
 
 
 def read_many(
-    paths: Sequence[str], tags: list[int], pool: Executor | None = None
+    paths: Sequence[str], tags: list[int], pool: Executor | None = None, digest: bool = False
 ) -> list[headers.Instance | NotRoutable | OSError]:
-    """Read many headers, on every core when a pool is given and it is worth it."""
-    return list(iter_read(paths, tags, pool))
+    """Read many headers, on every core when a pool is given and it is worth
+    it; with `digest`, hash each file too (see `headers.read_instance`)."""
+    return list(iter_read(paths, tags, pool, digest))
 
 
 def iter_read(
-    paths: Sequence[str], tags: list[int], pool: Executor | None = None
+    paths: Sequence[str], tags: list[int], pool: Executor | None = None, digest: bool = False
 ) -> Iterator[headers.Instance | NotRoutable | OSError]:
     """Like `read_many`, lazily: with a pool, every read is submitted at once
     and runs while the caller places what came back first."""
     if pool is None or len(paths) < POOL_THRESHOLD:
-        return (_read_one(path, tags) for path in paths)
+        return (_read_one(path, tags, digest) for path in paths)
     chunk = max(16, min(128, len(paths) // 32))
-    return pool.map(_read_one, paths, [tags] * len(paths), chunksize=chunk)
+    return pool.map(_read_one, paths, [tags] * len(paths), [digest] * len(paths), chunksize=chunk)
 
 
-def _read_one(path: str, tags: list[int]) -> headers.Instance | NotRoutable | OSError:
+def _read_one(
+    path: str, tags: list[int], digest: bool = False
+) -> headers.Instance | NotRoutable | OSError:
     try:
-        return headers.read_instance(path, tags)
+        return headers.read_instance(path, tags, digest)
     except NotRoutable as error:
         return error
     except OSError as error:
@@ -262,7 +267,6 @@ def header_pool(threads_running: bool = True) -> Executor:
 
 
 def _init_worker() -> None:
-    headers.configure_pydicom()
     with contextlib.suppress(OSError, AttributeError):  # Linux only
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -15,8 +15,7 @@ import functools
 import struct
 from typing import BinaryIO
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
-
+from watcher.dictionary import dictionary_vr, keyword_for_tag
 from watcher.errors import NotRoutable
 
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
@@ -284,7 +283,7 @@ def _keyword(tag: int) -> str:
 @functools.lru_cache(maxsize=1024)
 def _dictionary_vr(tag: int) -> str:
     try:
-        vr = dictionary_VR(tag)
+        vr = dictionary_vr(tag)
     except KeyError:
         return "UN"
     return vr.split(" or ")[0]

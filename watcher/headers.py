@@ -14,23 +14,24 @@ compares the lengths they declare with the size of the file.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
-
-import pydicom
-import pydicom.config
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO
 
 from watcher import fastheader
+from watcher.dictionary import dictionary_vr, keyword_for_tag, tag_for_keyword
 from watcher.errors import NotRoutable
+
+if TYPE_CHECKING:  # pydicom itself is imported when a file first needs it
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.valuerep import PersonName
 
 #: Fields every instance carries, whatever the rules ask for.
 BASE_FIELDS: tuple[str, ...] = (
@@ -67,6 +68,10 @@ class Instance:
     path: str
     size: int
     values: Mapping[str, str]
+    #: With `read_instance(digest=True)`: the SHA-256 of the whole file, and
+    #: the modification time it was taken at (so a later change shows).
+    sha256: str = ""
+    mtime_ns: int = 0
 
     @property
     def sop_instance_uid(self) -> str:
@@ -77,10 +82,16 @@ class Instance:
         return self.values["StudyInstanceUID"]
 
 
-def configure_pydicom() -> None:
-    """Quiet pydicom's value validation: odd values are read as they are."""
+@functools.cache
+def configure_pydicom() -> ModuleType:
+    """Import pydicom (on first use: most files never need it) and quiet its
+    value validation, so that odd values are read as they are."""
+    import pydicom
+    import pydicom.config
+
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    return pydicom
 
 
 def tags_for(fields: Iterable[str]) -> list[int]:
@@ -89,18 +100,23 @@ def tags_for(fields: Iterable[str]) -> list[int]:
     return sorted(tag for tag in map(tag_for_keyword, wanted) if tag is not None)
 
 
-def read_instance(path: str | os.PathLike[str], tags: list[int] | None = None) -> Instance:
+def read_instance(
+    path: str | os.PathLike[str], tags: list[int] | None = None, digest: bool = False
+) -> Instance:
     """Read the header of `path` and return it as an `Instance`.
 
     `tags` comes from `tags_for` (the default asks for `BASE_FIELDS`). Raises
     `NotRoutable` for an empty, non-DICOM, truncated or DICOMDIR file, or one
     without the UIDs that routing needs; `OSError` when it cannot be read.
+    `digest=True` also hashes the whole file (for manifests, while the file is
+    in the page cache and the study still quiet).
     """
     path = os.fspath(path)
     if tags is None:
         tags = tags_for(())
     with open(path, "rb", buffering=64 * 1024) as fp:
-        size = os.fstat(fp.fileno()).st_size
+        status = os.fstat(fp.fileno())
+        size = status.st_size
         if size == 0:
             raise NotRoutable("empty file (0 bytes)")
         head = fp.read(132)
@@ -120,18 +136,30 @@ def read_instance(path: str | os.PathLike[str], tags: list[int] | None = None) -
             _check_complete(fp, ds, size, stopped_at, has_preamble)
             sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
             values = _values(ds, tags)
+        sha256 = _sha256(fp.fileno()) if digest else ""
 
     if sop_class == DICOMDIR_SOP_CLASS:
         raise NotRoutable("DICOMDIR (a media directory, not an instance)")
     for required in ("SOPInstanceUID", "StudyInstanceUID"):
         if not values.get(required):
             raise NotRoutable(f"no {required} in the header")
-    return Instance(path=path, size=size, values=values)
+    return Instance(path, size, values, sha256, status.st_mtime_ns if digest else 0)
+
+
+def _sha256(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
 
 
 def _parse(fp: BinaryIO, force: bool, tags: list[int]) -> Dataset:
     try:
-        return pydicom.dcmread(fp, stop_before_pixels=True, force=force, specific_tags=tags)
+        return configure_pydicom().dcmread(
+            fp, stop_before_pixels=True, force=force, specific_tags=tags
+        )
     # The file is untrusted input, and pydicom signals a malformed one with many
     # exception types (InvalidDicomError, EOFError, struct.error, ValueError,
     # KeyError, NotImplementedError, zlib.error ...). All mean the same here.
@@ -298,6 +326,8 @@ def _text(ds: Dataset, tag: int, charset_declared: bool) -> str | None:
     vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
     if vr in BINARY_VRS:
         return None
+    from pydicom.dataelem import RawDataElement
+
     if not charset_declared and vr in TEXT_VRS and isinstance(raw, RawDataElement):
         undeclared = _undeclared_utf8(raw.value)
         if undeclared is not None:
@@ -311,7 +341,7 @@ def _text(ds: Dataset, tag: int, charset_declared: bool) -> str | None:
 
 def _dictionary_vr(tag: int) -> str:
     try:
-        return dictionary_VR(tag)
+        return dictionary_vr(tag)
     except KeyError:
         return "UN"
 
@@ -328,6 +358,9 @@ def _undeclared_utf8(value: bytes | None) -> str | None:
 
 
 def _render(value: object) -> str:
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import PersonName
+
     if value is None:
         return ""
     if isinstance(value, MultiValue | list | tuple):

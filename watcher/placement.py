@@ -134,6 +134,10 @@ class Job:
     link: bool = False
     digest: bool = False
     permissions: Permissions = NO_PERMISSIONS
+    #: The source's SHA-256 if already known, and the (size, mtime_ns) it
+    #: was taken at: used only while the source still has them.
+    known_sha256: str = ""
+    known_as_of: tuple[int, int] = (0, 0)
 
 
 #: Files whose bytes are written (and kept open) before one flush, at most.
@@ -280,12 +284,15 @@ class _Batch:
         source = os.open(job.source, os.O_RDONLY | os.O_CLOEXEC)
         try:
             status = os.fstat(source)
+            known = ""
+            if job.digest and job.known_as_of == (status.st_size, status.st_mtime_ns):
+                known = job.known_sha256
             if job.link and status.st_dev == device:
                 try:
                     job.permissions.apply_to_file(source)
                 except OSError as error:
                     raise _classify(job.root, error) from error
-                sha256 = _sha256_fd(source) if job.digest else ""
+                sha256 = (known or _sha256_fd(source)) if job.digest else ""
                 item = _Written(
                     job, folder_fd, folder, name, status.st_size, sha256, source, device
                 )
@@ -295,7 +302,9 @@ class _Batch:
             fd, temporary = _new_file(job.root, folder_fd, name, device)
             item = _Written(job, folder_fd, folder, name, status.st_size, "", fd, device, temporary)
             try:
-                item.sha256 = _copy(source, fd, status.st_size, job.digest)
+                item.sha256 = _copy(source, fd, status.st_size, job.digest and not known)
+                if known:
+                    item.sha256 = known
                 job.permissions.apply_to_file(fd)
             except OSError as error:
                 item.discard()

@@ -92,6 +92,9 @@ class Pending:
     path: str
     size: int
     values: tuple[str, ...]
+    #: The file's SHA-256 (raw bytes) and the mtime it was taken at, if read.
+    sha256: bytes = b""
+    mtime_ns: int = 0
 
 
 @dataclass
@@ -116,7 +119,13 @@ class Study:
         return {k: v for k, v in zip(self.fields, pending.values, strict=True) if v}
 
     def instance(self, pending: Pending) -> Instance:
-        return Instance(path=pending.path, size=pending.size, values=self.values(pending))
+        return Instance(
+            pending.path,
+            pending.size,
+            self.values(pending),
+            pending.sha256.hex(),
+            pending.mtime_ns,
+        )
 
     @property
     def bytes(self) -> int:
@@ -148,7 +157,11 @@ class Studies:
             study.patient = instance.values.get("PatientID", "")
         self.remove_path(instance.path)
         study.instances[instance.path] = Pending(
-            instance.path, instance.size, self._compact(study, instance.values)
+            instance.path,
+            instance.size,
+            self._compact(study, instance.values),
+            bytes.fromhex(instance.sha256),
+            instance.mtime_ns,
         )
         study.last_arrival = max(study.last_arrival, now)
         self.study_of[instance.path] = uid

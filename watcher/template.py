@@ -25,7 +25,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pydicom.datadict import tag_for_keyword
+from watcher.dictionary import tag_for_keyword
 
 #: What a missing or empty value renders as.
 MISSING_VALUE = "unknown"
