@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -38,9 +39,9 @@ from watcher.engine import (
     POOL_THRESHOLD,
     RetryPolicy,
     header_pool,
+    iter_read,
     place_instance,
     place_many,
-    read_many,
     remove_source,
 )
 from watcher.errors import DestinationUnavailable, NotRoutable
@@ -430,12 +431,16 @@ class Daemon:
         threshold = POOL_THRESHOLD if forking else DAEMON_POOL_THRESHOLD
         pool = header_pool(not forking) if len(unchanged) >= threshold else None
         try:
+            # With a pool every read is submitted at once, and the workers go
+            # on reading while results are taken here, a chunk at a time.
+            results = iter_read(unchanged, self.tags, pool, self._digest)
             for start in range(0, len(unchanged), READ_CHUNK):
                 if self.stop.is_set():
                     return
                 chunk = unchanged[start : start + READ_CHUNK]
-                results = read_many(chunk, self.tags, pool, self._digest)
-                self._take_read(chunk, results, now, retry_after)
+                self._take_read(
+                    chunk, list(itertools.islice(results, len(chunk))), now, retry_after
+                )
         finally:
             if pool is not None:  # only for bursts: an idle daemon keeps no workers
                 pool.shutdown(cancel_futures=True)
