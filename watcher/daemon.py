@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -61,6 +69,12 @@ READ_CHUNK = 2048
 #: Files ready at once from which the daemon reads them on every core.
 DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
+#: What the daemon asks inotify for: a file (or folder) appears, or is closed
+#: after writing. Not every write, attribute change or removal: placing a
+#: study links and removes each of its files, and those events would cost
+#: the main thread the GIL once per file. A file still growing is caught by
+#: the size check before it is read.
+WATCHED_EVENTS = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent]
 
 
 # --- watching the inbox ------------------------------------------------------
@@ -122,7 +136,9 @@ class InboxWatcher:
 
     def _start(self, poll: bool) -> BaseObserver:
         observer = PollingObserver(timeout=self.poll_seconds) if poll else Observer()
-        observer.schedule(InboxHandler(self.events), str(self.inbox), recursive=True)
+        observer.schedule(
+            InboxHandler(self.events), str(self.inbox), recursive=True, event_filter=WATCHED_EVENTS
+        )
         observer.daemon = True
         observer.start()
         return observer
@@ -365,9 +381,6 @@ class Daemon:
                 return
             if kind == "dir":
                 self.scan(Path(path), now)  # files may predate its watch
-            elif kind == "deleted":
-                self.arrivals.forget(path)
-                self.studies.remove_path(path)
             else:
                 if path in self.studies:  # rewritten after it was read
                     self.studies.remove_path(path)
@@ -490,6 +503,17 @@ class Daemon:
         for path, reason in self.arrivals.to_quarantine(now, grace):
             if self.stop.is_set():
                 return
+            # Only writes that end (closing the file) are watched: one that
+            # grew since it was last read is read again, not quarantined.
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                self.arrivals.forget(path)
+                continue
+            candidate = self.arrivals.files[path]
+            if (stat.st_size, stat.st_mtime) != (candidate.size, candidate.mtime):
+                self.arrivals.observe(path, stat.st_size, stat.st_mtime, now)
+                continue
             self.quarantine(path, reason)
 
     # -- rules --
@@ -529,9 +553,8 @@ class Daemon:
         if study.fields != self.studies.fields:
             self._reread(study)
         ruleset = self.rulebook.ruleset
-        plan = [
-            (study.instance(p), ruleset.route(study.values(p))) for p in study.instances.values()
-        ]
+        instances = [study.instance(p) for p in study.instances.values()]
+        plan = [(instance, ruleset.route(instance.values)) for instance in instances]
         if why == "max_age":
             log.warning(
                 kv(
