@@ -137,6 +137,11 @@ def test_kill_9_mid_placement_loses_nothing_and_duplicates_nothing(daemon, lab):
     assert not [p for p in lab.rglob(f"{TEMP_PREFIX}*")]
 
 
+def retry_states(run) -> list[Path]:
+    """The saved retry states (not the temporary file of one being replaced)."""
+    return [p for p in (run.state / "retry").glob("*.json") if not p.name.startswith(TEMP_PREFIX)]
+
+
 def test_missing_destination_parks_the_study_then_places_it_when_it_appears(daemon, tmp_path):
     mount = tmp_path / "nas"
     mount.mkdir()
@@ -152,7 +157,7 @@ def test_missing_destination_parks_the_study_then_places_it_when_it_appears(daem
     assert len(run.logs("study_parked")) == 1, "a parked study is logged once per change of state"
     assert list(mount.iterdir()) == [], "nothing may be created under a missing root"
     assert len(run.inbox_files()) == 4
-    retry_files = list((run.state / "retry").glob("*.json"))
+    retry_files = retry_states(run)
     assert len(retry_files) == 1
     assert json.loads(retry_files[0].read_text())["attempts"] >= 1
     wait_for(lambda: run.status().get("studies"), 10, "the parked study in status")
@@ -160,7 +165,7 @@ def test_missing_destination_parks_the_study_then_places_it_when_it_appears(daem
     destination.mkdir()
     run.wait_event("study_resumed", timeout=30)
     run.wait_drained()
-    assert not list((run.state / "retry").glob("*.json"))
+    assert not retry_states(run)
     assert_accounted(entered, [destination], run.state)
 
 
@@ -172,7 +177,7 @@ def test_retry_state_survives_a_restart_without_hammering(daemon, tmp_path):
     write_study(StudySpec(series=1, instances=2), run.inbox)
     run.wait_event("study_parked")
     assert run.terminate() == 0
-    saved = json.loads(next((run.state / "retry").glob("*.json")).read_text())
+    saved = json.loads(retry_states(run)[0].read_text())
     run.start()
     restored = run.wait_event("retry_state_restored")
     assert int(restored[0]["attempts"]) == saved["attempts"]
