@@ -123,8 +123,10 @@ def test_kill_9_mid_placement_loses_nothing_and_duplicates_nothing(daemon, lab):
     write_study(spec, run.inbox)
     entered = snapshot(run.inbox)
     run.start()
-    # Kill as soon as the first copies appear, while most are still in the inbox.
-    wait_for(lambda: any(lab.rglob("*.dcm")), 60, "first placed file")
+    # Kill as soon as the placement starts (its journal exists): nothing has
+    # left the inbox yet, some copies may be written or linked.
+    journal = run.state / "placing.json"
+    wait_for(journal.exists, 60, "the placement to start", every=0.001)
     run.kill()
     assert run.inbox_files(), "the kill came too late to test anything"
     run.start()

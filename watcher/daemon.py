@@ -446,7 +446,7 @@ class Daemon:
         try:
             # With a pool every read is submitted at once, and the workers go
             # on reading while results are taken here, a chunk at a time.
-            results = iter_read(unchanged, self.tags, pool, self._digest)
+            results = iter_read(unchanged, self.tags, pool, self._digest, writeback=True)
             for start in range(0, len(unchanged), READ_CHUNK):
                 if self.stop.is_set():
                     return

@@ -227,29 +227,40 @@ POOL_THRESHOLD = 256
 
 
 def read_many(
-    paths: Sequence[str], tags: list[int], pool: Executor | None = None, digest: bool = False
+    paths: Sequence[str],
+    tags: list[int],
+    pool: Executor | None = None,
+    digest: bool = False,
+    writeback: bool = False,
 ) -> list[headers.Instance | NotRoutable | OSError]:
     """Read many headers, on every core when a pool is given and it is worth
-    it; with `digest`, hash each file too (see `headers.read_instance`)."""
-    return list(iter_read(paths, tags, pool, digest))
+    it; `digest` and `writeback` as `headers.read_instance` takes them."""
+    return list(iter_read(paths, tags, pool, digest, writeback))
 
 
 def iter_read(
-    paths: Sequence[str], tags: list[int], pool: Executor | None = None, digest: bool = False
+    paths: Sequence[str],
+    tags: list[int],
+    pool: Executor | None = None,
+    digest: bool = False,
+    writeback: bool = False,
 ) -> Iterator[headers.Instance | NotRoutable | OSError]:
     """Like `read_many`, lazily: with a pool, every read is submitted at once
     and runs while the caller places what came back first."""
     if pool is None or len(paths) < POOL_THRESHOLD:
-        return (_read_one(path, tags, digest) for path in paths)
+        return (_read_one(path, tags, digest, writeback) for path in paths)
     chunk = max(16, min(128, len(paths) // 32))
-    return pool.map(_read_one, paths, [tags] * len(paths), [digest] * len(paths), chunksize=chunk)
+    count = len(paths)
+    return pool.map(
+        _read_one, paths, [tags] * count, [digest] * count, [writeback] * count, chunksize=chunk
+    )
 
 
 def _read_one(
-    path: str, tags: list[int], digest: bool = False
+    path: str, tags: list[int], digest: bool = False, writeback: bool = False
 ) -> headers.Instance | NotRoutable | OSError:
     try:
-        return headers.read_instance(path, tags, digest)
+        return headers.read_instance(path, tags, digest, writeback)
     except NotRoutable as error:
         return error
     except OSError as error:

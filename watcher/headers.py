@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from watcher import fastheader
 from watcher.dictionary import dictionary_vr, keyword_for_tag, tag_for_keyword
 from watcher.errors import NotRoutable
+from watcher.placement import start_writeback
 
 if TYPE_CHECKING:  # pydicom itself is imported when a file first needs it
     from pydicom.dataelem import DataElement
@@ -101,7 +102,10 @@ def tags_for(fields: Iterable[str]) -> list[int]:
 
 
 def read_instance(
-    path: str | os.PathLike[str], tags: list[int] | None = None, digest: bool = False
+    path: str | os.PathLike[str],
+    tags: list[int] | None = None,
+    digest: bool = False,
+    writeback: bool = False,
 ) -> Instance:
     """Read the header of `path` and return it as an `Instance`.
 
@@ -109,7 +113,8 @@ def read_instance(
     `NotRoutable` for an empty, non-DICOM, truncated or DICOMDIR file, or one
     without the UIDs that routing needs; `OSError` when it cannot be read.
     `digest=True` also hashes the whole file (for manifests, while the file is
-    in the page cache and the study still quiet).
+    in the page cache and the study still quiet); `writeback=True` starts
+    writing its data to disk (see `placement.start_writeback`).
     """
     path = os.fspath(path)
     if tags is None:
@@ -137,6 +142,8 @@ def read_instance(
             sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
             values = _values(ds, tags)
         sha256 = _sha256(fp.fileno()) if digest else ""
+        if writeback:
+            start_writeback(fp.fileno())
 
     if sop_class == DICOMDIR_SOP_CLASS:
         raise NotRoutable("DICOMDIR (a media directory, not an instance)")
