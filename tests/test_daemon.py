@@ -167,6 +167,7 @@ def test_missing_destination_parks_the_study_then_places_it_when_it_appears(daem
     destination.mkdir()
     run.wait_event("study_resumed", timeout=30)
     run.wait_drained()
+    run.wait_event("study_placed")  # its manifest is written too
     assert not retry_states(run)
     assert_accounted(entered, [destination], run.state)
 
@@ -384,6 +385,7 @@ def test_two_daemons_on_one_destination_leave_one_copy_each(tmp_path):
             thread.join()
         for run in runs:
             run.wait_drained(timeout=60)
+            run.wait_event("study_placed")  # its manifest is written too
         assert len(lab_files(lab)) == 200
         assert_accounted(entered, [lab], runs[0].state)
     finally:
@@ -420,5 +422,6 @@ def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplica
     assert run.inbox_files(), "SIGTERM came after the placement ended: nothing tested"
     run.start()
     run.wait_drained(timeout=120)
+    run.wait_event("study_placed")  # its manifest is written too
     counts = assert_accounted(entered, [lab], run.state)
     assert counts["placed"] == 4 * per_series and len(lab_files(lab)) == 4 * per_series
