@@ -305,6 +305,7 @@ class _Batch:
                 item.sha256 = _copy(source, fd, status.st_size, job.digest and not known)
                 if known:
                     item.sha256 = known
+                start_writeback(fd)  # the disk works while the next files are copied
                 job.permissions.apply_to_file(fd)
             except OSError as error:
                 item.discard()
