@@ -12,13 +12,26 @@ from harness import skip_or_fail
 from watcher import headers
 from watcher.config import Config
 from watcher.daemon import Daemon, InboxWatcher
-from watcher.studies import Arrivals, Studies
+from watcher.studies import COUNT_GRACE_SECONDS, Arrivals, Studies
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
 
 
 def instance(study: str, sop: str, path: str = "") -> headers.Instance:
     values = {"StudyInstanceUID": study, "SOPInstanceUID": sop, "PatientID": "P"}
     return headers.Instance(path=path or f"/inbox/{sop}", size=10, values=values)
+
+
+def test_a_study_complete_by_count_waits_a_short_grace_for_the_next_series():
+    studies = Studies(headers.BASE_FIELDS)
+    studies.add(instance("S1", "1"), now=10)
+    complete = lambda study: (60.0, True)  # noqa: E731 - the count is reached
+    assert (
+        studies.due(now=10 + COUNT_GRACE_SECONDS / 2, quiet=60, max_age=3600, policy=complete) == []
+    )
+    studies.add(instance("S1", "2"), now=11)  # the next series begins: the grace starts again
+    assert studies.due(now=10 + COUNT_GRACE_SECONDS, quiet=60, max_age=3600, policy=complete) == []
+    due = studies.due(now=11 + COUNT_GRACE_SECONDS, quiet=60, max_age=3600, policy=complete)
+    assert [(s.uid, why) for s, why in due] == [("S1", "expected_count")]
 
 
 def test_a_study_is_due_only_after_quiet_seconds_without_arrivals():

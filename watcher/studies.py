@@ -28,6 +28,12 @@ class Candidate:
     next_read: float = 0.0
 
 
+#: A study complete by its expected count still waits this long after its
+#: last arrival: scanners send series back to back, and ImagesInAcquisition
+#: counts per series, so a study whose first series is whole may have more.
+COUNT_GRACE_SECONDS = 2.0
+
+
 class Arrivals:
     """Files waiting to be complete: closed by their writer, or unchanged
     (size and modification time) for `settle` seconds."""
@@ -202,7 +208,7 @@ class Studies:
             if study.parked_since is not None:
                 if now >= study.next_try:
                     due.append((study, "retry"))
-            elif complete:
+            elif complete and now - study.last_arrival >= min(study_quiet, COUNT_GRACE_SECONDS):
                 due.append((study, "expected_count"))
             elif now - study.last_arrival >= study_quiet:
                 due.append((study, "quiet"))
