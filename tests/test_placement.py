@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -281,18 +282,7 @@ def test_a_known_digest_is_used_only_while_the_source_is_unchanged(root, source)
     source.write_bytes(source.read_bytes()[::-1])  # same size, other bytes
     # (a rewrite moves the mtime on; set it, as a coarse clock may not have ticked)
     os.utime(source, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000))
-    [again] = placement.place_batch(
-        [
-            placement.Job(
-                str(source),
-                root,
-                "b/1.dcm",
-                digest=True,
-                known_sha256=stale,
-                known_as_of=(status.st_size, status.st_mtime_ns),
-            )
-        ]
-    )
+    [again] = placement.place_batch([dataclasses.replace(job, relative="b/1.dcm")])
     assert isinstance(again, placement.Placement)
     assert again.sha256 == sha256(source) == sha256(root / "b" / "1.dcm")
 
