@@ -162,8 +162,11 @@ def test_missing_destination_parks_the_study_then_places_it_when_it_appears(daem
     retry_files = retry_states(run)
     assert len(retry_files) == 1
     assert json.loads(retry_files[0].read_text())["attempts"] >= 1
-    wait_for(lambda: run.status().get("studies"), 10, "the parked study in status")
-    assert run.status()["studies"][0]["next"].startswith("parked")
+    wait_for(
+        lambda: any(s["next"].startswith("parked") for s in run.status().get("studies", [])),
+        10,
+        "the parked study in status",
+    )
     destination.mkdir()
     run.wait_event("study_resumed", timeout=30)
     run.wait_drained()
@@ -314,11 +317,12 @@ def test_status_reports_pending_studies(daemon, lab):
     run.start()
     write_study(StudySpec(patient_id="WAITING", series=1, instances=3), run.inbox)
 
-    def pending():
+    def pending():  # the study with its three files read (they arrive one by one)
         status = run.status()
-        return status.get("studies") and status
+        studies = status.get("studies") or [{}]
+        return studies[0].get("files") == 3 and status
 
-    status = wait_for(pending, 20, "a pending study in status")
+    status = wait_for(pending, 20, "a pending study of 3 files in status")
     study = status["studies"][0]
     assert study["patient"] == "WAITING" and study["files"] == 3
     assert study["next"].startswith("complete in")
