@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import subprocess
@@ -340,3 +341,23 @@ def test_one_name_twice_in_a_batch_is_placed_once_and_other_bytes_go_beside(
     assert sha256(different.path) == sha256(other)
     assert temporaries(root) == []
     assert len(files_under(root)) == 2
+
+
+def test_a_failed_flush_names_nothing_closes_its_files_and_reports_each_job(
+    tmp_path, root, write_mode, monkeypatch, make_dicom
+):
+    """A NAS that fails the flush (EIO): no name is given to bytes that may
+    not be on disk, every job reports the error (the daemon then retries),
+    and the written files are closed, not leaked batch after batch."""
+    sources = [make_dicom(tmp_path / "inbox", name=f"{n}.dcm", InstanceNumber=n) for n in range(8)]
+    jobs = [placement.Job(str(s), root, f"S/{s.name}") for s in sources]
+
+    def fail(items):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(placement, "_flush_data", fail)
+    open_before = len(os.listdir("/proc/self/fd"))
+    results = placement.place_batch(jobs)
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert files_under(root) == []  # neither names nor temporary names

@@ -172,6 +172,7 @@ def place_batch(jobs: Sequence[Job]) -> list[Placement | BaseException]:
             except OSError as error:
                 for index, item in written:
                     item.discard()
+                    item.close()
                     results[index] = _classify(jobs[index].root, error)
                 written = []
             for index, item in written:
@@ -292,7 +293,7 @@ class _Batch:
                     job.permissions.apply_to_file(source)
                 except OSError as error:
                     raise _classify(job.root, error) from error
-                sha256 = (known or _sha256_fd(source)) if job.digest else ""
+                sha256 = (known or sha256_of_fd(source)) if job.digest else ""
                 item = _Written(
                     job, folder_fd, folder, name, status.st_size, sha256, source, device
                 )
@@ -302,9 +303,7 @@ class _Batch:
             fd, temporary = _new_file(job.root, folder_fd, name, device)
             item = _Written(job, folder_fd, folder, name, status.st_size, "", fd, device, temporary)
             try:
-                item.sha256 = _copy(source, fd, status.st_size, job.digest and not known)
-                if known:
-                    item.sha256 = known
+                item.sha256 = _copy(source, fd, status.st_size, job.digest and not known) or known
                 start_writeback(fd)  # the disk works while the next files are copied
                 job.permissions.apply_to_file(fd)
             except OSError as error:
@@ -626,12 +625,13 @@ def _same_bytes(source: str, name: str, folder_fd: int) -> bool:
 def _sha256(source: str) -> str:
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _sha256_fd(fd)
+        return sha256_of_fd(fd)
     finally:
         os.close(fd)
 
 
-def _sha256_fd(fd: int) -> str:
+def sha256_of_fd(fd: int) -> str:
+    """The SHA-256 of an open file's whole content (read with pread)."""
     digest = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
