@@ -15,7 +15,6 @@ compares the lengths they declare with the size of the file.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import struct
 import zlib
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from watcher import fastheader
 from watcher.dictionary import dictionary_vr, keyword_for_tag, tag_for_keyword
 from watcher.errors import NotRoutable
-from watcher.placement import start_writeback
+from watcher.placement import sha256_of_fd, start_writeback
 
 if TYPE_CHECKING:  # pydicom itself is imported when a file first needs it
     from pydicom.dataelem import DataElement
@@ -141,7 +140,7 @@ def read_instance(
             _check_complete(fp, ds, size, stopped_at, has_preamble)
             sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
             values = _values(ds, tags)
-        sha256 = _sha256(fp.fileno()) if digest else ""
+        sha256 = sha256_of_fd(fp.fileno()) if digest else ""
         if writeback:
             start_writeback(fp.fileno())
 
@@ -151,15 +150,6 @@ def read_instance(
         if not values.get(required):
             raise NotRoutable(f"no {required} in the header")
     return Instance(path, size, values, sha256, status.st_mtime_ns if digest else 0)
-
-
-def _sha256(fd: int) -> str:
-    digest = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
 
 
 def _parse(fp: BinaryIO, force: bool, tags: list[int]) -> Dataset:
