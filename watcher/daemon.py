@@ -427,16 +427,8 @@ class Daemon:
     def _read_ready(self, now: float) -> None:
         unchanged = []
         for path in self.arrivals.ready(now, self.config.settle_seconds, self.clock()):
-            candidate = self.arrivals.files[path]
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:
-                self.arrivals.forget(path)
-                continue
-            if (stat.st_size, stat.st_mtime) != (candidate.size, candidate.mtime):
-                self.arrivals.observe(path, stat.st_size, stat.st_mtime, now)
-                continue
-            unchanged.append(path)
+            if self._unchanged(path, now):
+                unchanged.append(path)
         retry_after = max(self.config.settle_seconds, 1.0)
         # Workers must be spawned beside the observer thread, which costs about
         # a second: worth it only for a large burst (a full inbox at start-up).
@@ -505,16 +497,22 @@ class Daemon:
                 return
             # Only writes that end (closing the file) are watched: one that
             # grew since it was last read is read again, not quarantined.
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:
-                self.arrivals.forget(path)
-                continue
-            candidate = self.arrivals.files[path]
-            if (stat.st_size, stat.st_mtime) != (candidate.size, candidate.mtime):
-                self.arrivals.observe(path, stat.st_size, stat.st_mtime, now)
-                continue
-            self.quarantine(path, reason)
+            if self._unchanged(path, now):
+                self.quarantine(path, reason)
+
+    def _unchanged(self, path: str, now: float) -> bool:
+        """True when a waiting file still has the size and mtime last seen;
+        otherwise it is seen anew (or forgotten, when gone)."""
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            self.arrivals.forget(path)
+            return False
+        candidate = self.arrivals.files[path]
+        if (stat.st_size, stat.st_mtime) != (candidate.size, candidate.mtime):
+            self.arrivals.observe(path, stat.st_size, stat.st_mtime, now)
+            return False
+        return True
 
     # -- rules --
 
