@@ -33,6 +33,29 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+REPO = Path(__file__).resolve().parent.parent
+#: The AE title the test receivers answer to.
+AE_TITLE = "DICOMWATCHER"
+
+
+def storescp_command(port: int, inbox: Path) -> list[str]:
+    """scripts/storescp.sh (dcmtk's storescp) receiving into `inbox`."""
+    return [
+        str(REPO / "scripts" / "storescp.sh"),
+        "-p",
+        str(port),
+        "-a",
+        AE_TITLE,
+        "-o",
+        str(inbox),
+    ]
+
+
+def send_command(port: int, *folders: Path) -> list[str]:
+    """scripts/send.sh (dcmtk's storescu) sending `folders` to the receiver on `port`."""
+    return [str(REPO / "scripts" / "send.sh"), "-p", str(port), "-a", AE_TITLE, *map(str, folders)]
+
+
 def skip_or_fail(reason: str) -> None:
     """Skip with a reason on a user's machine; fail in CI (CI=true), where
     every tool and permission the suite needs must be present."""

@@ -20,12 +20,15 @@ from pathlib import Path
 import pydicom
 import pytest
 from harness import (
+    AE_TITLE,
     DaemonProcess,
     files_under,
     free_port,
     lab_files,
     listening,
+    send_command,
     skip_or_fail,
+    storescp_command,
     wait_for,
 )
 
@@ -33,9 +36,7 @@ from watcher import headers
 from watcher.errors import NotRoutable
 from watcher.synthetic import StudySpec, study_datasets, write_dataset
 
-REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
-AE_TITLE = "DICOMWATCHER"
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 pytestmark = pytest.mark.e2e
@@ -52,15 +53,7 @@ class Receiver:
         if kind == "dcmtk":
             if not (shutil.which("storescp") and shutil.which("storescu")):
                 skip_or_fail("dcmtk's storescp/storescu are not installed (apt-get install dcmtk)")
-            command = [
-                str(REPO / "scripts" / "storescp.sh"),
-                "-p",
-                str(self.port),
-                "-a",
-                AE_TITLE,
-                "-o",
-                str(inbox),
-            ]
+            command = storescp_command(self.port, inbox)
         else:
             try:
                 import pynetdicom  # noqa: F401
@@ -88,14 +81,7 @@ class Receiver:
 
     def send(self, folder: Path) -> subprocess.CompletedProcess[bytes]:
         if self.kind == "dcmtk":
-            command = [
-                str(REPO / "scripts" / "send.sh"),
-                "-p",
-                str(self.port),
-                "-a",
-                AE_TITLE,
-                str(folder),
-            ]
+            command = send_command(self.port, folder)
         else:
             command = [
                 sys.executable,

@@ -12,14 +12,21 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import DaemonProcess, files_under, free_port, listening, skip_or_fail, wait_for
+from harness import (
+    DaemonProcess,
+    files_under,
+    free_port,
+    listening,
+    send_command,
+    skip_or_fail,
+    storescp_command,
+    wait_for,
+)
 
 from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, write_study
 
 PAGE = 4096
-REPO = Path(__file__).resolve().parent.parent.parent
-AE_TITLE = "DICOMWATCHER"
 
 
 def free_bytes(folder: Path) -> int:
@@ -179,15 +186,7 @@ class Storescp:
         self.port = free_port()
         self.senders: list[subprocess.Popen[bytes]] = []
         self.process = subprocess.Popen(
-            [
-                str(REPO / "scripts" / "storescp.sh"),
-                "-p",
-                str(self.port),
-                "-a",
-                AE_TITLE,
-                "-o",
-                str(inbox),
-            ],
+            storescp_command(self.port, inbox),
             env={**os.environ, "TCP_NODELAY": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -200,14 +199,7 @@ class Storescp:
 
     def send(self, *folders: Path) -> subprocess.Popen[bytes]:
         sender = subprocess.Popen(
-            [
-                str(REPO / "scripts" / "send.sh"),
-                "-p",
-                str(self.port),
-                "-a",
-                AE_TITLE,
-                *map(str, folders),
-            ],
+            send_command(self.port, *folders),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
