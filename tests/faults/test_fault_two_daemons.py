@@ -12,6 +12,7 @@ from faultlib import own
 from harness import DaemonProcess, files_under, lab_files, paths_under, wait_for
 from pydicom.filebase import DicomBytesIO
 
+from watcher.engine import BATCH
 from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, study_datasets
 
@@ -44,7 +45,12 @@ def test_two_daemons_place_the_same_study_into_one_destination(tmp_path, daemons
     daemons.extend(runs)
     for run in runs:
         run.add_rule("lab", lab)
-    first = encoded(StudySpec(patient_id="TWIN1", series=4, instances=150, rows=32, columns=32))
+    # The first study spans several placement batches, so that the nodes,
+    # placing it in opposite orders, both begin with files the other has not.
+    per_series = 5 * BATCH // 8
+    first = encoded(
+        StudySpec(patient_id="TWIN1", series=4, instances=per_series, rows=32, columns=32)
+    )
     second = encoded(StudySpec(patient_id="TWIN2", series=2, instances=150, rows=32, columns=32))
     # The same study reaches both nodes, as two receivers fed by one scanner:
     # file k of node 0 is written with file N-1-k of node 1, so the nodes
