@@ -12,8 +12,8 @@ and `headers.read_instance` reads the file with pydicom instead.
 from __future__ import annotations
 
 import functools
+import os
 import struct
-from typing import BinaryIO
 
 from watcher.dictionary import dictionary_vr, keyword_for_tag
 from watcher.errors import NotRoutable
@@ -22,6 +22,8 @@ IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 #: Syntaxes this reader leaves to pydicom: explicit big endian, deflated.
 FALLBACK_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+#: Item, item delimiter, sequence delimiter.
+ITEM_TAGS = frozenset({0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD})
 LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
@@ -58,13 +60,17 @@ UNDEFINED = 0xFFFFFFFF
 CHARSET_TAG = 0x00080005
 SOP_CLASS_TAG = 0x00020002
 TRANSFER_SYNTAX_TAG = 0x00020010
+#: The first read of a file, and each further one of its header.
 WINDOW = 64 * 1024
+#: Longer values are decoded without being remembered.
+MEMO_VALUE_BYTES = 256
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<L").unpack_from
 _tag = struct.Struct("<HH").unpack_from
-_implicit_header = struct.Struct("<HHL").unpack_from
-_explicit_header = struct.Struct("<HH2sH").unpack_from
+#: An element header with its tag as one number (see `_key`).
+_implicit_header = struct.Struct("<LL").unpack_from
+_explicit_header = struct.Struct("<L2sH").unpack_from
 
 
 class Fallback(Exception):
@@ -72,68 +78,61 @@ class Fallback(Exception):
 
 
 class _Reader:
-    """Reads a file through a window of bytes, so that skipped values are
-    never read at all."""
+    """A file's bytes through a window, read with pread: `buffer` holds them
+    from `base` on, and skipped values are never read at all."""
 
-    def __init__(self, fp: BinaryIO, size: int) -> None:
-        self.fp = fp
+    def __init__(self, fd: int, size: int, head: bytes) -> None:
+        self.fd = fd
         self.size = size
         self.base = 0
-        self.buffer = b""
+        self.buffer = head
 
     def bytes_at(self, offset: int, count: int) -> bytes:
         end = offset + count
-        if offset < self.base or end > self.base + len(self.buffer):
-            self.fp.seek(offset)
-            self.buffer = self.fp.read(max(count, WINDOW))
+        held = self.base + len(self.buffer)
+        if offset < self.base or (end > held and held < self.size):
+            self.buffer = os.pread(self.fd, max(count, WINDOW), offset)
             self.base = offset
         start = offset - self.base
         return self.buffer[start : start + count]
 
 
-def read_values(
-    fp: BinaryIO, size: int, tags: list[int]
-) -> tuple[dict[str, str], str, bool, int | None]:
-    """Read a Part 10 file whose preamble was seen.
+def read_values(fd: int, size: int, head: bytes, tags: list[int]) -> tuple[dict[str, str], str]:
+    """Read a Part 10 file whose preamble was seen in `head` (its first bytes,
+    up to `WINDOW`), and check that it is whole.
 
-    Returns (values by keyword, Media Storage SOP Class UID, implicit VR,
-    offset of the pixel data element or None). Raises `NotRoutable` when the
-    file is cut short inside its header, `Fallback` when pydicom should read it.
+    Returns (values by keyword, Media Storage SOP Class UID). Raises
+    `NotRoutable` when the file is cut short (in its header, its pixel data or
+    after), `Fallback` when pydicom should read it.
     """
-    reader = _Reader(fp, size)
-    wanted = frozenset(tags)
+    reader = _Reader(fd, size, head)
     meta: dict[int, bytes] = {}
-    offset = _walk_elements(
-        reader, 132, False, frozenset({SOP_CLASS_TAG, TRANSFER_SYNTAX_TAG}), meta, group=0x0002
-    )
+    offset = _walk_meta(reader, meta)
     syntax = _ascii(meta.get(TRANSFER_SYNTAX_TAG, b""))
     if not syntax or syntax in FALLBACK_SYNTAXES:
         raise Fallback(syntax or "no transfer syntax")
     implicit = syntax == IMPLICIT_LITTLE
     raw: dict[int, tuple[bytes, bytes]] = {}
-    pixel = _walk_data_set(reader, offset, implicit, wanted, raw)
-    return _decode(raw), _ascii(meta.get(SOP_CLASS_TAG, b"")), implicit, pixel
+    pixel = _walk_data_set(reader, offset, implicit, _stops(tuple(tags)), raw)
+    if pixel is not None:
+        _walk_to_end(reader, pixel, implicit)
+    return _decode(raw), _ascii(meta.get(SOP_CLASS_TAG, b""))
 
 
-def _walk_elements(
-    reader: _Reader,
-    offset: int,
-    implicit: bool,
-    wanted: frozenset[int],
-    found: dict[int, bytes],
-    group: int,
-) -> int:
-    """Read the elements of one group (the File Meta); return where it ends."""
+def _walk_meta(reader: _Reader, found: dict[int, bytes]) -> int:
+    """Read the File Meta group (explicit VR) from offset 132, keeping the
+    SOP class and the transfer syntax; return where the data set starts."""
+    offset = 132
     while offset + 8 <= reader.size:
         header = reader.bytes_at(offset, 12)
         element_group, element = _tag(header)
-        if element_group != group:
+        if element_group != 0x0002:
             return offset
-        tag = element_group << 16 | element
-        length, header_length, _ = _header(header, implicit)
+        length, header_length, _ = _header(header, False)
         if length == UNDEFINED:
             raise Fallback("undefined length in the File Meta")
-        if tag in wanted:
+        tag = element_group << 16 | element
+        if tag in (SOP_CLASS_TAG, TRANSFER_SYNTAX_TAG):
             found[tag] = reader.bytes_at(offset + header_length, length)
         offset += header_length + length
     return offset
@@ -151,58 +150,99 @@ def _header(header: bytes, implicit: bool) -> tuple[int, int, bytes]:
     return _u16(header, 6)[0], 8, vr
 
 
+#: In `_stops`, what a tag that is not wanted stops the walk for.
+PIXEL_OR_ITEM = 0
+
+
+@functools.lru_cache(maxsize=16)
+def _stops(tags: tuple[int, ...]) -> dict[int, int]:
+    """The tags the walk stops at (wanted ones, pixel data, items), keyed as
+    their four bytes read as one little-endian number: wanted tags map to
+    themselves, the others to `PIXEL_OR_ITEM`."""
+    stops = {_key(tag): PIXEL_OR_ITEM for tag in (*PIXEL_TAGS, *ITEM_TAGS)}
+    stops.update((_key(tag), tag) for tag in tags)
+    return stops
+
+
+def _key(tag: int) -> int:
+    return (tag >> 16) | (tag & 0xFFFF) << 16
+
+
 def _walk_data_set(
     reader: _Reader,
     offset: int,
     implicit: bool,
-    wanted: frozenset[int],
+    stops: dict[int, int],
     raw: dict[int, tuple[bytes, bytes]],
 ) -> int | None:
     """Walk the top-level elements up to the pixel data, keeping the wanted
     ones; return the pixel data's offset (None when there is none)."""
     size = reader.size
-    # The hot loop of header reading (about a hundred elements a file): the
-    # window's bytes are unpacked in place while the element header lies
-    # inside it (nearly always), and `_header` is inlined.
-    buffer, base = reader.buffer, reader.base
-    while offset < size:
-        at = offset - base
-        if at < 0 or at + 12 > len(buffer):
-            reader.bytes_at(offset, 12)
-            buffer, base = reader.buffer, reader.base
-            at = offset - base
-            if len(buffer) - at < 8:
-                raise NotRoutable(f"truncated: {size} bytes end inside an element header")
-        if implicit:
-            group, element, length = _implicit_header(buffer, at)
-            header_length, vr = 8, b""
-        else:
-            group, element, vr, length = _explicit_header(buffer, at)
-            if vr in SHORT_VRS:
-                header_length = 8
-            elif vr in LONG_VRS:
-                if len(buffer) - at < 12:
-                    raise NotRoutable("truncated: the file ends inside an element header")
-                length, header_length = _u32(buffer, at + 8)[0], 12
-            else:  # a VR this reader does not know: as `_header` decides
-                length, header_length, vr = _header(buffer[at : at + 12], False)
+    while True:
+        # The hot loop of header reading (about a hundred elements a file):
+        # element headers are unpacked in place and wanted values sliced out
+        # while they lie inside the window; anything else (the pixel data, an
+        # item, an undefined length, an odd VR, the window's end) is left to
+        # the one-element step below.
+        buffer = reader.buffer
+        held = len(buffer)
+        at, limit = offset - reader.base, held - 12
+        if at >= 0:
+            if implicit:
+                while at <= limit:
+                    key, length = _implicit_header(buffer, at)
+                    if length == UNDEFINED:
+                        break
+                    end = at + 8 + length
+                    if key in stops:
+                        tag = stops[key]
+                        if not tag or end > held:
+                            break
+                        raw[tag] = (b"", buffer[at + 8 : end])
+                    at = end
+            else:
+                while at <= limit:
+                    key, vr, length = _explicit_header(buffer, at)
+                    if vr in SHORT_VRS:
+                        start = at + 8
+                    elif vr in LONG_VRS:
+                        length = _u32(buffer, at + 8)[0]
+                        if length == UNDEFINED:
+                            break
+                        start = at + 12
+                    else:
+                        break
+                    end = start + length
+                    if key in stops:
+                        tag = stops[key]
+                        if not tag or end > held:
+                            break
+                        raw[tag] = (vr, buffer[start:end])
+                    at = end
+            offset = reader.base + at
+        if offset >= size:
+            if offset > size:
+                raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
+            return None
+        header = reader.bytes_at(offset, 12)
+        if len(header) < 8:
+            raise NotRoutable(f"truncated: {size} bytes end inside an element header")
+        group, element = _tag(header)
         if group == 0x7FE0 and (group << 16 | element) in PIXEL_TAGS:
             return offset
         if group == 0xFFFE:
             raise Fallback("item tag at the top level")
+        length, header_length, vr = _header(header, implicit)
         start = offset + header_length
         if length == UNDEFINED:
             offset = _skip_undefined(reader, start, implicit)
-            buffer, base = reader.buffer, reader.base
             continue
         offset = start + length
         if offset > size:
             raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
-        tag = group << 16 | element
-        if tag in wanted:
-            raw[tag] = (vr, reader.bytes_at(start, length))
-            buffer, base = reader.buffer, reader.base
-    return None
+        wanted = stops.get(group | element << 16)
+        if wanted:
+            raw[wanted] = (vr, reader.bytes_at(start, length))
 
 
 def _skip_undefined(reader: _Reader, offset: int, implicit: bool) -> int:
@@ -213,26 +253,45 @@ def _skip_undefined(reader: _Reader, offset: int, implicit: bool) -> int:
         header = reader.bytes_at(offset, 12)
         if len(header) < 8:
             raise NotRoutable("truncated: a sequence is not closed")
-        group, element = _tag(header)
-        if group == 0xFFFE:
-            length = _u32(header, 4)[0]
-            offset += 8
-            if element in (0xE00D, 0xE0DD):
-                depth -= 1
-            elif length == UNDEFINED:
-                depth += 1
-            else:
-                offset += length
-        else:
-            length, header_length, _ = _header(header, implicit)
-            offset += header_length
-            if length == UNDEFINED:
-                depth += 1
-            else:
-                offset += length
+        offset, opens, closes = _step(header, offset, implicit)
+        depth += opens - closes
         if offset > size:
             raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
     return offset
+
+
+def _walk_to_end(reader: _Reader, offset: int, implicit: bool) -> None:
+    """Step from the pixel data to the end of the file. A declared length
+    that runs past the end, or encapsulated pixel data (or a sequence) left
+    open at the end, means the file is truncated."""
+    size = reader.size
+    depth = 0
+    while offset < size:
+        header = reader.bytes_at(offset, 12)
+        if len(header) < 8:
+            raise NotRoutable(f"truncated: {size} bytes end inside an element header")
+        offset, opens, closes = _step(header, offset, implicit)
+        depth += opens - closes
+        if offset > size:
+            raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
+    if depth > 0:
+        raise NotRoutable("truncated: a sequence or the pixel data is not closed")
+
+
+def _step(header: bytes, offset: int, implicit: bool) -> tuple[int, int, int]:
+    """(offset after this element or item, opens a container, closes one)."""
+    group, element = _tag(header)
+    if group == 0xFFFE:  # items and delimiters: tag + 4-byte length, no VR
+        length = _u32(header, 4)[0]
+        if element in (0xE00D, 0xE0DD):
+            return offset + 8, 0, 1
+        if length == UNDEFINED:
+            return offset + 8, 1, 0
+        return offset + 8 + length, 0, 0
+    length, header_length, _ = _header(header, implicit)
+    if length == UNDEFINED:
+        return offset + header_length, 1, 0
+    return offset + header_length + length, 0, 0
 
 
 def _ascii(value: bytes) -> str:
@@ -242,28 +301,37 @@ def _ascii(value: bytes) -> str:
 def _decode(raw: dict[int, tuple[bytes, bytes]]) -> dict[str, str]:
     """Values as `headers` renders them; non-ASCII text goes to pydicom."""
     values: dict[str, str] = {}
-    for tag, (vr_bytes, value) in raw.items():
-        vr = vr_bytes.decode("ascii") if vr_bytes and vr_bytes != b"UN" else _dictionary_vr(tag)
-        if vr in BINARY_VRS:
-            continue
-        keyword = _keyword(tag)
-        if vr in NUMBER_FORMATS:
-            code = NUMBER_FORMATS[vr]
-            count = len(value) // struct.calcsize(code)
-            numbers = struct.unpack(f"<{count}{code}", value[: count * struct.calcsize(code)])
-            values[keyword] = "\\".join(str(n) for n in numbers)
-            continue
-        if not value.isascii() or b"\x1b" in value:
-            raise Fallback("non-ASCII text, or ISO 2022 escapes")
-        text = value.decode("ascii")
-        if vr in SINGLE_VALUED_TEXT:
-            values[keyword] = text.rstrip("\x00 ")
-            continue
-        parts = [part.strip("\x00 ") for part in text.split("\\")]
-        if vr == "PN":
-            parts = [_person_name(part) for part in parts]
-        values[keyword] = "\\".join(parts)
+    for tag, (vr, value) in raw.items():
+        if len(value) <= MEMO_VALUE_BYTES:
+            text = _decode_value(tag, vr, value)
+        else:
+            text = _decode_value.__wrapped__(tag, vr, value)
+        if text is not None:
+            values[_keyword(tag)] = text
     return values
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_value(tag: int, vr_bytes: bytes, value: bytes) -> str | None:
+    """One value as text (None for a binary one). Remembered: most values of
+    a series (its patient, study, series, dates) repeat in every file."""
+    vr = vr_bytes.decode("ascii") if vr_bytes and vr_bytes != b"UN" else _dictionary_vr(tag)
+    if vr in BINARY_VRS:
+        return None
+    if vr in NUMBER_FORMATS:
+        code = NUMBER_FORMATS[vr]
+        count = len(value) // struct.calcsize(code)
+        numbers = struct.unpack(f"<{count}{code}", value[: count * struct.calcsize(code)])
+        return "\\".join(str(n) for n in numbers)
+    if not value.isascii() or b"\x1b" in value:
+        raise Fallback("non-ASCII text, or ISO 2022 escapes")
+    text = value.decode("ascii")
+    if vr in SINGLE_VALUED_TEXT:
+        return text.rstrip("\x00 ")
+    parts = [part.strip("\x00 ") for part in text.split("\\")]
+    if vr == "PN":
+        parts = [_person_name(part) for part in parts]
+    return "\\".join(parts)
 
 
 def _person_name(text: str) -> str:

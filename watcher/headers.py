@@ -15,6 +15,7 @@ compares the lengths they declare with the size of the file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import struct
 import zlib
@@ -118,31 +119,34 @@ def read_instance(
     path = os.fspath(path)
     if tags is None:
         tags = tags_for(())
-    with open(path, "rb", buffering=64 * 1024) as fp:
-        status = os.fstat(fp.fileno())
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        status = os.fstat(fd)
         size = status.st_size
         if size == 0:
             raise NotRoutable("empty file (0 bytes)")
-        head = fp.read(132)
-        has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+        head = os.pread(fd, fastheader.WINDOW, 0)
+        has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
         if not has_preamble and not _looks_like_data_set(head):
             raise NotRoutable("not a DICOM file (no DICM prefix and no data set at its start)")
         try:
             if not has_preamble:
                 raise fastheader.Fallback("no preamble")
-            values, sop_class, implicit, pixel = fastheader.read_values(fp, size, tags)
-            if pixel is not None:
-                _walk(fp, pixel, size, implicit, True)
+            values, sop_class = fastheader.read_values(fd, size, head, tags)
         except fastheader.Fallback:
-            fp.seek(0)
-            ds = _parse(fp, force=not has_preamble, tags=tags)
-            stopped_at = fp.tell()
-            _check_complete(fp, ds, size, stopped_at, has_preamble)
+            with open(fd, "rb", closefd=False) as fp:
+                ds = _parse(fp, force=not has_preamble, tags=tags)
+                stopped_at = fp.tell()
+                _check_complete(fp, ds, size, stopped_at, has_preamble)
             sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
             values = _values(ds, tags)
-        sha256 = sha256_of_fd(fp.fileno()) if digest else ""
+        sha256 = ""
+        if digest:
+            sha256 = hashlib.sha256(head).hexdigest() if len(head) == size else sha256_of_fd(fd)
         if writeback:
-            start_writeback(fp.fileno())
+            start_writeback(fd)
+    finally:
+        os.close(fd)
 
     if sop_class == DICOMDIR_SOP_CLASS:
         raise NotRoutable("DICOMDIR (a media directory, not an instance)")
