@@ -18,7 +18,6 @@ from typing import TextIO
 
 from watcher import __version__, headers, logs, placement
 from watcher.config import load_config
-from watcher.daemon import Daemon
 from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
 from watcher.errors import NotRoutable, WatcherError
 from watcher.rules import RuleSet, load_rules, single_rule
@@ -121,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from watcher.daemon import Daemon  # with watchdog: imported only to run
+
     config = load_config(args.config).with_overrides(quiet_seconds=args.quiet_seconds)
     stop = threading.Event()
 
