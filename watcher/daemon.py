@@ -582,7 +582,7 @@ class Daemon:
                 if self.stop.is_set():  # SIGTERM: the batch in hand is finished
                     break
                 batch = matched[start : start + BATCH]
-                outcomes = place_many(batch, move=True, retry=self.retry)
+                outcomes = place_many(batch, move=True, retry=self.retry, writeback=True)
                 for (instance, routes), outcome in zip(batch, outcomes, strict=True):
                     if isinstance(outcome, BaseException):
                         if isinstance(outcome, FileNotFoundError) and not os.path.exists(

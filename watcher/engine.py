@@ -154,9 +154,11 @@ def place_many(
     move: bool = False,
     retry: RetryPolicy | None = None,
     digest: bool | None = None,
+    writeback: bool = False,
 ) -> list[list[Placement] | BaseException]:
     """`place_instance` for many instances, with one flush per filesystem
-    and per folder (`placement.place_batch`) instead of one per file.
+    and per folder (`placement.place_batch`, with its `writeback`) instead of
+    one per file.
 
     Returns, per instance, its placements or the error that kept it (its
     source then stays). Instances that met a transient error are tried again
@@ -172,7 +174,7 @@ def place_many(
             owners.append(index)
     placed: list[list[Placement]] = [[] for _ in items]
     failed: dict[int, BaseException] = {}
-    for owner, result in zip(owners, place_batch(jobs), strict=True):
+    for owner, result in zip(owners, place_batch(jobs, writeback), strict=True):
         if isinstance(result, BaseException):
             failed.setdefault(owner, result)
         else:

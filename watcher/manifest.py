@@ -96,7 +96,7 @@ def _merge_and_replace(
         pass
     prefix = f"{path.parent}/"
     for entry in entries:
-        placed = str(entry.placement.path)
+        placed = f"{entry.placement.folder}/{entry.placement.name}"
         if placed.startswith(prefix):  # always, but for odd templates
             relative = placed[len(prefix) :]
         else:
@@ -124,14 +124,17 @@ def _merge_and_replace(
     return manifest
 
 
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _to_json(manifest: dict[str, object]) -> str:
     """One instance per line: readable with `grep`, and written by the
     C encoder (`indent` would switch to the slow pure-Python one)."""
     head = {key: value for key, value in manifest.items() if key != "instances"}
     instances = manifest["instances"]
     assert isinstance(instances, list)
-    lines = ",\n  ".join(json.dumps(item, ensure_ascii=False) for item in instances)
-    opening = json.dumps(head, ensure_ascii=False)[:-1]
+    lines = ",\n  ".join(map(_ENCODE, instances))
+    opening = _ENCODE(head)[:-1]
     return (
         f'{opening}, "instances": [\n  {lines}\n]}}\n'
         if instances
