@@ -49,7 +49,7 @@ def fast_read(path: Path) -> dict[str, str] | None:
     """The fast reader's values (None: not a Part 10 file), as `read_instance` calls it."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        head = os.pread(fd, max(fastheader.WINDOW, 132), 0)
+        head = os.pread(fd, fastheader.FIRST_READ, 0)
         if head[128:132] != b"DICM":
             return None
         return fastheader.read_values(fd, os.fstat(fd).st_size, head, TAGS)[0]
@@ -67,12 +67,15 @@ def with_fast_reader(path: Path) -> tuple[str, object] | None:
     return None if values is None else ("values", values)
 
 
-@pytest.mark.parametrize("window", [fastheader.WINDOW, 140, 12])
+@pytest.mark.parametrize(
+    ("first", "window"), [(fastheader.FIRST_READ, fastheader.WINDOW), (140, 140), (132, 12)]
+)
 def test_fast_reader_gives_what_pydicom_gives_on_every_file_it_takes(
-    window: int, monkeypatch: pytest.MonkeyPatch
+    first: int, window: int, monkeypatch: pytest.MonkeyPatch
 ):
-    # A small window makes every element header and value straddle or leave
-    # the bytes in hand, so that each way of reading on is taken.
+    # Small reads make every element header and value straddle or leave the
+    # bytes in hand, so that each way of reading on is taken.
+    monkeypatch.setattr(fastheader, "FIRST_READ", first)
     monkeypatch.setattr(fastheader, "WINDOW", window)
     taken = 0
     for path in FILES:

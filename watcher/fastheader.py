@@ -60,7 +60,10 @@ UNDEFINED = 0xFFFFFFFF
 CHARSET_TAG = 0x00080005
 SOP_CLASS_TAG = 0x00020002
 TRANSFER_SYNTAX_TAG = 0x00020010
-#: The first read of a file, and each further one of its header.
+#: The first read of a file: most headers fit (a Siemens MR one, with its
+#: CSA header, takes 10 to 15 KB), and a large image is not read in vain.
+FIRST_READ = 16 * 1024
+#: Each further read of a header that is larger.
 WINDOW = 64 * 1024
 #: Longer values are decoded without being remembered.
 MEMO_VALUE_BYTES = 256
@@ -99,7 +102,7 @@ class _Reader:
 
 def read_values(fd: int, size: int, head: bytes, tags: list[int]) -> tuple[dict[str, str], str]:
     """Read a Part 10 file whose preamble was seen in `head` (its first bytes,
-    up to `WINDOW`), and check that it is whole.
+    up to `FIRST_READ`), and check that it is whole.
 
     Returns (values by keyword, Media Storage SOP Class UID). Raises
     `NotRoutable` when the file is cut short (in its header, its pixel data or

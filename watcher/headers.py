@@ -125,7 +125,7 @@ def read_instance(
         size = status.st_size
         if size == 0:
             raise NotRoutable("empty file (0 bytes)")
-        head = os.pread(fd, fastheader.WINDOW, 0)
+        head = os.pread(fd, fastheader.FIRST_READ, 0)
         has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
         if not has_preamble and not _looks_like_data_set(head):
             raise NotRoutable("not a DICOM file (no DICM prefix and no data set at its start)")
