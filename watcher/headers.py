@@ -74,6 +74,11 @@ class Instance:
     sha256: str = ""
     mtime_ns: int = 0
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Pickled by the thousand to and from worker processes: as its fields,
+        # which is twice as fast as a slotted dataclass's own state.
+        return type(self), (self.path, self.size, self.values, self.sha256, self.mtime_ns)
+
     @property
     def sop_instance_uid(self) -> str:
         return self.values["SOPInstanceUID"]

@@ -77,6 +77,17 @@ class Placement:
     def path(self) -> Path:
         return self.folder / self.name
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Comes back from worker processes by the thousand (see `headers.Instance`).
+        return type(self), (
+            self.folder,
+            self.name,
+            self.outcome,
+            self.size,
+            self.beside,
+            self.sha256,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Permissions:

@@ -121,6 +121,10 @@ class Route:
     relative_path: str
     decided_by: tuple[tuple[str, str], ...]
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Goes to worker processes by the thousand (see `headers.Instance`).
+        return type(self), (self.rule, self.relative_path, self.decided_by)
+
 
 @dataclass(frozen=True)
 class RuleSet:
