@@ -6,6 +6,7 @@ tests drive time by hand.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,9 @@ class Arrivals:
             for path, c in self.files.items()
             if c.failed_at is not None and now - c.changed_at >= grace and now - c.failed_at >= 0
         ]
+
+
+_EMPTY = itertools.repeat("")
 
 
 @dataclass(slots=True)
@@ -174,8 +178,8 @@ class Studies:
         return study
 
     def _compact(self, study: Study, values: Mapping[str, str]) -> tuple[str, ...]:
-        shared = study.shared
-        return tuple(shared.setdefault(v, v) for v in (values.get(k, "") for k in study.fields))
+        share = study.shared.setdefault
+        return tuple([share(value, value) for value in map(values.get, study.fields, _EMPTY)])
 
     def remove_path(self, path: str) -> None:
         uid = self.study_of.pop(path, None)
