@@ -429,3 +429,70 @@ def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplica
     run.wait_event("study_placed")  # its manifest is written too
     counts = assert_accounted(entered, [lab], run.state)
     assert counts["placed"] == 4 * per_series and len(lab_files(lab)) == 4 * per_series
+
+
+def run_once(run: DaemonProcess) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0"]
+        + ["--config", str(run.config_path), "--log-format", "json"],
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def json_events(output: bytes, event: str) -> list[dict[str, object]]:
+    lines = (json.loads(line) for line in output.decode().splitlines() if line.startswith("{"))
+    return [line for line in lines if line.get("event") == event]
+
+
+def test_once_places_large_studies_batch_by_batch_in_its_workers(daemon, tmp_path):
+    # Each study spans two placement batches, which `run --once` places side
+    # by side in its worker processes; each batch's outcomes come back to
+    # the daemon, which accounts for every file and writes whole manifests.
+    per_study = BATCH + 96
+    run = daemon()
+    labs = {}
+    for n in range(2):
+        labs[n] = tmp_path / f"lab{n}"
+        labs[n].mkdir()
+        run.add_rule(f"lab{n}", labs[n], match={"PatientID": f"^BIG{n}$"}, manifest=True)
+        write_study(
+            StudySpec(patient_id=f"BIG{n}", series=2, instances=per_study // 2),
+            run.inbox / f"study{n}",
+        )
+    entered = snapshot(run.inbox)
+    done = run_once(run)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert run.inbox_files() == []
+    counts = assert_accounted(entered, labs.values(), run.state, exact=True, unique_uids=True)
+    assert counts["placed"] == 2 * per_study
+    for lab in labs.values():
+        [manifest] = lab.rglob("manifest.json")
+        listed = json.loads(manifest.read_text())["instances"]
+        assert len(listed) == per_study
+        assert all(sha256(manifest.parent / item["path"]) == item["sha256"] for item in listed)
+    placed = json_events(done.stderr, "study_placed")
+    assert sorted(int(str(event["files"])) for event in placed) == [per_study, per_study]
+
+
+def test_once_parks_a_study_whose_lab_is_missing_when_a_worker_finds_it(daemon, tmp_path):
+    # The refusal (DestinationUnavailable) is found in a worker process and
+    # comes back pickled; the study stays whole in the inbox, the other is placed.
+    run = daemon()
+    present, missing = tmp_path / "present", tmp_path / "missing"
+    present.mkdir()
+    run.add_rule("present", present, match={"PatientID": "^OK$"})
+    run.add_rule("missing", missing, match={"PatientID": "^GONE$"})
+    for patient in ("OK", "GONE"):
+        write_study(
+            StudySpec(patient_id=patient, series=2, instances=(BATCH + 96) // 2),
+            run.inbox / patient,
+        )
+    gone = {path for path in files_under(run.inbox / "GONE")}
+    done = run_once(run)
+    assert done.returncode == 1, "a parked study leaves `run --once` incomplete"
+    assert set(files_under(run.inbox)) == gone
+    assert len(lab_files(present)) == BATCH + 96
+    [parked] = json_events(done.stderr, "study_parked")
+    assert f"destination {missing} unavailable" in str(parked["error"])
+    assert not missing.exists(), "a missing destination is never created"

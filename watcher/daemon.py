@@ -23,6 +23,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -62,6 +64,9 @@ from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
 
 log = logging.getLogger(__name__)
+
+#: Per instance of a batch: its placements, or the error that kept it.
+PlaceOutcomes = list[list[Placement] | BaseException]
 
 TICK_SECONDS = 0.2
 #: Files read per turn of the loop before it looks at the stop flag again.
@@ -203,6 +208,13 @@ def _inotify_watches() -> int | None:
 # --- the daemon --------------------------------------------------------------
 
 
+def _place_moving(
+    batch: list[tuple[headers.Instance, list[Route]]], retry: RetryPolicy
+) -> PlaceOutcomes:
+    """Place a batch of a study and remove its sources (in a worker, or not)."""
+    return place_many(batch, move=True, retry=retry, writeback=True)
+
+
 @dataclass
 class Counts:
     placed_files: int = 0
@@ -252,6 +264,9 @@ class Daemon:
             clock=clock,
         )
         self.saved_retries: dict[str, dict[str, object]] = {}
+        #: `run --once`: worker processes forked at its first large burst,
+        #: which read headers and place batches until it ends.
+        self._workers: Executor | None = None
         self.started = self.clock()
         self._next_rescan = self._next_rules = self._next_status = 0.0
 
@@ -290,6 +305,9 @@ class Daemon:
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
+            if self._workers is not None:
+                self._workers.shutdown(cancel_futures=True)
+                self._workers = None
             self._write_status()
         parked = [s for s in self.studies if s.parked_since is not None]
         if self.once and parked:
@@ -430,15 +448,21 @@ class Daemon:
             if self._unchanged(path, now):
                 unchanged.append(path)
         retry_after = max(self.config.settle_seconds, 1.0)
-        # Workers must be spawned beside the observer thread, which costs about
-        # a second: worth it only for a large burst (a full inbox at start-up).
-        forking = threading.active_count() == 1  # `run --once`: no observer thread
-        threshold = POOL_THRESHOLD if forking else DAEMON_POOL_THRESHOLD
-        pool = header_pool(not forking) if len(unchanged) >= threshold else None
+        pool = self._workers
+        if pool is None and self.once and threading.active_count() == 1:
+            # `run --once`, nothing but this thread: workers are forked (cheap)
+            # and kept, to place the studies as well.
+            if len(unchanged) >= POOL_THRESHOLD:
+                pool = self._workers = header_pool(threads_running=False)
+        elif pool is None and len(unchanged) >= DAEMON_POOL_THRESHOLD:
+            # Beside the observer thread workers must be spawned, which costs
+            # about a second: worth it only for a large burst (a full inbox at
+            # start-up), and only for reading.
+            pool = header_pool(threads_running=True)
         try:
             # With a pool every read is submitted at once, and the workers go
             # on reading while results are taken here, a chunk at a time.
-            results = iter_read(unchanged, self.tags, pool, self._digest, writeback=True)
+            results = iter_read(unchanged, self.tags, pool, self._digest, writeback=not self.once)
             for start in range(0, len(unchanged), READ_CHUNK):
                 if self.stop.is_set():
                     return
@@ -447,8 +471,8 @@ class Daemon:
                     chunk, list(itertools.islice(results, len(chunk))), now, retry_after
                 )
         finally:
-            if pool is not None:  # only for bursts: an idle daemon keeps no workers
-                pool.shutdown(cancel_futures=True)
+            if pool is not None and pool is not self._workers:
+                pool.shutdown(cancel_futures=True)  # an idle daemon keeps no workers
 
     def _take_read(
         self,
@@ -566,7 +590,7 @@ class Daemon:
             log.info(kv("study_complete_by_count", study=study.uid, files=len(plan)))
         self._clean_interrupted_placement()  # what a failed attempt could not remove
         inherited = self._write_journal(_plan_folders(plan))
-        error = None
+        error: str | None = None
         unmatched = 0
         matched = []
         done = False
@@ -578,30 +602,10 @@ class Daemon:
                 self._keep_unmatched(instance, study.uid)
                 unmatched += 1
                 self.studies.remove_path(instance.path)
-            for start in range(0, len(matched), BATCH):
-                if self.stop.is_set():  # SIGTERM: the batch in hand is finished
-                    break
-                batch = matched[start : start + BATCH]
-                outcomes = place_many(batch, move=True, retry=self.retry, writeback=True)
-                for (instance, routes), outcome in zip(batch, outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
-                        if isinstance(outcome, FileNotFoundError) and not os.path.exists(
-                            instance.path
-                        ):
-                            log.warning(kv("source_vanished", path=instance.path))
-                            self.studies.remove_path(instance.path)
-                        else:
-                            error = error or _describe(outcome)
-                        continue
-                    self.studies.remove_path(instance.path)
-                    for route, placement in zip(routes, outcome, strict=True):
-                        progress = study.progress.get(route.rule.name)
-                        if progress is None:
-                            progress = RulePlacement(route, started)
-                            study.progress[route.rule.name] = progress
-                        progress.add(placement, instance)
-                if error is not None:
-                    break
+            batches = [matched[start : start + BATCH] for start in range(0, len(matched), BATCH)]
+            error = self._place_batches(
+                batches, lambda batch, outcomes: self._take_placed(study, batch, outcomes, started)
+            )
             done = error is None
         finally:
             # After a failure the journal stays: temporary files that could
@@ -626,6 +630,63 @@ class Daemon:
             for progress in study.progress.values():
                 self._finish_rule(study, progress)
             self._placed(study)
+
+    def _place_batches(
+        self,
+        batches: list[list[tuple[headers.Instance, list[Route]]]],
+        take: Callable[[list[tuple[headers.Instance, list[Route]]], PlaceOutcomes], str | None],
+    ) -> str | None:
+        """Place batches one after another, or side by side in the workers of
+        `run --once`, and `take` each with its outcomes, in order; return the
+        first error `take` reports. No batch is begun after SIGTERM or an
+        error; every batch begun is taken, since its files may have moved."""
+        error = None
+        workers = self._workers
+        if workers is None or len(batches) < 2:
+            for batch in batches:
+                if self.stop.is_set() or error is not None:
+                    break
+                error = take(batch, _place_moving(batch, self.retry))
+            return error
+        futures = [workers.submit(_place_moving, batch, self.retry) for batch in batches]
+        for batch, future in zip(batches, futures, strict=True):
+            if (self.stop.is_set() or error is not None) and future.cancel():
+                continue
+            try:
+                outcomes = future.result()
+            except BrokenProcessPool as lost:  # a worker died: go on without them
+                log.error(kv("workers_lost", error=lost))
+                self._workers = None
+                outcomes = [lost] * len(batch)
+            taken = take(batch, outcomes)  # always: its files may have moved
+            error = error or taken
+        return error
+
+    def _take_placed(
+        self,
+        study: Study,
+        batch: list[tuple[headers.Instance, list[Route]]],
+        outcomes: PlaceOutcomes,
+        started: float,
+    ) -> str | None:
+        """Account for one placed batch; return the first error, described."""
+        error = None
+        for (instance, routes), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, FileNotFoundError) and not os.path.exists(instance.path):
+                    log.warning(kv("source_vanished", path=instance.path))
+                    self.studies.remove_path(instance.path)
+                else:
+                    error = error or _describe(outcome)
+                continue
+            self.studies.remove_path(instance.path)
+            for route, placement in zip(routes, outcome, strict=True):
+                progress = study.progress.get(route.rule.name)
+                if progress is None:
+                    progress = RulePlacement(route, started)
+                    study.progress[route.rule.name] = progress
+                progress.add(placement, instance)
+        return error
 
     def _completion(self, study: Study) -> tuple[float, bool]:
         """A study's quiet period (its rules may set their own; the longest

@@ -45,3 +45,7 @@ class DestinationUnavailable(WatcherError):
         self.destination = destination
         self.reason = reason
         super().__init__(f"destination {destination} unavailable: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in a worker process, it comes back pickled.
+        return type(self), (self.destination, self.reason)
