@@ -326,6 +326,38 @@ def test_a_batch_places_every_file_whole_in_every_mode(
     assert len(files_under(root)) == len(sources)
 
 
+@pytest.mark.parametrize("digest", [False, True])
+def test_a_held_source_descriptor_is_copied_from_its_start_and_left_open(
+    tmp_path, root, copy_method, digest
+):
+    # `sort` reads a header and copies the file from one descriptor: wherever
+    # its position was left, the whole file is copied, and it stays open.
+    source = tmp_path / "big.dcm"
+    source.write_bytes(os.urandom(placement.CHUNK * 2 + 7))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.lseek(fd, 1000, os.SEEK_SET)
+        job = placement.Job(str(source), root, "a/1.dcm", digest=digest, source_fd=fd)
+        [placed] = placement.place_batch([job])
+        assert isinstance(placed, placement.Placement)
+        assert sha256(placed.path) == sha256(source)
+        assert placed.sha256 == (sha256(source) if digest else "")
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 1000, "nor is its position moved"
+    finally:
+        os.close(fd)  # raises EBADF if placement closed it
+
+
+def test_a_held_source_descriptor_is_linked_and_left_open(tmp_path, root, source):
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        job = placement.Job(str(source), root, "a/1.dcm", link=True, source_fd=fd)
+        [placed] = placement.place_batch([job])
+        assert isinstance(placed, placement.Placement)
+        assert os.path.samefile(placed.path, source)
+    finally:
+        os.close(fd)
+
+
 def test_one_name_twice_in_a_batch_is_placed_once_and_other_bytes_go_beside(
     tmp_path, root, source, other, write_mode
 ):

@@ -13,6 +13,7 @@ import pytest
 from support import files_under, sha256, tree
 
 from watcher import cli, headers
+from watcher.engine import POOL_THRESHOLD
 from watcher.errors import NotRoutable
 from watcher.logs import parse_pairs
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
@@ -273,6 +274,23 @@ def test_move_places_identical_bytes_then_removes_the_sources(tmp_path, sort):
     assert files_under(inbox) == []
     assert sorted(tree(dest).values()) == hashes
     assert all(p.stat().st_nlink == 1 for p in files_under(dest))
+
+
+@pytest.mark.parametrize("extra", [[], ["--move"]], ids=["copy", "move"])
+def test_a_sort_large_enough_for_the_workers_places_every_file(tmp_path, sort, extra):
+    # Above POOL_THRESHOLD files the batches are sorted in worker processes,
+    # each file read and copied (or linked) from one held descriptor.
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=3, instances=(POOL_THRESHOLD + 30) // 3), inbox)
+    hashes = sorted(sha256(p) for p in sources)
+
+    run = sort(inbox, "--dest", dest, *extra)
+
+    assert run.status == 0, run.err
+    assert run.summary["placed"] == len(sources)
+    assert sorted(tree(dest).values()) == hashes
+    assert len(files_under(inbox)) == (0 if extra else len(sources))
 
 
 def test_move_keeps_a_source_until_every_copy_is_placed(tmp_path, rules_dir, make_dicom, sort):

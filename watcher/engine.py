@@ -31,6 +31,7 @@ from watcher.placement import (
     PathConflict,
     Permissions,
     Placement,
+    open_at_once,
     place,
     place_batch,
 )
@@ -134,7 +135,13 @@ def place_instance(
     return placements
 
 
-def _job(instance: headers.Instance, route: Route, link: bool, digest: bool | None) -> Job:
+def _job(
+    instance: headers.Instance,
+    route: Route,
+    link: bool,
+    digest: bool | None,
+    source_fd: int = -1,
+) -> Job:
     rule = route.rule
     return Job(
         source=instance.path,
@@ -145,6 +152,7 @@ def _job(instance: headers.Instance, route: Route, link: bool, digest: bool | No
         permissions=Permissions(rule.group, rule.file_mode, rule.folder_mode),
         known_sha256=instance.sha256,
         known_as_of=(instance.size, instance.mtime_ns),
+        source_fd=source_fd,
     )
 
 
@@ -155,10 +163,12 @@ def place_many(
     retry: RetryPolicy | None = None,
     digest: bool | None = None,
     writeback: bool = False,
+    source_fds: Sequence[int] = (),
 ) -> list[list[Placement] | BaseException]:
     """`place_instance` for many instances, with one flush per filesystem
     and per folder (`placement.place_batch`, with its `writeback`) instead of
-    one per file.
+    one per file. `source_fds`, when given, holds an open descriptor of each
+    instance's file (the caller closes them), to copy from.
 
     Returns, per instance, its placements or the error that kept it (its
     source then stays). Instances that met a transient error are tried again
@@ -169,8 +179,9 @@ def place_many(
     owners: list[int] = []
     for index, (instance, routes) in enumerate(items):
         link = move and len(routes) == 1
+        source_fd = source_fds[index] if source_fds else -1
         for route in routes:
-            jobs.append(_job(instance, route, link, digest))
+            jobs.append(_job(instance, route, link, digest, source_fd))
             owners.append(index)
     placed: list[list[Placement]] = [[] for _ in items]
     failed: dict[int, BaseException] = {}
@@ -267,6 +278,23 @@ def _read_one(
         return error
     except OSError as error:
         return OSError(error.errno, error.strerror, error.filename)
+
+
+def _read_held(path: str, tags: list[int]) -> tuple[headers.Instance | NotRoutable | OSError, int]:
+    """Read a header and keep the file open: (what `_read_one` gives, the
+    descriptor or -1 when the file could not be opened or is not routable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        return OSError(error.errno, error.strerror, error.filename), -1
+    try:
+        return headers.read_open(fd, path, tags), fd
+    except NotRoutable as error:
+        os.close(fd)
+        return error, -1
+    except OSError as error:
+        os.close(fd)
+        return OSError(error.errno, error.strerror, path), -1
 
 
 def header_pool(threads_running: bool = True) -> Executor:
@@ -412,18 +440,32 @@ class Sorter:
     def _sort_here(
         self, paths: Sequence[str], progress: Callable[[int], None] | None = None
     ) -> None:
-        results = iter_read(paths, self.tags)
-        for start in range(0, len(paths), BATCH):
-            batch = list(paths[start : start + BATCH])
-            items = []
-            for path, result in zip(batch, results, strict=False):
-                item = self._route(path, result)
-                if item is not None:
-                    items.append(item)
-            if items and not self.dry_run:
-                outcomes = place_many(items, move=self.move, retry=self.retry, digest=False)
-                for (instance, _), outcome in zip(items, outcomes, strict=True):
-                    self._count(instance.path, outcome)
+        # Each file is opened once: its header is read, and it is copied,
+        # from one descriptor, held until its batch is placed.
+        step = min(BATCH, open_at_once())
+        for start in range(0, len(paths), step):
+            batch = paths[start : start + step]
+            items: list[tuple[headers.Instance, list[Route]]] = []
+            item_fds: list[int] = []
+            fds: list[int] = []  # closed with the batch
+            try:
+                for path in batch:
+                    result, fd = _read_held(path, self.tags)
+                    if fd >= 0:
+                        fds.append(fd)
+                    item = self._route(path, result)
+                    if item is not None:
+                        items.append(item)
+                        item_fds.append(fd)
+                if items:
+                    outcomes = place_many(
+                        items, move=self.move, retry=self.retry, digest=False, source_fds=item_fds
+                    )
+                    for (instance, _), outcome in zip(items, outcomes, strict=True):
+                        self._count(instance.path, outcome)
+            finally:
+                for fd in fds:
+                    os.close(fd)
             if progress is not None:
                 progress(len(batch))
 

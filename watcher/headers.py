@@ -122,37 +122,48 @@ def read_instance(
     writing its data to disk (see `placement.start_writeback`).
     """
     path = os.fspath(path)
-    if tags is None:
-        tags = tags_for(())
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        status = os.fstat(fd)
-        size = status.st_size
-        if size == 0:
-            raise NotRoutable("empty file (0 bytes)")
-        head = os.pread(fd, fastheader.FIRST_READ, 0)
-        has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
-        if not has_preamble and not _looks_like_data_set(head):
-            raise NotRoutable("not a DICOM file (no DICM prefix and no data set at its start)")
-        try:
-            if not has_preamble:
-                raise fastheader.Fallback("no preamble")
-            values, sop_class = fastheader.read_values(fd, size, head, tags)
-        except fastheader.Fallback:
-            with open(fd, "rb", closefd=False) as fp:
-                ds = _parse(fp, force=not has_preamble, tags=tags)
-                stopped_at = fp.tell()
-                _check_complete(fp, ds, size, stopped_at, has_preamble)
-            sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-            values = _values(ds, tags)
-        sha256 = ""
-        if digest:
-            sha256 = hashlib.sha256(head).hexdigest() if len(head) == size else sha256_of_fd(fd)
-        if writeback:
-            start_writeback(fd)
+        return read_open(fd, path, tags, digest, writeback)
     finally:
         os.close(fd)
 
+
+def read_open(
+    fd: int,
+    path: str,
+    tags: list[int] | None = None,
+    digest: bool = False,
+    writeback: bool = False,
+) -> Instance:
+    """`read_instance` on a file the caller has open, and keeps open: `sort`
+    copies the file from the same descriptor."""
+    if tags is None:
+        tags = tags_for(())
+    status = os.fstat(fd)
+    size = status.st_size
+    if size == 0:
+        raise NotRoutable("empty file (0 bytes)")
+    head = os.pread(fd, fastheader.FIRST_READ, 0)
+    has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
+    if not has_preamble and not _looks_like_data_set(head):
+        raise NotRoutable("not a DICOM file (no DICM prefix and no data set at its start)")
+    try:
+        if not has_preamble:
+            raise fastheader.Fallback("no preamble")
+        values, sop_class = fastheader.read_values(fd, size, head, tags)
+    except fastheader.Fallback:
+        with open(fd, "rb", closefd=False) as fp:
+            ds = _parse(fp, force=not has_preamble, tags=tags)
+            stopped_at = fp.tell()
+            _check_complete(fp, ds, size, stopped_at, has_preamble)
+        sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        values = _values(ds, tags)
+    sha256 = ""
+    if digest:
+        sha256 = hashlib.sha256(head).hexdigest() if len(head) == size else sha256_of_fd(fd)
+    if writeback:
+        start_writeback(fd)
     if sop_class == DICOMDIR_SOP_CLASS:
         raise NotRoutable("DICOMDIR (a media directory, not an instance)")
     for required in ("SOPInstanceUID", "StudyInstanceUID"):

@@ -154,6 +154,9 @@ class Job:
     #: was taken at: used only while the source still has them.
     known_sha256: str = ""
     known_as_of: tuple[int, int] = (0, 0)
+    #: An open descriptor of the source, which the caller keeps and closes
+    #: (`sort` has it open from reading the header); -1: opened by path.
+    source_fd: int = -1
 
 
 #: Files whose bytes are written (and kept open) before one flush, at most.
@@ -179,7 +182,7 @@ def place_batch(jobs: Sequence[Job], writeback: bool = False) -> list[Placement 
     """
     results: list[Placement | BaseException | None] = [None] * len(jobs)
     batch = _Batch(writeback)
-    at_once = _open_at_once()
+    at_once = open_at_once()
     try:
         for start in range(0, len(jobs), at_once):
             written: list[tuple[int, _Written]] = []
@@ -211,7 +214,7 @@ def place_batch(jobs: Sequence[Job], writeback: bool = False) -> list[Placement 
     return [result if result is not None else OSError("not placed") for result in results]
 
 
-def _open_at_once() -> int:
+def open_at_once() -> int:
     """`OPEN_AT_ONCE`, or fewer when the open-file limit is low (a batch also
     holds its folders open)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -304,7 +307,8 @@ class _Batch:
         """Put the job's bytes on its destination's filesystem, unnamed."""
         *folders, name = job.relative.split("/")
         folder_fd, folder, device = self.folder(job.root, folders, job.permissions)
-        source = os.open(job.source, os.O_RDONLY | os.O_CLOEXEC)
+        borrowed = job.source_fd >= 0
+        source = job.source_fd if borrowed else os.open(job.source, os.O_RDONLY | os.O_CLOEXEC)
         try:
             status = os.fstat(source)
             known = ""
@@ -316,9 +320,8 @@ class _Batch:
                 except OSError as error:
                     raise _classify(job.root, error) from error
                 sha256 = (known or sha256_of_fd(source)) if job.digest else ""
-                item = _Written(
-                    job, folder_fd, folder, name, status.st_size, sha256, source, device
-                )
+                held = os.dup(source) if borrowed else source
+                item = _Written(job, folder_fd, folder, name, status.st_size, sha256, held, device)
                 item.linked_source = True
                 source = -1  # kept open by the item
                 return item
@@ -335,7 +338,7 @@ class _Batch:
                 raise _classify(job.root, error) from error
             return item
         finally:
-            if source >= 0:
+            if source >= 0 and not borrowed:
                 os.close(source)
 
     def name(self, index: int, item: _Written) -> Placement:
@@ -534,11 +537,12 @@ def _new_file(root: Path, folder_fd: int, name: str, device: int) -> tuple[int, 
 
 
 def _copy(source: int, target: int, size: int, digest: bool) -> str:
-    """Copy `size` bytes; return their SHA-256 when `digest` is set, else ""."""
+    """Copy `size` bytes; return their SHA-256 when `digest` is set, else "".
+    The source is read at explicit offsets: its descriptor may be shared."""
     if digest:
         hasher = hashlib.sha256()
         copied = 0
-        while chunk := os.read(source, CHUNK):
+        while chunk := os.pread(source, CHUNK, copied):
             hasher.update(chunk)
             _write_all(target, chunk)
             copied += len(chunk)
@@ -554,7 +558,9 @@ def _copy_in_kernel(source: int, target: int, size: int) -> int:
     copied = 0
     if _COPY_METHODS["copy_file_range"]:
         try:
-            while copied < size and (count := os.copy_file_range(source, target, size - copied)):
+            while copied < size and (
+                count := os.copy_file_range(source, target, size - copied, copied)
+            ):
                 copied += count
             return copied
         except OSError as error:
@@ -570,7 +576,7 @@ def _copy_in_kernel(source: int, target: int, size: int) -> int:
             if copied or error.errno not in _COPY_REFUSALS:
                 raise
             _COPY_METHODS["sendfile"] = False
-    while chunk := os.read(source, CHUNK):
+    while chunk := os.pread(source, CHUNK, copied):
         _write_all(target, chunk)
         copied += len(chunk)
     return copied
