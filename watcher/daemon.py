@@ -655,8 +655,10 @@ class Daemon:
             try:
                 outcomes = future.result()
             except BrokenProcessPool as lost:  # a worker died: go on without them
-                log.error(kv("workers_lost", error=lost))
-                self._workers = None
+                if self._workers is workers:
+                    log.error(kv("workers_lost", error=lost))
+                    workers.shutdown(wait=False, cancel_futures=True)
+                    self._workers = None
                 outcomes = [lost] * len(batch)
             taken = take(batch, outcomes)  # always: its files may have moved
             error = error or taken
