@@ -24,6 +24,8 @@ FALLBACK_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 #: Item, item delimiter, sequence delimiter.
 ITEM_TAGS = frozenset({0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD})
+#: The elements of the delimiters.
+DELIMITERS = frozenset({0xE00D, 0xE0DD})
 LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
@@ -127,14 +129,19 @@ def _walk_meta(reader: _Reader, found: dict[int, bytes]) -> int:
     SOP class and the transfer syntax; return where the data set starts."""
     offset = 132
     while offset + 8 <= reader.size:
-        header = reader.bytes_at(offset, 12)
-        element_group, element = _tag(header)
-        if element_group != 0x0002:
+        buffer, at = reader.buffer, offset - reader.base
+        if not 0 <= at <= len(buffer) - 12:
+            buffer, at = reader.bytes_at(offset, 12), 0
+        key, vr, length = _explicit_header(buffer, at)
+        if key & 0xFFFF != 0x0002:
             return offset
-        length, header_length, _ = _header(header, False)
+        if vr not in SHORT_VRS:
+            length, header_length, _ = _header(buffer[at : at + 12], False)
+        else:
+            header_length = 8
         if length == UNDEFINED:
             raise Fallback("undefined length in the File Meta")
-        tag = element_group << 16 | element
+        tag = 0x00020000 | key >> 16
         if tag in (SOP_CLASS_TAG, TRANSFER_SYNTAX_TAG):
             found[tag] = reader.bytes_at(offset + header_length, length)
         offset += header_length + length
@@ -252,7 +259,44 @@ def _skip_undefined(reader: _Reader, offset: int, implicit: bool) -> int:
     """Skip a sequence (or item) of undefined length; return where it ends."""
     depth = 1
     size = reader.size
-    while depth:
+    while True:
+        # Items, delimiters and nested elements are stepped over in place
+        # while they lie well inside the window, as in `_walk_data_set`.
+        buffer = reader.buffer
+        at, limit = offset - reader.base, len(buffer) - 12
+        while 0 <= at <= limit:
+            key, length = _implicit_header(buffer, at)
+            if key & 0xFFFF == 0xFFFE:  # an item or a delimiter: no VR
+                at += 8
+                if key >> 16 in DELIMITERS:
+                    depth -= 1
+                    if not depth:
+                        break
+                elif length == UNDEFINED:
+                    depth += 1
+                else:
+                    at += length
+                continue
+            if implicit:
+                at += 8
+            else:
+                vr = buffer[at + 4 : at + 6]
+                if vr in SHORT_VRS:
+                    at += 8 + _u16(buffer, at + 6)[0]
+                    continue
+                if vr not in LONG_VRS:
+                    break  # an odd VR: the step below decides
+                length = _u32(buffer, at + 8)[0]
+                at += 12
+            if length == UNDEFINED:
+                depth += 1
+            else:
+                at += length
+        offset = reader.base + at
+        if offset > size:
+            raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
+        if not depth:
+            return offset
         header = reader.bytes_at(offset, 12)
         if len(header) < 8:
             raise NotRoutable("truncated: a sequence is not closed")
@@ -260,7 +304,8 @@ def _skip_undefined(reader: _Reader, offset: int, implicit: bool) -> int:
         depth += opens - closes
         if offset > size:
             raise NotRoutable(f"truncated: a value runs {offset - size} bytes past the end")
-    return offset
+        if not depth:
+            return offset
 
 
 def _walk_to_end(reader: _Reader, offset: int, implicit: bool) -> None:
