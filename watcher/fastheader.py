@@ -4,7 +4,8 @@ Nearly every file an SCP writes is a Part 10 file in little endian (implicit
 or explicit VR, compressed syntaxes included) whose wanted values are plain
 ASCII. For those, this module walks the element headers itself, keeps the
 bytes of the few wanted elements and skips every other value without reading
-it, which is several times cheaper than building a pydicom data set. Anything
+it, which is several times cheaper than building a pydicom data set; the same
+walk, carried on past the pixel data, checks that the file is whole. Anything
 else (big endian, deflate, non-ASCII text, odd structure) raises `Fallback`,
 and `headers.read_instance` reads the file with pydicom instead.
 """

@@ -7,7 +7,8 @@ for one log line.
 
 pydicom is lenient: a file cut short reads without error, and one cut inside
 its header reads as an almost empty data set. So after pydicom has read the
-header, `_check_complete` walks the element headers that follow (the pixel data
+header (for the files `fastheader` leaves to it; that module checks its own),
+`_check_complete` walks the element headers that follow (the pixel data
 and anything after it, or the whole data set when there is no pixel data) and
 compares the lengths they declare with the size of the file.
 """
