@@ -414,21 +414,24 @@ def test_sigterm_mid_placement_exits_zero_and_a_restart_finishes_without_duplica
     run = daemon(quiet_seconds=0.5)
     run.add_rule("smith", lab)
     # Three placement batches; SIGTERM comes while the first is being placed
-    # (the journal of a placement exists), and the batch in hand is finished.
+    # (its first files are in the lab), and the batch in hand is finished.
     per_series = 3 * BATCH // 4
     write_study(StudySpec(series=4, instances=per_series, rows=32, columns=32), run.inbox)
     entered = snapshot(run.inbox)
     run.start()
-    journal = run.state / "placing.json"
-    wait_for(journal.exists, 60, "the placement to start", every=0.001)
+    placing = lambda: any(path.is_file() for path in lab.rglob("*"))  # noqa: E731
+    wait_for(placing, 60, "the first files in the lab", every=0.001)
     assert run.terminate() == 0
     assert run.logs("stopped")
-    assert run.inbox_files(), "SIGTERM came after the placement ended: nothing tested"
+    left = len(run.inbox_files())
+    assert 0 < left < 4 * per_series, "SIGTERM came before or after the placement: nothing tested"
     run.start()
     run.wait_drained(timeout=120)
     run.wait_event("study_placed")  # its manifest is written too
     counts = assert_accounted(entered, [lab], run.state)
     assert counts["placed"] == 4 * per_series and len(lab_files(lab)) == 4 * per_series
+    [manifest] = lab.rglob("manifest.json")  # what the stopped run placed is listed too
+    assert len(json.loads(manifest.read_text())["instances"]) == 4 * per_series
 
 
 def run_once(run: DaemonProcess) -> subprocess.CompletedProcess[bytes]:
@@ -496,3 +499,38 @@ def test_once_parks_a_study_whose_lab_is_missing_when_a_worker_finds_it(daemon, 
     [parked] = json_events(done.stderr, "study_parked")
     assert f"destination {missing} unavailable" in str(parked["error"])
     assert not missing.exists(), "a missing destination is never created"
+
+
+def test_once_stopped_by_sigterm_mid_placement_accounts_for_what_its_workers_placed(daemon, lab):
+    # Six batches, placed side by side by the workers: SIGTERM comes as the
+    # first are placed. Batches a worker has begun are finished and counted,
+    # the others are not begun; a second run places the rest, once each.
+    run = daemon()
+    run.add_rule("smith", lab, manifest=True)
+    per_series = 3 * BATCH // 2
+    write_study(StudySpec(series=4, instances=per_series, rows=4, columns=4), run.inbox)
+    total = 4 * per_series
+    entered = snapshot(run.inbox)
+    command = [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0"]
+    first = subprocess.Popen(
+        [*command, "--config", str(run.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        placing = lambda: any(path.is_file() for path in lab.rglob("*"))  # noqa: E731
+        wait_for(placing, 120, "the first files in the lab", every=0.001)
+        first.terminate()
+        assert first.wait(timeout=120) == 0
+    finally:
+        first.kill()
+    left = len(run.inbox_files())
+    assert 0 < left < total, "SIGTERM came before or after the placement: nothing tested"
+    assert len(lab_files(lab)) == total - left, "every file gone from the inbox is in the lab"
+    done = run_once(run)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert run.inbox_files() == []
+    counts = assert_accounted(entered, [lab], run.state, exact=True, unique_uids=True)
+    assert counts["placed"] == total
+    [manifest] = lab.rglob("manifest.json")
+    assert len(json.loads(manifest.read_text())["instances"]) == total

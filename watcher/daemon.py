@@ -12,6 +12,7 @@ progress, so that its temporary files are cleaned up after a crash.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -23,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ from watcher.template import safe_component
 
 log = logging.getLogger(__name__)
 
+#: Instances with their routes, placed together.
+Batch = list[tuple[headers.Instance, list[Route]]]
 #: Per instance of a batch: its placements, or the error that kept it.
 PlaceOutcomes = list[list[Placement] | BaseException]
 
@@ -208,9 +211,7 @@ def _inotify_watches() -> int | None:
 # --- the daemon --------------------------------------------------------------
 
 
-def _place_moving(
-    batch: list[tuple[headers.Instance, list[Route]]], retry: RetryPolicy
-) -> PlaceOutcomes:
+def _place_moving(batch: Batch, retry: RetryPolicy) -> PlaceOutcomes:
     """Place a batch of a study and remove its sources (in a worker, or not)."""
     return place_many(batch, move=True, retry=retry, writeback=True)
 
@@ -309,6 +310,7 @@ class Daemon:
                 self._workers.shutdown(cancel_futures=True)
                 self._workers = None
             self._write_status()
+        self._record_placed_in_part()
         parked = [s for s in self.studies if s.parked_since is not None]
         if self.once and parked:
             log.error(
@@ -632,9 +634,7 @@ class Daemon:
             self._placed(study)
 
     def _place_batches(
-        self,
-        batches: list[list[tuple[headers.Instance, list[Route]]]],
-        take: Callable[[list[tuple[headers.Instance, list[Route]]], PlaceOutcomes], str | None],
+        self, batches: list[Batch], take: Callable[[Batch, PlaceOutcomes], str | None]
     ) -> str | None:
         """Place batches one after another, or side by side in the workers of
         `run --once`, and `take` each with its outcomes, in order; return the
@@ -648,10 +648,17 @@ class Daemon:
                     break
                 error = take(batch, _place_moving(batch, self.retry))
             return error
-        futures = [workers.submit(_place_moving, batch, self.retry) for batch in batches]
-        for batch, future in zip(batches, futures, strict=True):
-            if (self.stop.is_set() or error is not None) and future.cancel():
-                continue
+        in_flight: collections.deque[tuple[Batch, Future[PlaceOutcomes]]] = collections.deque()
+
+        def begin(batch: Batch) -> None:
+            in_flight.append((batch, workers.submit(_place_moving, batch, self.retry)))
+
+        # One batch a worker at a time, so that a SIGTERM waits for those alone.
+        queued = iter(batches)
+        for batch in itertools.islice(queued, os.cpu_count() or 1):
+            begin(batch)
+        while in_flight:
+            batch, future = in_flight.popleft()
             try:
                 outcomes = future.result()
             except BrokenProcessPool as lost:  # a worker died: go on without them
@@ -662,14 +669,14 @@ class Daemon:
                 outcomes = [lost] * len(batch)
             taken = take(batch, outcomes)  # always: its files may have moved
             error = error or taken
+            going_on = self._workers is workers and not self.stop.is_set() and error is None
+            following = next(queued, None) if going_on else None
+            if following is not None:
+                begin(following)
         return error
 
     def _take_placed(
-        self,
-        study: Study,
-        batch: list[tuple[headers.Instance, list[Route]]],
-        outcomes: PlaceOutcomes,
-        started: float,
+        self, study: Study, batch: Batch, outcomes: PlaceOutcomes, started: float
     ) -> str | None:
         """Account for one placed batch; return the first error, described."""
         error = None
@@ -724,44 +731,7 @@ class Daemon:
             "destination": str(progress.folder),
             "time": self.clock(),
         }
-        manifest = None
-        if rule.manifest:
-            manifest = manifest_path(rule, progress.route.relative_path, study.uid)
-            inherited = False
-            try:
-                # Journaled like a placement: the temporary manifest of a write
-                # that a crash interrupts is removed at the next start.
-                inherited = self._write_journal({str(manifest.parent)})
-                written = write_manifest(
-                    manifest,
-                    study_uid=study.uid,
-                    rule=rule,
-                    patient=study.patient,
-                    entries=progress.entries,
-                    clock=self.clock(),
-                )
-                log.info(
-                    kv(
-                        "manifest_written",
-                        lab=rule.lab_name,
-                        study=study.uid,
-                        files=written["files"],
-                        path=manifest,
-                    )
-                )
-            except OSError as error:
-                log.error(
-                    kv(
-                        "manifest_failed",
-                        lab=rule.lab_name,
-                        study=study.uid,
-                        path=manifest,
-                        error=_describe(error),
-                    )
-                )
-                manifest = None
-            finally:
-                self._close_journal(inherited)
+        manifest = self._write_manifest(study, progress) if rule.manifest else None
         # The summary line comes last, so that a study logged as placed has
         # its manifest written as well.
         log.info(
@@ -791,6 +761,57 @@ class Daemon:
             )
             for hook in rule.hooks:
                 self.hooks.submit(make_job(hook, values, cwd=progress.folder))
+
+    def _write_manifest(self, study: Study, progress: RulePlacement) -> Path | None:
+        """Write (or bring up to date) the study's manifest for one rule with
+        what it placed; return its path, or None when it could not be written."""
+        rule = progress.route.rule
+        manifest = manifest_path(rule, progress.route.relative_path, study.uid)
+        inherited = False
+        try:
+            # Journaled like a placement: the temporary manifest of a write
+            # that a crash interrupts is removed at the next start.
+            inherited = self._write_journal({str(manifest.parent)})
+            written = write_manifest(
+                manifest,
+                study_uid=study.uid,
+                rule=rule,
+                patient=study.patient,
+                entries=progress.entries,
+                clock=self.clock(),
+            )
+            log.info(
+                kv(
+                    "manifest_written",
+                    lab=rule.lab_name,
+                    study=study.uid,
+                    files=written["files"],
+                    path=manifest,
+                )
+            )
+        except OSError as error:
+            log.error(
+                kv(
+                    "manifest_failed",
+                    lab=rule.lab_name,
+                    study=study.uid,
+                    path=manifest,
+                    error=_describe(error),
+                )
+            )
+            return None
+        finally:
+            self._close_journal(inherited)
+        return manifest
+
+    def _record_placed_in_part(self) -> None:
+        """On the way out: a study placed in part (stopped mid-way, or parked
+        after some of its files) gets its manifest for what is placed, so that
+        the rest, placed after a restart, is added to it rather than listed alone."""
+        for study in self.studies:
+            for progress in study.progress.values():
+                if progress.entries:
+                    self._write_manifest(study, progress)
 
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):
