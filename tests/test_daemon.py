@@ -452,8 +452,10 @@ def test_once_places_large_studies_batch_by_batch_in_its_workers(daemon, tmp_pat
     # Each study spans two placement batches, which `run --once` places side
     # by side in its worker processes; each batch's outcomes come back to
     # the daemon, which accounts for every file and writes whole manifests.
+    # (settle_seconds 0: files just written are read at once, as the bench does,
+    # so that no study is placed in two parts.)
     per_study = BATCH + 96
-    run = daemon()
+    run = daemon(settle_seconds=0)
     labs = {}
     for n in range(2):
         labs[n] = tmp_path / f"lab{n}"
@@ -481,7 +483,7 @@ def test_once_places_large_studies_batch_by_batch_in_its_workers(daemon, tmp_pat
 def test_once_parks_a_study_whose_lab_is_missing_when_a_worker_finds_it(daemon, tmp_path):
     # The refusal (DestinationUnavailable) is found in a worker process and
     # comes back pickled; the study stays whole in the inbox, the other is placed.
-    run = daemon()
+    run = daemon(settle_seconds=0)
     present, missing = tmp_path / "present", tmp_path / "missing"
     present.mkdir()
     run.add_rule("present", present, match={"PatientID": "^OK$"})
@@ -505,7 +507,7 @@ def test_once_stopped_by_sigterm_mid_placement_accounts_for_what_its_workers_pla
     # Six batches, placed side by side by the workers: SIGTERM comes as the
     # first are placed. Batches a worker has begun are finished and counted,
     # the others are not begun; a second run places the rest, once each.
-    run = daemon()
+    run = daemon(settle_seconds=0)
     run.add_rule("smith", lab, manifest=True)
     per_series = 3 * BATCH // 2
     write_study(StudySpec(series=4, instances=per_series, rows=4, columns=4), run.inbox)
