@@ -332,7 +332,7 @@ def _step(header: bytes, offset: int, implicit: bool) -> tuple[int, int, int]:
     group, element = _tag(header)
     if group == 0xFFFE:  # items and delimiters: tag + 4-byte length, no VR
         length = _u32(header, 4)[0]
-        if element in (0xE00D, 0xE0DD):
+        if element in DELIMITERS:
             return offset + 8, 0, 1
         if length == UNDEFINED:
             return offset + 8, 1, 0
