@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import errno
 import logging
+import multiprocessing
+import os
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import pytest
 from harness import skip_or_fail
 
 from watcher import headers
 from watcher.config import Config
 from watcher.daemon import Daemon, InboxWatcher
+from watcher.engine import BATCH, POOL_THRESHOLD
 from watcher.studies import COUNT_GRACE_SECONDS, Arrivals, Studies
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
 
@@ -228,3 +234,52 @@ def test_the_event_handler_never_raises(tmp_path, caplog):
     caplog.set_level(logging.ERROR)
     handler.on_any_event(Broken())  # type: ignore[arg-type]
     assert any("event=watch_handler_error" in r.getMessage() for r in caplog.records)
+
+
+def _die() -> None:
+    os._exit(1)
+
+
+def test_workers_killed_while_idle_park_the_study_and_it_is_placed_without_them(tmp_path, caplog):
+    # `run --once` keeps its worker processes between turns. When one is
+    # killed (the OOM killer) while idle, the pool is broken: the study in
+    # hand is parked whole, the loss is logged once, and the study is placed
+    # without workers when its retry comes.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
+    write_study(StudySpec(series=2, instances=(BATCH + 10) // 2), daemon.config.inbox)
+    daemon.tick()  # read, by this process; the study is not quiet yet
+    broken = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    with pytest.raises(BrokenProcessPool):
+        broken.submit(_die).result()
+    daemon._workers = broken
+    caplog.set_level(logging.WARNING)
+    clock.now += 2
+    daemon.tick()
+    assert daemon._workers is None
+    assert sum("event=workers_lost" in r.getMessage() for r in caplog.records) == 1
+    assert sum("event=study_parked" in r.getMessage() for r in caplog.records) == 1
+    assert list(lab.rglob("*.dcm")) == []
+    assert len(list(daemon.config.inbox.iterdir())) == BATCH + 10
+    clock.now += 10
+    daemon.tick()
+    assert len(list(lab.rglob("*.dcm"))) == BATCH + 10
+    assert not any(daemon.config.inbox.iterdir())
+
+
+def test_workers_killed_while_idle_do_not_stop_the_next_reading(tmp_path, caplog):
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    broken = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    with pytest.raises(BrokenProcessPool):
+        broken.submit(_die).result()
+    daemon._workers = broken
+    write_study(StudySpec(series=1, instances=POOL_THRESHOLD + 4), daemon.config.inbox)
+    caplog.set_level(logging.WARNING)
+    daemon.tick()  # enough files for the pool: read here instead
+    assert daemon._workers is None
+    assert sum("event=workers_lost" in r.getMessage() for r in caplog.records) == 1
+    assert sum(len(study.instances) for study in daemon.studies) == POOL_THRESHOLD + 4
+    clock.now += 2
+    daemon.tick()
+    assert len(list(lab.rglob("*.dcm"))) == POOL_THRESHOLD + 4

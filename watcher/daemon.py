@@ -464,7 +464,13 @@ class Daemon:
         try:
             # With a pool every read is submitted at once, and the workers go
             # on reading while results are taken here, a chunk at a time.
-            results = iter_read(unchanged, self.tags, pool, self._digest, writeback=not self.once)
+            writeback = not self.once
+            try:
+                results = iter_read(unchanged, self.tags, pool, self._digest, writeback)
+            except BrokenProcessPool as lost:  # a kept worker died while idle
+                self._lose_workers(lost)
+                pool = None
+                results = iter_read(unchanged, self.tags, None, self._digest, writeback)
             for start in range(0, len(unchanged), READ_CHUNK):
                 if self.stop.is_set():
                     return
@@ -651,7 +657,12 @@ class Daemon:
         in_flight: collections.deque[tuple[Batch, Future[PlaceOutcomes]]] = collections.deque()
 
         def begin(batch: Batch) -> None:
-            in_flight.append((batch, workers.submit(_place_moving, batch, self.retry)))
+            try:
+                future = workers.submit(_place_moving, batch, self.retry)
+            except BrokenProcessPool as lost:  # a worker died while idle
+                future = Future()
+                future.set_exception(lost)
+            in_flight.append((batch, future))
 
         # One batch a worker at a time, so that a SIGTERM waits for those alone.
         queued = iter(batches)
@@ -662,10 +673,7 @@ class Daemon:
             try:
                 outcomes = future.result()
             except BrokenProcessPool as lost:  # a worker died: go on without them
-                if self._workers is workers:
-                    log.error(kv("workers_lost", error=lost))
-                    workers.shutdown(wait=False, cancel_futures=True)
-                    self._workers = None
+                self._lose_workers(lost)
                 outcomes = [lost] * len(batch)
             taken = take(batch, outcomes)  # always: its files may have moved
             error = error or taken
@@ -674,6 +682,14 @@ class Daemon:
             if following is not None:
                 begin(following)
         return error
+
+    def _lose_workers(self, lost: BrokenProcessPool) -> None:
+        """The kept workers' pool broke (a worker was killed): log it once and
+        go on without workers."""
+        if self._workers is not None:
+            log.error(kv("workers_lost", error=lost))
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers = None
 
     def _take_placed(
         self, study: Study, batch: Batch, outcomes: PlaceOutcomes, started: float
