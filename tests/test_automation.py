@@ -18,6 +18,9 @@ import pytest
 import yaml
 from harness import DaemonProcess, lab_files, skip_or_fail, wait_for
 
+from watcher.manifest import Entry, manifest_path, write_manifest
+from watcher.placement import Placement
+from watcher.rules import single_rule
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,6 +169,58 @@ def test_manifest_lists_every_instance_and_grows_with_a_late_series(daemon, lab)
     assert manifest["files"] == 9
     assert any(item["path"].startswith("009_late/") for item in manifest["instances"])
     assert not list(study.glob(".dicom-watcher-tmp*"))
+
+
+def test_manifest_lines_are_json_for_any_value_and_a_merge_keeps_earlier_entries(tmp_path):
+    # Values with quotes, backslashes, control and non-ASCII characters: the
+    # manifest is valid JSON with every value as given, one instance a line,
+    # in path order; a second write adds to the entries of the first.
+    [rule] = single_rule(tmp_path / "lab", "{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm").rules
+    odd = ["1.2.3", 'quote " back \\ slash', "tab\tnew\nline\x01", "Ünïcödé \u2028 名前", ""]
+
+    def entries(names: list[str]) -> list[Entry]:
+        folder = tmp_path / "lab" / "P" / "1"
+        return [
+            Entry(
+                f"uid-{name}",
+                f"series {value}",
+                value,
+                Placement(folder, name, "placed", 7, None, "ab"),
+            )
+            for name, value in zip(names, odd, strict=False)
+        ]
+
+    path = manifest_path(rule, "P/1/x.dcm", "1.2.3")
+    path.parent.mkdir(parents=True)
+    first = entries(["b.dcm", "a.dcm", "e.dcm"])
+    second = entries(["d.dcm", "c.dcm"])
+    write_manifest(path, study_uid="1.2.3", rule=rule, patient='P "1"', entries=first)
+    written = write_manifest(path, study_uid="1.2.3", rule=rule, patient='P "1"', entries=second)
+    text = path.read_text(encoding="utf-8")
+    manifest = json.loads(text)
+    assert written["files"] == manifest["files"] == 5 and manifest["bytes"] == 35
+    assert manifest["patient_id"] == 'P "1"'
+    listed = manifest["instances"]
+    assert [item["path"] for item in listed] == [
+        "1/a.dcm",
+        "1/b.dcm",
+        "1/c.dcm",
+        "1/d.dcm",
+        "1/e.dcm",
+    ]
+    by_path = {f"1/{e.placement.name}": e for e in first + second}
+    for item in listed:
+        entry = by_path[item["path"]]
+        assert item == {
+            "sop_instance_uid": entry.sop_instance_uid,
+            "series_instance_uid": entry.series_instance_uid,
+            "series_number": entry.series_number,
+            "path": item["path"],
+            "size": 7,
+            "sha256": "ab",
+        }
+    lines = text.splitlines()
+    assert sum(line.lstrip().startswith('{"sop_instance_uid"') for line in lines) == 5
 
 
 def test_a_failing_hook_is_retried_a_bounded_number_of_times(daemon, lab, stand_ins):

@@ -55,7 +55,7 @@ def write_manifest(
     clock: float | None = None,
 ) -> dict[str, object]:
     """Merge `entries` into the manifest at `path` (new or existing) and
-    replace it atomically. Returns what was written.
+    replace it atomically. Returns what was written, but the instances.
 
     Several daemons (receiver nodes) may update one manifest: the merge runs
     under a lock on the study's folder, so none loses another's entries
@@ -87,59 +87,62 @@ def _merge_and_replace(
     entries: Iterable[Entry],
     clock: float | None,
 ) -> dict[str, object]:
-    instances: dict[str, dict[str, object]] = {}
+    # Per relative path: the instance's line of JSON and its size.
+    lines: dict[str, tuple[str, int]] = {}
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
         for item in previous.get("instances", []):
-            instances[str(item["path"])] = item
+            lines[str(item["path"])] = (_ENCODE(item), int(item["size"]))
     except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         pass
     prefix = f"{path.parent}/"
     for entry in entries:
-        placed = f"{entry.placement.folder}/{entry.placement.name}"
+        placement = entry.placement
+        placed = f"{placement.folder}/{placement.name}"
         if placed.startswith(prefix):  # always, but for odd templates
             relative = placed[len(prefix) :]
         else:
             relative = os.path.relpath(placed, path.parent)
-        instances[relative] = {
-            "sop_instance_uid": entry.sop_instance_uid,
-            "series_instance_uid": entry.series_instance_uid,
-            "series_number": entry.series_number,
-            "path": relative,
-            "size": entry.placement.size,
-            "sha256": entry.placement.sha256,
-        }
-    listed = sorted(instances.values(), key=lambda item: str(item["path"]))
-    manifest = {
+        lines[relative] = (_instance_line(entry, relative), placement.size)
+    summary: dict[str, object] = {
         "study_instance_uid": study_uid,
         "lab": rule.lab_name,
         "rule": rule.name,
         "patient_id": patient,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock)),
-        "files": len(listed),
-        "bytes": sum(int(item["size"]) for item in listed),  # type: ignore[call-overload]
-        "instances": listed,
+        "files": len(lines),
+        "bytes": sum(size for _, size in lines.values()),
     }
-    _replace(path, _to_json(manifest), Permissions(rule.group, rule.file_mode, rule.folder_mode))
-    return manifest
+    listed = [lines[relative][0] for relative in sorted(lines)]
+    _replace(
+        path, _to_json(summary, listed), Permissions(rule.group, rule.file_mode, rule.folder_mode)
+    )
+    return summary
 
 
 _ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+_STRING = json.encoder.encode_basestring  # the C encoder's strings, as `_ENCODE` writes them
 
 
-def _to_json(manifest: dict[str, object]) -> str:
-    """One instance per line: readable with `grep`, and written by the
-    C encoder (`indent` would switch to the slow pure-Python one)."""
-    head = {key: value for key, value in manifest.items() if key != "instances"}
-    instances = manifest["instances"]
-    assert isinstance(instances, list)
-    lines = ",\n  ".join(map(_ENCODE, instances))
-    opening = _ENCODE(head)[:-1]
+def _instance_line(entry: Entry, relative: str) -> str:
+    """An instance's entry, as `_ENCODE` would write its dict (a study has
+    thousands: one format call each instead of the encoder's)."""
+    placement = entry.placement
     return (
-        f'{opening}, "instances": [\n  {lines}\n]}}\n'
-        if instances
-        else (json.dumps(manifest, ensure_ascii=False) + "\n")
+        f'{{"sop_instance_uid": {_STRING(entry.sop_instance_uid)}, '
+        f'"series_instance_uid": {_STRING(entry.series_instance_uid)}, '
+        f'"series_number": {_STRING(entry.series_number)}, '
+        f'"path": {_STRING(relative)}, "size": {int(placement.size)}, '
+        f'"sha256": {_STRING(placement.sha256)}}}'
     )
+
+
+def _to_json(summary: dict[str, object], listed: list[str]) -> str:
+    """The summary, then the instances one per line: readable with `grep`."""
+    if not listed:
+        return _ENCODE({**summary, "instances": []}) + "\n"
+    lines = ",\n  ".join(listed)
+    return f'{_ENCODE(summary)[:-1]}, "instances": [\n  {lines}\n]}}\n'
 
 
 def _replace(path: Path, text: str, permissions: Permissions) -> None:
