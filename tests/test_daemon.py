@@ -503,6 +503,44 @@ def test_once_parks_a_study_whose_lab_is_missing_when_a_worker_finds_it(daemon, 
     assert not missing.exists(), "a missing destination is never created"
 
 
+def test_once_killed_while_its_workers_place_several_studies_loses_and_repeats_nothing(daemon, lab):
+    # Three studies of two batches each: the workers place one while the
+    # next is routed and journaled. After a kill -9 as the first files reach
+    # the lab (linked or copied, their sources not yet removed), a second run
+    # removes what was left half-done and places everything, once each.
+    run = daemon(settle_seconds=0)
+    run.add_rule("smith", lab, manifest=True)
+    per_study = BATCH + 200
+    for n in range(3):
+        write_study(
+            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2, rows=4, columns=4),
+            run.inbox / f"study{n}",
+        )
+    entered = snapshot(run.inbox)
+    command = [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0"]
+    first = subprocess.Popen(
+        [*command, "--config", str(run.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its workers are killed with it
+    )
+    try:
+        placing = lambda: any(path.is_file() for path in lab.rglob("*"))  # noqa: E731
+        wait_for(placing, 120, "the first files in the lab", every=0.001)
+    finally:
+        os.killpg(first.pid, 9)
+        first.wait(timeout=60)
+    assert run.inbox_files(), "the kill came after the placement: nothing tested"
+    done = run_once(run)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert run.inbox_files() == []
+    counts = assert_accounted(entered, [lab], run.state, exact=True, unique_uids=True)
+    assert counts["placed"] == 3 * per_study
+    assert len(lab_files(lab)) == 3 * per_study  # no duplicates under suffixed names
+    assert not list(lab.rglob(f"{TEMP_PREFIX}*"))
+    assert not (run.state / "placing.json").exists()
+
+
 def test_once_stopped_by_sigterm_mid_placement_accounts_for_what_its_workers_placed(daemon, lab):
     # Six batches, placed side by side by the workers: SIGTERM comes as the
     # first are placed. Batches a worker has begun are finished and counted,

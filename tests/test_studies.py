@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -12,12 +14,13 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
-from harness import skip_or_fail
+from harness import assert_accounted, skip_or_fail, snapshot
 
+from watcher import daemon as daemon_module
 from watcher import headers
 from watcher.config import Config
 from watcher.daemon import Daemon, InboxWatcher
-from watcher.engine import BATCH, POOL_THRESHOLD
+from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
 from watcher.studies import COUNT_GRACE_SECONDS, Arrivals, Studies
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
 
@@ -283,3 +286,135 @@ def test_workers_killed_while_idle_do_not_stop_the_next_reading(tmp_path, caplog
     clock.now += 2
     daemon.tick()
     assert len(list(lab.rglob("*.dcm"))) == POOL_THRESHOLD + 4
+
+
+#: The journal the checks below read (set before the workers are forked).
+_JOURNAL: list[Path] = []
+
+
+def _journaled() -> set[str]:
+    return set(json.loads(_JOURNAL[0].read_text(encoding="utf-8"))["folders"])
+
+
+def _place_after_checking_the_journal(batch, retry):  # type: ignore[no-untyped-def]
+    """Runs in a worker: refuses a batch that would write into a folder the
+    journal does not list (a crash there would leave its temporaries)."""
+    listed = _journaled()
+    for _, routes in batch:
+        for route in routes:
+            folder = str(route.rule.destination / route.relative_path.rpartition("/")[0])
+            assert folder in listed, f"{folder} written into before it was journaled"
+    return _PLACE_MOVING(batch, retry)
+
+
+_PLACE_MOVING = daemon_module._place_moving
+
+
+def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journaled_first(
+    tmp_path, monkeypatch
+):
+    # Three studies of two batches each, placed in one turn by the kept
+    # workers: the next study's first batch is begun before the study before
+    # it is finished (its manifest written), and every folder a batch or a
+    # manifest writes into is in the journal before, which is gone after.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    per_study = BATCH + 10
+    for n in range(3):
+        write_study(
+            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2),
+            daemon.config.inbox / f"study{n}",
+        )
+    _JOURNAL[:] = [daemon.journal]
+    monkeypatch.setattr(daemon_module, "_place_moving", _place_after_checking_the_journal)
+    events: list[tuple[str, str]] = []
+    workers = header_pool(threads_running=False)  # forked: the check above is theirs too
+    submit = workers.submit
+
+    def recording_submit(function, batch, *args):  # type: ignore[no-untyped-def]
+        if function is _place_after_checking_the_journal:  # not a read
+            events.append(("begin", batch[0][0].values["PatientID"]))
+        return submit(function, batch, *args)
+
+    monkeypatch.setattr(workers, "submit", recording_submit)
+    end_placement = daemon._end_placement
+
+    def recording_end(placing, journal):  # type: ignore[no-untyped-def]
+        events.append(("end", placing.study.patient))
+        end_placement(placing, journal)
+
+    monkeypatch.setattr(daemon, "_end_placement", recording_end)
+    write_manifest = daemon_module.write_manifest
+
+    def checked_write_manifest(path, **fields):  # type: ignore[no-untyped-def]
+        assert str(path.parent) in _journaled(), "a manifest written before it was journaled"
+        return write_manifest(path, **fields)
+
+    monkeypatch.setattr(daemon_module, "write_manifest", checked_write_manifest)
+    daemon._workers = workers
+    try:
+        daemon.tick()  # read, by the workers
+        clock.now += 2
+        daemon.tick()  # all three are due: placed in this turn
+    finally:
+        daemon._workers = None
+        workers.shutdown()
+    assert len(list(lab.rglob("*.dcm"))) == 3 * per_study
+    assert len(list(lab.rglob("manifest.json"))) == 3
+    assert not any(daemon.config.inbox.rglob("MR.*"))
+    ends = [patient for kind, patient in events if kind == "end"]
+    assert sorted(ends) == ["P0", "P1", "P2"]
+    for first, following in itertools.pairwise(ends):
+        before_end = events[: events.index(("end", first))]
+        assert ("begin", following) in before_end, f"{following} waited for {first}: {events}"
+    assert not daemon.journal.exists()
+
+
+_MAIN_PID = os.getpid()
+
+
+def _place_or_die_on_p1(batch, retry):  # type: ignore[no-untyped-def]
+    """In a worker, dies (the OOM killer) when given a batch of patient P1."""
+    if os.getpid() != _MAIN_PID and batch[0][0].values["PatientID"] == "P1":
+        os._exit(1)
+    return _PLACE_MOVING(batch, retry)
+
+
+def test_a_worker_killed_mid_placement_parks_the_studies_in_flight_and_the_rest_go_on(
+    tmp_path, monkeypatch, caplog
+):
+    # A worker dies while the workers place three studies (the pool then
+    # stops the other one, perhaps mid-batch). The studies whose batches were
+    # lost are parked, the others are placed without workers; at the retry
+    # everything is placed once, each study finished (logged) once.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
+    per_study = BATCH + 10
+    for n in range(3):
+        write_study(
+            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2),
+            daemon.config.inbox / f"study{n}",
+        )
+    entered = snapshot(daemon.config.inbox)
+    monkeypatch.setattr(daemon_module, "_place_moving", _place_or_die_on_p1)
+    daemon._workers = header_pool(threads_running=False)
+    caplog.set_level(logging.INFO)
+    daemon.tick()  # read, by the workers
+    clock.now += 2
+    daemon.tick()  # placed until P1's batch kills its worker
+    assert daemon._workers is None
+    parked = [r.getMessage() for r in caplog.records if "event=study_parked" in r.getMessage()]
+    assert any("patient=P1" in line for line in parked)
+    assert daemon.config.inbox.joinpath("study1").exists() and any(
+        daemon.config.inbox.joinpath("study1").iterdir()
+    ), "a study whose batch was lost stays in the inbox"
+    clock.now += 10
+    daemon.tick()  # the retry, without workers
+    assert not any(daemon.config.inbox.rglob("MR.*"))
+    counts = assert_accounted(entered, [lab], daemon.state, exact=True, unique_uids=True)
+    assert counts["placed"] == 3 * per_study
+    placed = [r.getMessage() for r in caplog.records if "event=study_placed" in r.getMessage()]
+    assert sorted(line.split("patient=")[1].split()[0] for line in placed) == ["P0", "P1", "P2"]
+    assert sum("event=workers_lost" in r.getMessage() for r in caplog.records) == 1
+    for manifest in lab.rglob("manifest.json"):
+        assert json.loads(manifest.read_text())["files"] == per_study

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -377,12 +377,11 @@ class Daemon:
                 self._reroute_unmatched()
         self._read_ready(now)
         self._handle_unroutable(now)
-        for study, why in self.studies.due(
+        due = self.studies.due(
             now, self.config.quiet_seconds, self.config.max_study_age_seconds, self._completion
-        ):
-            if self.stop.is_set():
-                break
-            self.place_study(study, why)
+        )
+        if due and not self.stop.is_set():
+            self.place_studies(due)
         self.hooks.poll()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
@@ -578,13 +577,93 @@ class Daemon:
 
     # -- placing --
 
-    def place_study(self, study: Study, why: str) -> None:
-        started = time.monotonic()
+    def place_studies(self, due: list[tuple[Study, str]]) -> None:
+        """Place the studies that are due, one after another; in the workers
+        of `run --once` side by side, the next study's batches begun while
+        those of the one before are taken and its manifest written.
+
+        Results are taken in order, and no batch is begun after SIGTERM, nor
+        for a study after one of its batches failed; every batch begun is
+        taken, since its files may have moved. One journal covers them all.
+        """
+        self._clean_interrupted_placement()  # what a failed attempt could not remove
+        journal = Journal(self.journal)
+        in_flight: collections.deque[tuple[_Placing, Batch, Future[PlaceOutcomes] | None]]
+        in_flight = collections.deque()
+        placings: list[_Placing] = []
+
+        def queued() -> Iterator[tuple[_Placing, Batch]]:
+            for study, why in due:
+                if self.stop.is_set():
+                    return
+                placing = self._prepare_placement(study, why, journal)
+                placings.append(placing)
+                if not placing.batches:
+                    self._end_placement(placing, journal)
+                for batch in placing.batches:
+                    if self.stop.is_set() or placing.error is not None:
+                        break
+                    yield placing, batch
+
+        def begin(placing: _Placing, batch: Batch) -> None:
+            placing.begun += 1
+            future: Future[PlaceOutcomes] | None = None
+            if self._workers is not None:
+                try:
+                    future = self._workers.submit(_place_moving, batch, self.retry)
+                except BrokenProcessPool as lost:  # a worker died while idle
+                    future = Future()
+                    future.set_exception(lost)
+            in_flight.append((placing, batch, future))
+
+        batches = queued()
+        ahead: tuple[_Placing, Batch] | None = None
+
+        def following() -> tuple[_Placing, Batch] | None:
+            nonlocal ahead
+            item, ahead = ahead, None
+            if item is None or item[0].error is not None or self.stop.is_set():
+                item = next(batches, None)  # the queue looks at both again
+            return item
+
+        def width() -> int:
+            # One batch a worker at a time, so that a SIGTERM waits for those alone.
+            return (os.cpu_count() or 1) if self._workers is not None else 1
+
+        while len(in_flight) < width() and (item := following()) is not None:
+            begin(*item)
+        while in_flight:
+            if ahead is None and self._workers is not None:
+                # While the workers place, route the next study (or take the
+                # next batch), to begin it as soon as a worker is free.
+                ahead = next(batches, None)
+            placing, batch, future = in_flight.popleft()
+            outcomes = self._outcomes(batch, future)
+            error = self._take_placed(placing.study, batch, outcomes, placing.started)
+            placing.error = placing.error or error
+            placing.taken += 1
+            if len(in_flight) < width() and (item := following()) is not None:
+                begin(*item)
+            if placing.taken == placing.begun and (ahead is None or ahead[0] is not placing):
+                self._end_placement(placing, journal)  # none in flight, none to come
+        for placing in placings:  # stopped before its batches were taken
+            if not placing.ended:
+                self._end_placement(placing, journal)
+        # After a failure the journal stays: temporary files that could not
+        # be removed (a read-only share) are removed before the next
+        # placement, or at the next start after a crash.
+        if all(placing.error is None for placing in placings):
+            self._close_journal(journal)
+
+    def _prepare_placement(self, study: Study, why: str, journal: Journal) -> _Placing:
+        """Route a study's instances, keep those no rule matches, journal the
+        folders its batches write into, and split them into batches."""
+        placing = _Placing(study, time.monotonic())
         if study.fields != self.studies.fields:
             self._reread(study)
-        ruleset = self.rulebook.ruleset
-        instances = [study.instance(p) for p in study.instances.values()]
-        plan = [(instance, ruleset.route(instance.values)) for instance in instances]
+        route = self.rulebook.ruleset.route
+        instances = [study.instance(pending) for pending in study.instances.values()]
+        plan = [(instance, route(instance.values)) for instance in instances]
         if why == "max_age":
             log.warning(
                 kv(
@@ -596,92 +675,50 @@ class Daemon:
             )
         elif why == "expected_count":
             log.info(kv("study_complete_by_count", study=study.uid, files=len(plan)))
-        self._clean_interrupted_placement()  # what a failed attempt could not remove
-        inherited = self._write_journal(_plan_folders(plan))
-        error: str | None = None
-        unmatched = 0
+        journal.add(_plan_folders(plan, study.uid))
         matched = []
-        done = False
+        for instance, routes in plan:
+            if routes:
+                matched.append((instance, routes))
+                continue
+            self._keep_unmatched(instance, study.uid)
+            placing.unmatched += 1
+            self.studies.remove_path(instance.path)
+        placing.batches = [matched[i : i + BATCH] for i in range(0, len(matched), BATCH)]
+        return placing
+
+    def _outcomes(self, batch: Batch, future: Future[PlaceOutcomes] | None) -> PlaceOutcomes:
+        """A batch's outcomes: placed here, or taken from its worker."""
+        if future is None:
+            return _place_moving(batch, self.retry)
         try:
-            for instance, routes in plan:
-                if routes:
-                    matched.append((instance, routes))
-                    continue
-                self._keep_unmatched(instance, study.uid)
-                unmatched += 1
-                self.studies.remove_path(instance.path)
-            batches = [matched[start : start + BATCH] for start in range(0, len(matched), BATCH)]
-            error = self._place_batches(
-                batches, lambda batch, outcomes: self._take_placed(study, batch, outcomes, started)
-            )
-            done = error is None
-        finally:
-            # After a failure the journal stays: temporary files that could
-            # not be removed (a read-only share) are removed before the next
-            # placement, or at the next start after a crash.
-            if done:
-                self._close_journal(inherited)
-        if unmatched:
-            self.counts.unmatched += unmatched
+            return future.result()
+        except BrokenProcessPool as lost:  # a worker died: go on without them
+            self._lose_workers(lost)
+            return [lost] * len(batch)
+
+    def _end_placement(self, placing: _Placing, journal: Journal) -> None:
+        """A study has no batch left to take: log what was kept unmatched,
+        park it after an error, or finish it when all of it is placed."""
+        placing.ended = True
+        study = placing.study
+        if placing.unmatched:
+            self.counts.unmatched += placing.unmatched
             log.warning(
                 kv(
                     "study_unmatched",
                     study=study.uid,
                     patient=study.patient,
-                    files=unmatched,
+                    files=placing.unmatched,
                     kept_in=self.unmatched_dir / safe_component(study.uid),
                 )
             )
-        if error is not None:
-            self._park(study, error)
+        if placing.error is not None:
+            self._park(study, placing.error)
         elif not study.instances:
             for progress in study.progress.values():
-                self._finish_rule(study, progress)
+                self._finish_rule(study, progress, journal)
             self._placed(study)
-
-    def _place_batches(
-        self, batches: list[Batch], take: Callable[[Batch, PlaceOutcomes], str | None]
-    ) -> str | None:
-        """Place batches one after another, or side by side in the workers of
-        `run --once`, and `take` each with its outcomes, in order; return the
-        first error `take` reports. No batch is begun after SIGTERM or an
-        error; every batch begun is taken, since its files may have moved."""
-        error = None
-        workers = self._workers
-        if workers is None or len(batches) < 2:
-            for batch in batches:
-                if self.stop.is_set() or error is not None:
-                    break
-                error = take(batch, _place_moving(batch, self.retry))
-            return error
-        in_flight: collections.deque[tuple[Batch, Future[PlaceOutcomes]]] = collections.deque()
-
-        def begin(batch: Batch) -> None:
-            try:
-                future = workers.submit(_place_moving, batch, self.retry)
-            except BrokenProcessPool as lost:  # a worker died while idle
-                future = Future()
-                future.set_exception(lost)
-            in_flight.append((batch, future))
-
-        # One batch a worker at a time, so that a SIGTERM waits for those alone.
-        queued = iter(batches)
-        for batch in itertools.islice(queued, os.cpu_count() or 1):
-            begin(batch)
-        while in_flight:
-            batch, future = in_flight.popleft()
-            try:
-                outcomes = future.result()
-            except BrokenProcessPool as lost:  # a worker died: go on without them
-                self._lose_workers(lost)
-                outcomes = [lost] * len(batch)
-            taken = take(batch, outcomes)  # always: its files may have moved
-            error = error or taken
-            going_on = self._workers is workers and not self.stop.is_set() and error is None
-            following = next(queued, None) if going_on else None
-            if following is not None:
-                begin(following)
-        return error
 
     def _lose_workers(self, lost: BrokenProcessPool) -> None:
         """The kept workers' pool broke (a worker was killed): log it once and
@@ -734,7 +771,7 @@ class Daemon:
             study.policy = (ruleset, quiet, expected, len(study.instances), complete)
         return quiet, complete
 
-    def _finish_rule(self, study: Study, progress: RulePlacement) -> None:
+    def _finish_rule(self, study: Study, progress: RulePlacement, journal: Journal) -> None:
         """A study (or a late addition to it) is placed for one rule: its
         manifest, its summary line, its hooks."""
         rule = progress.route.rule
@@ -747,7 +784,7 @@ class Daemon:
             "destination": str(progress.folder),
             "time": self.clock(),
         }
-        manifest = self._write_manifest(study, progress) if rule.manifest else None
+        manifest = self._write_manifest(study, progress, journal) if rule.manifest else None
         # The summary line comes last, so that a study logged as placed has
         # its manifest written as well.
         log.info(
@@ -778,16 +815,17 @@ class Daemon:
             for hook in rule.hooks:
                 self.hooks.submit(make_job(hook, values, cwd=progress.folder))
 
-    def _write_manifest(self, study: Study, progress: RulePlacement) -> Path | None:
+    def _write_manifest(
+        self, study: Study, progress: RulePlacement, journal: Journal
+    ) -> Path | None:
         """Write (or bring up to date) the study's manifest for one rule with
         what it placed; return its path, or None when it could not be written."""
         rule = progress.route.rule
         manifest = manifest_path(rule, progress.route.relative_path, study.uid)
-        inherited = False
         try:
             # Journaled like a placement: the temporary manifest of a write
             # that a crash interrupts is removed at the next start.
-            inherited = self._write_journal({str(manifest.parent)})
+            journal.add({str(manifest.parent)})
             written = write_manifest(
                 manifest,
                 study_uid=study.uid,
@@ -816,18 +854,18 @@ class Daemon:
                 )
             )
             return None
-        finally:
-            self._close_journal(inherited)
         return manifest
 
     def _record_placed_in_part(self) -> None:
         """On the way out: a study placed in part (stopped mid-way, or parked
         after some of its files) gets its manifest for what is placed, so that
         the rest, placed after a restart, is added to it rather than listed alone."""
+        journal = Journal(self.journal)
         for study in self.studies:
             for progress in study.progress.values():
                 if progress.entries:
-                    self._write_manifest(study, progress)
+                    self._write_manifest(study, progress, journal)
+        self._close_journal(journal)
 
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):
@@ -837,20 +875,12 @@ class Daemon:
                 continue
             self.studies.add(instance, study.last_arrival)
 
-    def _write_journal(self, folders: set[str]) -> bool:
-        """Record the folders a placement writes temporary files into, with
-        those of an earlier failed one not cleaned yet; True if there were."""
-        try:
-            earlier = set(json.loads(self.journal.read_text(encoding="utf-8"))["folders"])
-        except (OSError, ValueError, KeyError, TypeError):
-            earlier = set()
-        atomic_write(self.journal, json.dumps({"folders": sorted(folders | earlier)}))
-        return bool(earlier)
-
-    def _close_journal(self, inherited: bool) -> None:
-        """After a placement that went well: drop the journal, or clean the
+    def _close_journal(self, journal: Journal) -> None:
+        """After placements that went well: drop the journal, or clean the
         folders it inherited from a failed one (and keep what still stays)."""
-        if inherited:
+        if not journal.folders:
+            return  # nothing written: an inherited journal stays as it is
+        if journal.inherited:
             self._clean_interrupted_placement()
         else:
             self.journal.unlink(missing_ok=True)
@@ -993,6 +1023,45 @@ class Daemon:
             log.warning(kv("status_write_failed", error=error.strerror or error))
 
 
+class Journal:
+    """`state/placing.json`: the folders that placements in progress write
+    temporary files into, so that what a crash leaves there is removed at the
+    next start. Written (durably) before anything is written into them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.folders: set[str] = set()
+        #: It held folders of an earlier placement that failed, not cleaned yet.
+        self.inherited = False
+
+    def add(self, folders: set[str]) -> None:
+        if folders <= self.folders:
+            return
+        if not self.folders:
+            try:
+                earlier = set(json.loads(self.path.read_text(encoding="utf-8"))["folders"])
+            except (OSError, ValueError, KeyError, TypeError):
+                earlier = set()
+            self.inherited = bool(earlier)
+            self.folders = earlier
+        self.folders |= folders
+        atomic_write(self.path, json.dumps({"folders": sorted(self.folders)}))
+
+
+@dataclass
+class _Placing:
+    """One study being placed: its batches, how many are begun and taken."""
+
+    study: Study
+    started: float
+    batches: list[Batch] = field(default_factory=list)
+    unmatched: int = 0
+    begun: int = 0
+    taken: int = 0
+    error: str | None = None
+    ended: bool = False
+
+
 @dataclass
 class RulePlacement:
     """What one study placed for one rule: for its summary line and manifest."""
@@ -1055,13 +1124,20 @@ def _describe(error: BaseException) -> str:
     return str(error)
 
 
-def _plan_folders(plan: list[tuple[headers.Instance, list[Route]]]) -> set[str]:
-    folders = {
-        (route.rule.destination, route.relative_path.rpartition("/")[0])
-        for _, routes in plan
-        for route in routes
-    }
-    return {str(destination / folder) for destination, folder in folders}
+def _plan_folders(plan: Batch, study_uid: str) -> set[str]:
+    """The folders that placing a study writes into: those of its files, and
+    of its manifests (journaled with them, to be written in one go)."""
+    firsts: dict[tuple[str, str], Route] = {}
+    for _, routes in plan:
+        for route in routes:
+            firsts.setdefault((route.rule.name, route.relative_path.rpartition("/")[0]), route)
+    folders = set()
+    for (_, folder), route in firsts.items():
+        rule = route.rule
+        folders.add(str(rule.destination / folder))
+        if rule.manifest:
+            folders.add(str(manifest_path(rule, route.relative_path, study_uid).parent))
+    return folders
 
 
 def _has_temporaries(folder: Path) -> bool:
