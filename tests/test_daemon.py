@@ -503,6 +503,22 @@ def test_once_parks_a_study_whose_lab_is_missing_when_a_worker_finds_it(daemon, 
     assert not missing.exists(), "a missing destination is never created"
 
 
+def start_once(run: DaemonProcess) -> subprocess.Popen[bytes]:
+    """`run --once` in the background, in a session of its own (with its workers)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0"]
+        + ["--config", str(run.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_for_first_files(lab: Path) -> None:
+    placing = lambda: any(path.is_file() for path in lab.rglob("*"))  # noqa: E731
+    wait_for(placing, 120, "the first files in the lab", every=0.001)
+
+
 def test_once_killed_while_its_workers_place_several_studies_loses_and_repeats_nothing(daemon, lab):
     # Three studies of two batches each: the workers place one while the
     # next is routed and journaled. After a kill -9 as the first files reach
@@ -517,18 +533,11 @@ def test_once_killed_while_its_workers_place_several_studies_loses_and_repeats_n
             run.inbox / f"study{n}",
         )
     entered = snapshot(run.inbox)
-    command = [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0"]
-    first = subprocess.Popen(
-        [*command, "--config", str(run.config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its workers are killed with it
-    )
+    first = start_once(run)
     try:
-        placing = lambda: any(path.is_file() for path in lab.rglob("*"))  # noqa: E731
-        wait_for(placing, 120, "the first files in the lab", every=0.001)
+        wait_for_first_files(lab)
     finally:
-        os.killpg(first.pid, 9)
+        os.killpg(first.pid, 9)  # its workers with it
         first.wait(timeout=60)
     assert run.inbox_files(), "the kill came after the placement: nothing tested"
     done = run_once(run)
@@ -551,15 +560,9 @@ def test_once_stopped_by_sigterm_mid_placement_accounts_for_what_its_workers_pla
     write_study(StudySpec(series=4, instances=per_series, rows=4, columns=4), run.inbox)
     total = 4 * per_series
     entered = snapshot(run.inbox)
-    command = [sys.executable, "-m", "watcher", "run", "--once", "--quiet-seconds", "0"]
-    first = subprocess.Popen(
-        [*command, "--config", str(run.config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = start_once(run)
     try:
-        placing = lambda: any(path.is_file() for path in lab.rglob("*"))  # noqa: E731
-        wait_for(placing, 120, "the first files in the lab", every=0.001)
+        wait_for_first_files(lab)
         first.terminate()
         assert first.wait(timeout=120) == 0
     finally:
