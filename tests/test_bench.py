@@ -7,10 +7,13 @@ checks that every part runs, that each tool has its row (with figures, or
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
+from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ TOOL_ROWS = (
     "thedicomsort",
     "dicom-watcher sort",
     "dicom-watcher run --once",
+    "floor: sort's work",
+    "floor: run --once's work",
 )
 
 
@@ -57,9 +62,13 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
         table = lines[start + 2 : start + 2 + len(TOOL_ROWS)]
         for row, tool in zip(table, TOOL_ROWS, strict=True):
             assert row.strip().startswith(tool), f"expected a row for {tool}, got {row!r}"
-        # cp and dicom-watcher are always there: they have figures, not n/a.
-        for row in (table[0], table[3], table[4]):
+        # cp, dicom-watcher and the floors are always there: figures, not n/a.
+        for row in (table[0], *table[3:]):
             assert "n/a" not in row, row
+        assert "cpu s" in lines[start + 1]
+    profile = next(i for i, line in enumerate(lines) if line.startswith("Profile:"))
+    # a share per category for each command, or why py-spy could not run
+    assert lines[profile + 1].startswith(("  dicom-watcher sort:", "  n/a:")), lines[profile + 1]
     assert any(line.startswith("Pending instances:") for line in lines)
     assert any(line.startswith("Behind storescp:") for line in lines)
     assert "start-up rescan" in output
@@ -73,3 +82,44 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
     assert report["results"]["pending"]["files"] > 0
     # the run folder (and its loop mount, as root) is gone
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("dw-bench-")]
+
+
+def load_bench() -> types.ModuleType:
+    """scripts/bench as a module (it has no .py suffix to import it by)."""
+    loader = SourceFileLoader("bench", str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench", BENCH, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # its dataclasses look themselves up there
+    loader.exec_module(module)
+    return module
+
+
+def test_profile_samples_count_for_the_code_that_made_the_call(tmp_path: Path) -> None:
+    """py-spy's raw format: `frame;...;frame count`, the running frame last.
+    A system call or library function counts for the dicom-watcher module
+    calling it; waits and imports are told apart."""
+    root = 'process 1:"dicom-watcher sort";main (watcher/cli.py:41)'
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        f"{root};read_open (watcher/headers.py:148) 5\n"
+        f"{root};read_values (watcher/fastheader.py:122);_walk (watcher/fastheader.py:216) 3\n"
+        f"{root};place (watcher/placement.py:256);dumps (multiprocessing/reduction.py:51) 2\n"
+        f"{root};route (watcher/rules.py:112);sha (hashlib.py:10) 4\n"
+        f"{root};run (concurrent/futures/process.py:344);Condition.wait (threading.py:327) 6\n"
+        f"{root};_find_and_load (<frozen importlib._bootstrap>:1176) 1\n"
+        'process 2:"x" 1\n'
+    )
+    bench = load_bench()
+    categories, lines, total = bench.read_profile(raw)
+    assert total == 22
+    by_start = {name.split(" (")[0]: count for name, count in categories.items()}
+    assert by_start == {
+        "reading headers": 8,
+        "handing work between processes": 2,
+        "the rest of dicom-watcher": 4,
+        "waiting": 6,
+        "start-up": 1,
+        "other": 1,
+    }
+    assert lines["headers.py:148 read_open"] == 5

@@ -1,0 +1,166 @@
+"""The least work of `sort` and of `run --once`, written plainly in Python.
+
+    python scripts/lib/floor.py copy SRC DEST     (what `sort` must do)
+    python scripts/lib/floor.py move INBOX DEST   (what `run --once` must do)
+
+scripts/bench times this beside dicom-watcher, as a reference: what this
+machine, this Python and this disk cost for the work the commands cannot
+leave out, with none of the rest (rules, templates, name conflicts, journal,
+manifest, retries, logs, error handling). Each file's header is read with
+dicom-watcher's own fast header reader and the file laid out as the bench's
+template does ({PatientID}/{SeriesNumber:03d}/{InstanceNumber:05d}.dcm), on
+every core, with the same durable writes:
+
+- copy: per file open, fstat, the header's first read, an unnamed file
+  (O_TMPFILE) in its folder, copy_file_range; per 1,024 files one syncfs,
+  then each copy linked under its name, then one syncfs for the names.
+- move: the header and a SHA-256 (the manifest's) of every file first, as a
+  study is read whole before it is placed; then per 1,024 files a hard link
+  into the lab's tree, one syncfs, the inbox's names removed, one syncfs.
+
+It expects the bench's data (explicit VR little endian, the three fields
+present) and stops with an error on anything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+
+from watcher import fastheader, headers
+from watcher.placement import sha256_of_fd
+
+FIELDS = ("PatientID", "SeriesNumber", "InstanceNumber")
+TAGS = headers.tags_for(FIELDS)
+CHUNK = 1024
+READ_CHUNK = 128
+_syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+
+
+def syncfs(fd: int) -> None:
+    if _syncfs(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def where(source: str, fd: int, digest: bool) -> tuple[str, str, str]:
+    """(folder, name, SHA-256 or "") of one open file, from its header."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, fastheader.FIRST_READ, 0)
+    try:
+        values, _ = fastheader.read_values(fd, size, head, TAGS)
+    except fastheader.Fallback as why:
+        raise SystemExit(f"floor: {source} needs pydicom ({why}): not the bench's data") from None
+    folder = f"{values['PatientID']}/{int(values['SeriesNumber']):03d}"
+    name = f"{int(values['InstanceNumber']):05d}.dcm"
+    sha256 = ""
+    if digest:
+        sha256 = hashlib.sha256(head).hexdigest() if len(head) == size else sha256_of_fd(fd)
+    return folder, name, sha256
+
+
+class Folders:
+    """Open handles on the destination's folders, made as needed."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fds: dict[str, int] = {}
+
+    def get(self, folder: str) -> int:
+        fd = self.fds.get(folder)
+        if fd is None:
+            os.makedirs(os.path.join(self.root, folder), exist_ok=True)
+            fd = os.open(os.path.join(self.root, folder), os.O_RDONLY | os.O_DIRECTORY)
+            self.fds[folder] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def copy_chunk(job: tuple[str, str, list[str]]) -> int:
+    source, dest, names = job
+    folders = Folders(dest)
+    written: list[tuple[int, int, str]] = []
+    for entry in names:
+        path = os.path.join(source, entry)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            folder, name, _ = where(path, fd, digest=False)
+            folder_fd = folders.get(folder)
+            out = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
+            size, copied = os.fstat(fd).st_size, 0
+            while copied < size:
+                step = os.copy_file_range(fd, out, size - copied)
+                if step == 0:
+                    raise SystemExit(f"floor: {path} shrank while it was copied")
+                copied += step
+        finally:
+            os.close(fd)
+        written.append((out, folder_fd, name))
+    syncfs(written[0][0])
+    for out, folder_fd, name in written:
+        os.link(f"/proc/self/fd/{out}", name, dst_dir_fd=folder_fd)
+        os.close(out)
+    syncfs(written[0][1])
+    folders.close()
+    return len(written)
+
+
+def read_chunk(job: tuple[str, list[str]]) -> list[tuple[str, str, str, str]]:
+    source, names = job
+    found = []
+    for entry in names:
+        path = os.path.join(source, entry)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            found.append((entry, *where(path, fd, digest=True)))
+        finally:
+            os.close(fd)
+    return found
+
+
+def move_chunk(job: tuple[str, str, list[tuple[str, str, str, str]]]) -> int:
+    source, dest, items = job
+    folders = Folders(dest)
+    inbox = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+    for entry, folder, name, _ in items:
+        os.link(entry, name, src_dir_fd=inbox, dst_dir_fd=folders.get(folder))
+    syncfs(inbox)
+    for entry, *_ in items:
+        os.unlink(entry, dir_fd=inbox)
+    syncfs(inbox)
+    os.close(inbox)
+    folders.close()
+    return len(items)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("copy", "move"):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    mode, source, dest = argv
+    began = time.perf_counter()
+    names = sorted(os.listdir(source))
+    context = multiprocessing.get_context("fork")
+    with context.Pool(os.cpu_count() or 1) as pool:
+        if mode == "copy":
+            jobs = [(source, dest, names[i : i + CHUNK]) for i in range(0, len(names), CHUNK)]
+            done = sum(pool.imap_unordered(copy_chunk, jobs))
+        else:
+            reads = [(source, names[i : i + READ_CHUNK]) for i in range(0, len(names), READ_CHUNK)]
+            items = [item for part in pool.imap(read_chunk, reads) for item in part]
+            items.sort(key=lambda item: item[1])
+            moves = [(source, dest, items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
+            done = sum(pool.imap_unordered(move_chunk, moves))
+    print(f"floor {mode}: {done:,} files in {time.perf_counter() - began:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
