@@ -98,7 +98,7 @@ def load_bench() -> types.ModuleType:
 def test_profile_samples_count_for_the_code_that_made_the_call(tmp_path: Path) -> None:
     """py-spy's raw format: `frame;...;frame count`, the running frame last.
     A system call or library function counts for the dicom-watcher module
-    calling it; waits and imports are told apart."""
+    calling it; waits, imports and hashing are told apart."""
     root = 'process 1:"dicom-watcher sort";main (watcher/cli.py:41)'
     raw = tmp_path / "profile.txt"
     raw.write_text(
@@ -108,11 +108,12 @@ def test_profile_samples_count_for_the_code_that_made_the_call(tmp_path: Path) -
         f"{root};route (watcher/rules.py:112);sha (hashlib.py:10) 4\n"
         f"{root};run (concurrent/futures/process.py:344);Condition.wait (threading.py:327) 6\n"
         f"{root};_find_and_load (<frozen importlib._bootstrap>:1176) 1\n"
+        f"{root};read_open (watcher/headers.py:165);sha256_of_fd (watcher/placement.py:667) 7\n"
         'process 2:"x" 1\n'
     )
     bench = load_bench()
     categories, lines, total = bench.read_profile(raw)
-    assert total == 22
+    assert total == 29
     by_start = {name.split(" (")[0]: count for name, count in categories.items()}
     assert by_start == {
         "reading headers": 8,
@@ -120,6 +121,7 @@ def test_profile_samples_count_for_the_code_that_made_the_call(tmp_path: Path) -
         "the rest of dicom-watcher": 4,
         "waiting": 6,
         "start-up": 1,
+        "hashing files": 7,
         "other": 1,
     }
     assert lines["headers.py:148 read_open"] == 5
