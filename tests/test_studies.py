@@ -418,3 +418,65 @@ def test_a_worker_killed_mid_placement_parks_the_studies_in_flight_and_the_rest_
     assert sum("event=workers_lost" in r.getMessage() for r in caplog.records) == 1
     for manifest in lab.rglob("manifest.json"):
         assert json.loads(manifest.read_text())["files"] == per_study
+
+
+def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches_in_flight(
+    tmp_path, monkeypatch, caplog
+):
+    # The state folder's disk fills while the workers place the first study,
+    # and the second one's journal cannot be written: the first study's
+    # batches in flight are taken and it is finished (manifest, study_placed)
+    # before the error is raised; the other two stay pending, and are placed
+    # once the disk has room again.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    per_study = BATCH + 10
+    for n in range(3):
+        write_study(
+            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2),
+            daemon.config.inbox / f"study{n}",
+        )
+    entered = snapshot(daemon.config.inbox)
+    add = daemon_module.Journal.add
+    disk_full = True
+    journaled: list[str] = []  # the patients, in the order they are prepared
+
+    def add_or_fail(journal, folders):  # type: ignore[no-untyped-def]
+        patient = Path(min(folders)).relative_to(lab).parts[0]
+        if disk_full and journaled and patient != journaled[0]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(journal.path))
+        journaled.append(patient)
+        add(journal, folders)
+
+    monkeypatch.setattr(daemon_module.Journal, "add", add_or_fail)
+    caplog.set_level(logging.INFO)
+
+    def placed() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if "event=study_placed" in r.getMessage()]
+        return sorted(line.split("patient=")[1].split()[0] for line in lines)
+
+    daemon._workers = header_pool(threads_running=False)
+    try:
+        daemon.tick()  # read, by the workers
+        clock.now += 2
+        with pytest.raises(OSError, match="No space left"):
+            daemon.tick()  # the first placed by both workers, the second not journaled
+        first = journaled[0]
+        assert placed() == [first]
+        [manifest] = lab.joinpath(first).rglob("manifest.json")
+        assert json.loads(manifest.read_text())["files"] == per_study
+        others = sorted({"P0", "P1", "P2"} - {first})
+        assert sorted(study.patient for study in daemon.studies) == others
+        disk_full = False
+        daemon.tick()
+    finally:
+        if daemon._workers is not None:
+            daemon._workers.shutdown()
+            daemon._workers = None
+    assert not any(daemon.config.inbox.rglob("MR.*"))
+    counts = assert_accounted(entered, [lab], daemon.state, exact=True, unique_uids=True)
+    assert counts["placed"] == 3 * per_study
+    assert placed() == ["P0", "P1", "P2"]
+    for manifest in lab.rglob("manifest.json"):
+        assert json.loads(manifest.read_text())["files"] == per_study
+    assert not daemon.journal.exists()

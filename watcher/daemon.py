@@ -584,19 +584,29 @@ class Daemon:
 
         Results are taken in order, and no batch is begun after SIGTERM, nor
         for a study after one of its batches failed; every batch begun is
-        taken, since its files may have moved. One journal covers them all.
+        taken, since its files may have moved. One journal covers them all:
+        when a study cannot be prepared (its journal or its unmatched files
+        not written: the state folder's disk full), no other study is begun,
+        and the error is raised once the batches begun are taken and their
+        studies finished; the study stays pending.
         """
         self._clean_interrupted_placement()  # what a failed attempt could not remove
         journal = Journal(self.journal)
         in_flight: collections.deque[tuple[_Placing, Batch, Future[PlaceOutcomes] | None]]
         in_flight = collections.deque()
         placings: list[_Placing] = []
+        unjournaled: OSError | None = None
 
         def queued() -> Iterator[tuple[_Placing, Batch]]:
+            nonlocal unjournaled
             for study, why in due:
                 if self.stop.is_set():
                     return
-                placing = self._prepare_placement(study, why, journal)
+                try:
+                    placing = self._prepare_placement(study, why, journal)
+                except OSError as error:  # the state folder: none of it is begun
+                    unjournaled = error
+                    return
                 placings.append(placing)
                 if not placing.batches:
                     self._end_placement(placing, journal)
@@ -654,6 +664,8 @@ class Daemon:
         # placement, or at the next start after a crash.
         if all(placing.error is None for placing in placings):
             self._close_journal(journal)
+        if unjournaled is not None:
+            raise unjournaled
 
     def _prepare_placement(self, study: Study, why: str, journal: Journal) -> _Placing:
         """Route a study's instances, keep those no rule matches, journal the
