@@ -7,7 +7,7 @@ scripts/bench times this beside dicom-watcher, as a reference: what this
 machine, this Python and this disk cost for the work the commands cannot
 leave out, with none of the rest (rules, templates, name conflicts, journal,
 manifest, retries, logs, error handling). Each file's header is read with
-dicom-watcher's own fast header reader and the file laid out as the bench's
+dicom-watcher's own reader (`headers.read_open`) and the file laid out as the bench's
 template does ({PatientID}/{SeriesNumber:03d}/{InstanceNumber:05d}.dcm), on
 every core, with the same durable writes:
 
@@ -18,49 +18,32 @@ every core, with the same durable writes:
   study is read whole before it is placed; then per 1,024 files a hard link
   into the lab's tree, one syncfs, the inbox's names removed, one syncfs.
 
-It expects the bench's data (explicit VR little endian, the three fields
-present) and stops with an error on anything else.
+It expects the bench's data (the three fields present) and stops with an
+error on anything else.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import multiprocessing
 import os
 import sys
 import time
 
-from watcher import fastheader, headers
-from watcher.placement import sha256_of_fd
+from watcher import headers
+from watcher.placement import _syncfs as syncfs
 
 FIELDS = ("PatientID", "SeriesNumber", "InstanceNumber")
 TAGS = headers.tags_for(FIELDS)
 CHUNK = 1024
 READ_CHUNK = 128
-_syncfs = ctypes.CDLL(None, use_errno=True).syncfs
 
 
-def syncfs(fd: int) -> None:
-    if _syncfs(fd) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-
-
-def where(source: str, fd: int, digest: bool) -> tuple[str, str, str]:
-    """(folder, name, SHA-256 or "") of one open file, from its header."""
-    size = os.fstat(fd).st_size
-    head = os.pread(fd, fastheader.FIRST_READ, 0)
-    try:
-        values, _ = fastheader.read_values(fd, size, head, TAGS)
-    except fastheader.Fallback as why:
-        raise SystemExit(f"floor: {source} needs pydicom ({why}): not the bench's data") from None
+def where(path: str, fd: int, digest: bool) -> tuple[str, str, headers.Instance]:
+    """(folder, name, the instance as read) of one open file, from its header."""
+    instance = headers.read_open(fd, path, TAGS, digest)
+    values = instance.values
     folder = f"{values['PatientID']}/{int(values['SeriesNumber']):03d}"
-    name = f"{int(values['InstanceNumber']):05d}.dcm"
-    sha256 = ""
-    if digest:
-        sha256 = hashlib.sha256(head).hexdigest() if len(head) == size else sha256_of_fd(fd)
-    return folder, name, sha256
+    return folder, f"{int(values['InstanceNumber']):05d}.dcm", instance
 
 
 class Folders:
@@ -91,10 +74,10 @@ def copy_chunk(job: tuple[str, str, list[str]]) -> int:
         path = os.path.join(source, entry)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            folder, name, _ = where(path, fd, digest=False)
+            folder, name, instance = where(path, fd, digest=False)
             folder_fd = folders.get(folder)
             out = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
-            size, copied = os.fstat(fd).st_size, 0
+            size, copied = instance.size, 0
             while copied < size:
                 step = os.copy_file_range(fd, out, size - copied)
                 if step == 0:
@@ -119,7 +102,8 @@ def read_chunk(job: tuple[str, list[str]]) -> list[tuple[str, str, str, str]]:
         path = os.path.join(source, entry)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            found.append((entry, *where(path, fd, digest=True)))
+            folder, name, instance = where(path, fd, digest=True)
+            found.append((entry, folder, name, instance.sha256))
         finally:
             os.close(fd)
     return found
