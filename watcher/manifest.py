@@ -55,7 +55,8 @@ def write_manifest(
     clock: float | None = None,
 ) -> dict[str, object]:
     """Merge `entries` into the manifest at `path` (new or existing) and
-    replace it atomically. Returns what was written, but the instances.
+    replace it atomically. Returns the summary it wrote: all but the list of
+    instances.
 
     Several daemons (receiver nodes) may update one manifest: the merge runs
     under a lock on the study's folder, so none loses another's entries
