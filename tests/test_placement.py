@@ -358,6 +358,42 @@ def test_a_held_source_descriptor_is_linked_and_left_open(tmp_path, root, source
         os.close(fd)
 
 
+@pytest.mark.skipif(placement._SYNCFS is None, reason="syncfs(2) is Linux-only")
+def test_linked_sources_are_made_durable_by_one_syncfs_after_their_links(
+    tmp_path, root, monkeypatch, make_dicom
+):
+    """A source linked into the lab adds no bytes, but its writer may not
+    have flushed them: they are made durable with the new names by one
+    syncfs after the links (not flushed before them, and not left to an
+    fsync of the folder alone), so that the caller can then remove the
+    source. A name found already linked to the source counts the same."""
+    sources = [make_dicom(tmp_path / "inbox", name=f"{n}.dcm", InstanceNumber=n) for n in range(8)]
+    jobs = [placement.Job(str(s), root, f"S/{s.name}", link=True) for s in sources]
+    calls: list[str] = []
+    real_link, real_syncfs = os.link, placement._syncfs
+    monkeypatch.setattr(
+        placement.os, "link", lambda *a, **k: calls.append("link") or real_link(*a, **k)
+    )
+    monkeypatch.setattr(placement, "_syncfs", lambda fd: calls.append("syncfs") or real_syncfs(fd))
+    monkeypatch.setattr(placement, "_fsync_folder", lambda fd: calls.append("fsync folder"))
+    monkeypatch.setattr(placement.os, "fsync", lambda fd: calls.append("fsync"))
+
+    def flushes_from_the_first_link() -> list[str]:
+        first = calls.index("link")  # before it, the folder is made (and fsynced)
+        assert {"syncfs", "fsync"}.isdisjoint(calls[:first]), calls
+        return calls[first:]
+
+    results = placement.place_batch(jobs)
+    assert [r.outcome for r in results] == ["placed"] * 8, results
+    assert all(os.path.samefile(r.path, s) for r, s in zip(results, sources, strict=True))
+    assert flushes_from_the_first_link() == ["link"] * 8 + ["syncfs"]
+
+    calls.clear()
+    again = placement.place_batch(jobs)
+    assert [r.outcome for r in again] == ["present"] * 8, again
+    assert flushes_from_the_first_link() == ["link"] * 8 + ["syncfs"]
+
+
 def test_one_name_twice_in_a_batch_is_placed_once_and_other_bytes_go_beside(
     tmp_path, root, source, other, write_mode
 ):

@@ -175,6 +175,10 @@ def place_batch(jobs: Sequence[Job], writeback: bool = False) -> list[Placement 
     Placement or the error that stopped it (`DestinationUnavailable`,
     `PathConflict`, `OSError`); a Placement is only returned once durable.
 
+    A linked source adds no bytes, only a name: its data (which its writer
+    may not have flushed) is made durable by the same syncfs as the names,
+    before the caller removes the source, instead of by a flush of its own.
+
     `writeback=True` starts writing each copy to disk as soon as it is made,
     so that the flush finds less to do: it shortens the wait for a batch
     (the daemon's latency, a share's round trips) but costs processor time
@@ -192,7 +196,7 @@ def place_batch(jobs: Sequence[Job], writeback: bool = False) -> list[Placement 
                 except (OSError, DestinationUnavailable) as error:
                     results[index] = error
             try:
-                _flush_data([item for _, item in written])
+                _flush_data([item for _, item in written if not batch.flushed_with_names(item)])
             except OSError as error:
                 for index, item in written:
                     item.discard()
@@ -281,6 +285,14 @@ class _Batch:
         self.folders: dict[tuple[Path, tuple[str, ...]], tuple[int, Path, int]] = {}
         #: Folders that got new names, by filesystem: flushed at the end.
         self.named: dict[int, dict[int, list[int]]] = {}
+        #: Jobs placed as links to their source whose data is flushed with
+        #: the names, by filesystem: (a folder there, the jobs).
+        self.linked: dict[int, tuple[int, list[int]]] = {}
+
+    def flushed_with_names(self, item: _Written) -> bool:
+        """Whether the item's data is made durable by `flush_names` rather
+        than before it is named: a linked source, where syncfs can do both."""
+        return item.linked_source and _SYNCFS is not None
 
     def folder(
         self, root: Path, folders: list[str], permissions: Permissions
@@ -367,6 +379,7 @@ class _Batch:
                 ):
                     if job.digest and not content:
                         content = _sha256(job.source)
+                    self._note_linked(index, item)
                     return Placement(item.folder, candidate, "present", item.size, beside, content)
                 # Other bytes under this name: go beside them, under a name
                 # derived from our own content, so that a re-run finds us there.
@@ -380,6 +393,7 @@ class _Batch:
                 item.discard()
                 raise _classify(job.root, error) from error
             self.named.setdefault(item.device, {}).setdefault(item.folder_fd, []).append(index)
+            self._note_linked(index, item)
             try:
                 item.close()
             except OSError as error:
@@ -392,16 +406,24 @@ class _Batch:
             )
         raise FileExistsError(errno.EEXIST, "no free name", str(item.folder / name))
 
+    def _note_linked(self, index: int, item: _Written) -> None:
+        if self.flushed_with_names(item):
+            self.linked.setdefault(item.device, (item.folder_fd, []))[1].append(index)
+
     def flush_names(self) -> list[tuple[int, OSError]]:
         """Make the new names durable: fsync their folders when they are few,
-        one syncfs per filesystem otherwise. Returns the jobs it failed for."""
+        one syncfs per filesystem otherwise (always where a linked source's
+        data is still to flush). Returns the jobs it failed for."""
         failed: list[tuple[int, OSError]] = []
-        for folders in self.named.values():
-            if len(folders) > FEW and _SYNCFS is not None:
+        for device in self.named.keys() | self.linked.keys():
+            folders = self.named.get(device, {})
+            some_folder, linked = self.linked.get(device, (-1, []))
+            if linked or (len(folders) > FEW and _SYNCFS is not None):
                 try:
-                    _syncfs(next(iter(folders)))
+                    _syncfs(next(iter(folders), some_folder))
                 except OSError as error:
-                    failed += [(index, error) for indexes in folders.values() for index in indexes]
+                    jobs = {*linked, *(index for indexes in folders.values() for index in indexes)}
+                    failed += [(index, error) for index in sorted(jobs)]
                 continue
             for folder_fd, indexes in folders.items():
                 try:
@@ -409,6 +431,7 @@ class _Batch:
                 except OSError as error:
                     failed += [(index, error) for index in indexes]
         self.named.clear()
+        self.linked.clear()
         return failed
 
     def close(self) -> None:
