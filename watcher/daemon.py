@@ -585,10 +585,10 @@ class Daemon:
         Results are taken in order, and no batch is begun after SIGTERM, nor
         for a study after one of its batches failed; every batch begun is
         taken, since its files may have moved. One journal covers them all:
-        when a study cannot be prepared (its journal or its unmatched files
-        not written: the state folder's disk full), no other study is begun,
+        when a batch cannot be prepared (its journal or its unmatched files
+        not written: the state folder's disk full), no other batch is begun,
         and the error is raised once the batches begun are taken and their
-        studies finished; the study stays pending.
+        studies finished; what is not placed of its study stays pending.
         """
         self._clean_interrupted_placement()  # what a failed attempt could not remove
         journal = Journal(self.journal)
@@ -602,18 +602,20 @@ class Daemon:
             for study, why in due:
                 if self.stop.is_set():
                     return
+                placing = self._prepare_placement(study, why)
+                placings.append(placing)
                 try:
-                    placing = self._prepare_placement(study, why, journal)
-                except OSError as error:  # the state folder: none of it is begun
+                    # Routed and journaled a batch at a time: the first is
+                    # begun at once, the next routed while the workers place.
+                    for batch in self._route_batches(placing, journal):
+                        if self.stop.is_set() or placing.error is not None:
+                            break
+                        yield placing, batch
+                except OSError as error:  # the state folder: no other batch is begun
                     unjournaled = error
                     return
-                placings.append(placing)
-                if not placing.batches:
+                if not placing.begun:  # all of it kept unmatched
                     self._end_placement(placing, journal)
-                for batch in placing.batches:
-                    if self.stop.is_set() or placing.error is not None:
-                        break
-                    yield placing, batch
 
         def begin(placing: _Placing, batch: Batch) -> None:
             placing.begun += 1
@@ -637,8 +639,9 @@ class Daemon:
             return item
 
         def width() -> int:
-            # One batch a worker at a time, so that a SIGTERM waits for those alone.
-            return (os.cpu_count() or 1) if self._workers is not None else 1
+            # One batch a worker, and one more handed over while they work (so
+            # that no worker waits for the next); a SIGTERM waits for those alone.
+            return (os.cpu_count() or 1) + 1 if self._workers is not None else 1
 
         while len(in_flight) < width() and (item := following()) is not None:
             begin(*item)
@@ -667,37 +670,47 @@ class Daemon:
         if unjournaled is not None:
             raise unjournaled
 
-    def _prepare_placement(self, study: Study, why: str, journal: Journal) -> _Placing:
-        """Route a study's instances, keep those no rule matches, journal the
-        folders its batches write into, and split them into batches."""
+    def _prepare_placement(self, study: Study, why: str) -> _Placing:
+        """Begin placing a study: read again what the rules' fields need, and
+        say why it is placed when it is not simply quiet."""
         placing = _Placing(study, time.monotonic())
         if study.fields != self.studies.fields:
             self._reread(study)
-        route = self.rulebook.ruleset.route
-        instances = [study.instance(pending) for pending in study.instances.values()]
-        plan = [(instance, route(instance.values)) for instance in instances]
         if why == "max_age":
             log.warning(
                 kv(
                     "study_forced",
                     study=study.uid,
-                    files=len(plan),
+                    files=len(study.instances),
                     reason=f"still receiving after {self.config.max_study_age_seconds:.0f} s",
                 )
             )
         elif why == "expected_count":
-            log.info(kv("study_complete_by_count", study=study.uid, files=len(plan)))
-        journal.add(_plan_folders(plan, study.uid))
-        matched = []
-        for instance, routes in plan:
-            if routes:
-                matched.append((instance, routes))
-                continue
-            self._keep_unmatched(instance, study.uid)
-            placing.unmatched += 1
-            self.studies.remove_path(instance.path)
-        placing.batches = [matched[i : i + BATCH] for i in range(0, len(matched), BATCH)]
+            log.info(kv("study_complete_by_count", study=study.uid, files=len(study.instances)))
         return placing
+
+    def _route_batches(self, placing: _Placing, journal: Journal) -> Iterator[Batch]:
+        """A study's instances with their routes, a batch at a time: the
+        folders each batch writes into journaled before it is given out, and
+        the instances no rule matches kept in `unmatched/`. Raises `OSError`
+        when the journal or an unmatched file cannot be written."""
+        study = placing.study
+        route = self.rulebook.ruleset.route
+        pending = list(study.instances.values())
+        for start in range(0, len(pending), BATCH):
+            instances = map(study.instance, pending[start : start + BATCH])
+            plan = [(instance, route(instance.values)) for instance in instances]
+            journal.add(_plan_folders(plan, study.uid))
+            matched = []
+            for instance, routes in plan:
+                if routes:
+                    matched.append((instance, routes))
+                    continue
+                self._keep_unmatched(instance, study.uid)
+                placing.unmatched += 1
+                self.studies.remove_path(instance.path)
+            if matched:
+                yield matched
 
     def _outcomes(self, batch: Batch, future: Future[PlaceOutcomes] | None) -> PlaceOutcomes:
         """A batch's outcomes: placed here, or taken from its worker."""
@@ -1062,11 +1075,10 @@ class Journal:
 
 @dataclass
 class _Placing:
-    """One study being placed: its batches, how many are begun and taken."""
+    """One study being placed: how many of its batches are begun and taken."""
 
     study: Study
     started: float
-    batches: list[Batch] = field(default_factory=list)
     unmatched: int = 0
     begun: int = 0
     taken: int = 0
