@@ -244,6 +244,9 @@ class Daemon:
         self.quiet_override = quiet_override
         self.rulebook = RuleBook(config.rules, config.allowed_destinations)
         self.arrivals = Arrivals()
+        #: Files whose size and mtime were taken in this turn of the loop: not
+        #: looked at again before they are read.
+        self._fresh: set[str] = set()
         self.studies = Studies(headers.BASE_FIELDS)
         self.tags = headers.tags_for(())
         #: Hash files as they are read, for manifests (while the study is quiet).
@@ -364,6 +367,7 @@ class Daemon:
 
     def tick(self) -> None:
         now = self.clock()
+        self._fresh.clear()  # (a turn that raised may have left some)
         self._take_events(now)
         if now >= self._next_rescan:
             self._next_rescan = now + self.config.rescan_seconds
@@ -389,6 +393,7 @@ class Daemon:
         if now >= self._next_status:
             self._next_status = now + STATUS_SECONDS
             self._write_status()
+        self._fresh.clear()
 
     def _take_events(self, now: float) -> None:
         if self.watcher is None:
@@ -442,6 +447,7 @@ class Daemon:
         if not S_ISREG(stat.st_mode):  # folders, links, sockets: not ours to read
             return
         self.arrivals.observe(path, stat.st_size, stat.st_mtime, now, closed)
+        self._fresh.add(path)
 
     def _read_ready(self, now: float) -> None:
         unchanged = []
@@ -534,6 +540,8 @@ class Daemon:
     def _unchanged(self, path: str, now: float) -> bool:
         """True when a waiting file still has the size and mtime last seen;
         otherwise it is seen anew (or forgotten, when gone)."""
+        if path in self._fresh:
+            return True
         try:
             stat = os.stat(path)
         except FileNotFoundError:
