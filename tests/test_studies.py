@@ -19,8 +19,9 @@ from harness import assert_accounted, skip_or_fail, snapshot
 from watcher import daemon as daemon_module
 from watcher import headers
 from watcher.config import Config
-from watcher.daemon import Daemon, InboxWatcher
+from watcher.daemon import Daemon
 from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
+from watcher.inbox import InboxWatcher
 from watcher.studies import COUNT_GRACE_SECONDS, Arrivals, Studies
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
 
@@ -223,7 +224,7 @@ def test_inotify_watch_limit_falls_back_to_polling(tmp_path, caplog):
 
 
 def test_the_event_handler_never_raises(tmp_path, caplog):
-    from watcher.daemon import InboxHandler
+    from watcher.inbox import InboxHandler
 
     class Broken:
         event_type = "created"

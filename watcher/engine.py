@@ -14,13 +14,13 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import tenacity
+from typing import TYPE_CHECKING
 
 from watcher import headers
 from watcher.errors import DestinationUnavailable, NotRoutable
@@ -36,6 +36,9 @@ from watcher.placement import (
     place_batch,
 )
 from watcher.rules import Route, RuleSet
+
+if TYPE_CHECKING:
+    import tenacity
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +75,11 @@ class RetryPolicy:
     max_seconds: float = 60.0
     first_wait: float = 0.5
     max_wait: float = 10.0
-    sleep: Callable[[float], None] = tenacity.nap.sleep
+    sleep: Callable[[float], None] = time.sleep
 
     def retrying(self) -> tenacity.Retrying:
+        import tenacity  # on first use: a run whose writes all succeed never needs it
+
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient),
             stop=tenacity.stop_after_attempt(self.attempts)

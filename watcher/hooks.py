@@ -21,10 +21,10 @@ import logging
 import os
 import queue
 import re
+import secrets
 import signal
 import subprocess
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,7 +90,7 @@ class HookJob:
     study: str
     attempt: int = 0
     next_try: float = 0.0
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    id: str = field(default_factory=lambda: secrets.token_hex(6))
 
 
 def make_job(hook: Hook, values: Mapping[str, str], cwd: Path) -> HookJob:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import sys
 import time
 import warnings
@@ -78,7 +77,9 @@ def setup(level: str = "INFO", log_format: str = "kv", log_file: str | None = No
     formatter: logging.Formatter = JsonFormatter() if log_format == "json" else KeyValueFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        handlers.append(logging.handlers.WatchedFileHandler(log_file, encoding="utf-8"))
+        from logging.handlers import WatchedFileHandler  # (here: it imports socket)
+
+        handlers.append(WatchedFileHandler(log_file, encoding="utf-8"))
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -1,0 +1,156 @@
+"""Watching the inbox: the watchdog observer, which only enqueues paths for
+the daemon's loop, restarted when it dies and moved to polling when inotify
+runs out of watches. Imported by `dicom-watcher run` alone: `run --once` and
+`sort` read the inbox as it is."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from watcher.logs import kv
+
+log = logging.getLogger(__name__)
+
+#: What the daemon asks inotify for: a file (or folder) appears, or is closed
+#: after writing. Not every write, attribute change or removal: placing a
+#: study links and removes each of its files, and those events would cost
+#: the main thread the GIL once per file. A file still growing is caught by
+#: the size check before it is read.
+WATCHED_EVENTS = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent]
+
+
+class InboxHandler(FileSystemEventHandler):
+    """Puts `(kind, path)` on a queue; never raises (an exception in a
+    watchdog handler kills the observer thread without a word)."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[str, str]]) -> None:
+        self.events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            kind = event.event_type
+            if kind in ("opened", "closed_no_write"):
+                return
+            path = os.fsdecode(event.dest_path if kind == "moved" else event.src_path)
+            if event.is_directory:
+                # A new folder (storescp -su) is scanned: files may predate its
+                # watch. A folder is "modified" by every file created in it:
+                # scanning on those would rescan the inbox once per file.
+                if kind not in ("created", "moved"):
+                    return
+                kind = "dir"
+            self.events.put((kind, path))
+        except Exception:  # noqa: BLE001 - see class docstring
+            log.exception(kv("watch_handler_error"))
+
+
+class InboxWatcher:
+    """The watchdog observer on the inbox, restarted if it dies, and moved to
+    polling when inotify cannot watch any more folders."""
+
+    def __init__(self, inbox: Path, poll: bool, poll_seconds: float) -> None:
+        self.inbox = inbox
+        self.poll = poll
+        self.poll_seconds = poll_seconds
+        self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.observer: BaseObserver | None = None
+        self._short = False
+
+    def start(self) -> None:
+        try:
+            self.observer = self._start(self.poll)
+        except OSError as error:
+            if self.poll or error.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            log.warning(
+                kv(
+                    "inotify_limit",
+                    error=error.strerror,
+                    action="polling the inbox instead; raise fs.inotify.max_user_watches",
+                )
+            )
+            self.poll = True
+            self.observer = self._start(True)
+        log.info(kv("watching", inbox=self.inbox, mode="polling" if self.poll else "inotify"))
+
+    def _start(self, poll: bool) -> BaseObserver:
+        observer = PollingObserver(timeout=self.poll_seconds) if poll else Observer()
+        observer.schedule(
+            InboxHandler(self.events), str(self.inbox), recursive=True, event_filter=WATCHED_EVENTS
+        )
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def check_coverage(self, folders: int) -> None:
+        """Fall back to polling when inotify watches fewer folders than the
+        inbox has: the per-user watch limit was reached (recent watchdog
+        versions skip sub-folders they cannot watch without a word)."""
+        if self.poll or self.observer is None:
+            return
+        watches = _inotify_watches()
+        if watches is None or watches >= folders:
+            self._short = False
+            return
+        if not self._short:  # folders come and go: act when it persists
+            self._short = True
+            return
+        log.warning(
+            kv(
+                "inotify_limit",
+                folders=folders,
+                watched=watches,
+                action="polling the inbox instead; raise fs.inotify.max_user_watches",
+            )
+        )
+        self.stop()
+        self.poll = True
+        self.start()
+
+    def healthy(self) -> bool:
+        return self.observer is not None and self.observer.is_alive()
+
+    def restart(self) -> None:
+        log.error(kv("watcher_died", action="restarting the observer and rescanning"))
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            if self.observer.is_alive():
+                self.observer.join(timeout=5)
+            self.observer = None
+
+
+def _inotify_watches() -> int | None:
+    """How many inotify watches this process holds (Linux), or None if unknown."""
+    try:
+        fds = os.listdir("/proc/self/fdinfo")
+    except OSError:
+        return None
+    total = 0
+    for fd in fds:
+        try:
+            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
+                total += sum(1 for line in info if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
