@@ -17,6 +17,7 @@ import pytest
 from harness import assert_accounted, skip_or_fail, snapshot
 
 from watcher import daemon as daemon_module
+from watcher import engine as engine_module
 from watcher import headers
 from watcher.config import Config
 from watcher.daemon import Daemon
@@ -481,3 +482,36 @@ def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches
     for manifest in lab.rglob("manifest.json"):
         assert json.loads(manifest.read_text())["files"] == per_study
     assert not daemon.journal.exists()
+
+
+def test_a_study_is_reported_placed_after_the_removal_of_its_files_is_flushed_once(
+    tmp_path, monkeypatch
+):
+    # Batches remove their sources without flushing the inbox; the study's
+    # inbox folders are flushed once, when its last batch is taken: after
+    # every source is gone, before its manifest is written.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    sources = write_study(StudySpec(series=2, instances=BATCH // 2 + 5), daemon.config.inbox / "s")
+    flushes: list[tuple[set[str], int, int]] = []
+    flush_folders = daemon_module.flush_folders
+
+    def recording_flush(folders):  # type: ignore[no-untyped-def]
+        folders = set(folders)
+        left = sum(source.exists() for source in sources)
+        flushes.append((folders, left, len(list(lab.rglob("manifest.json")))))
+        flush_folders(folders)
+
+    monkeypatch.setattr(daemon_module, "flush_folders", recording_flush)
+    fsynced: list[str] = []
+    fsync_folder = engine_module._fsync_folder_path
+    monkeypatch.setattr(
+        engine_module, "_fsync_folder_path", lambda path: fsynced.append(path) or fsync_folder(path)
+    )
+    daemon.tick()
+    clock.now += 2
+    daemon.tick()  # two batches
+    assert len(list(lab.rglob("*.dcm"))) == len(sources) > BATCH
+    assert flushes == [({str(sources[0].parent)}, 0, 0)]
+    assert fsynced == [str(sources[0].parent)]  # once for the study, not once a batch
+

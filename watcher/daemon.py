@@ -37,6 +37,7 @@ from watcher.engine import (
     BATCH,
     POOL_THRESHOLD,
     RetryPolicy,
+    flush_folders,
     header_pool,
     iter_read,
     place_instance,
@@ -71,8 +72,9 @@ STATUS_SECONDS = 2.0
 
 
 def _place_moving(batch: Batch, retry: RetryPolicy) -> PlaceOutcomes:
-    """Place a batch of a study and remove its sources (in a worker, or not)."""
-    return place_many(batch, move=True, retry=retry, writeback=True)
+    """Place a batch of a study and remove its sources (in a worker, or not);
+    their folders are flushed once for the study, when it ends."""
+    return place_many(batch, move=True, retry=retry, writeback=True, flush_sources=False)
 
 
 @dataclass
@@ -521,7 +523,7 @@ class Daemon:
                 ahead = next(batches, None)
             placing, batch, future = in_flight.popleft()
             outcomes = self._outcomes(batch, future)
-            error = self._take_placed(placing.study, batch, outcomes, placing.started)
+            error = self._take_placed(placing, batch, outcomes)
             placing.error = placing.error or error
             placing.taken += 1
             if len(in_flight) < width() and (item := following()) is not None:
@@ -596,6 +598,12 @@ class Daemon:
         park it after an error, or finish it when all of it is placed."""
         placing.ended = True
         study = placing.study
+        try:
+            # The removal of its placed files made durable (once, for all of
+            # its batches) before the study is reported placed.
+            flush_folders(placing.moved_from)
+        except OSError as error:
+            log.error(kv("inbox_flush_failed", study=study.uid, error=_describe(error)))
         if placing.unmatched:
             self.counts.unmatched += placing.unmatched
             log.warning(
@@ -622,10 +630,9 @@ class Daemon:
             self._workers.shutdown(wait=False, cancel_futures=True)
             self._workers = None
 
-    def _take_placed(
-        self, study: Study, batch: Batch, outcomes: PlaceOutcomes, started: float
-    ) -> str | None:
+    def _take_placed(self, placing: _Placing, batch: Batch, outcomes: PlaceOutcomes) -> str | None:
         """Account for one placed batch; return the first error, described."""
+        study, started = placing.study, placing.started
         error = None
         for (instance, routes), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -636,6 +643,7 @@ class Daemon:
                     error = error or _describe(outcome)
                 continue
             self.studies.remove_path(instance.path)
+            placing.moved_from.add(os.path.dirname(instance.path) or ".")
             for route, placement in zip(routes, outcome, strict=True):
                 progress = study.progress.get(route.rule.name)
                 if progress is None:
@@ -951,6 +959,8 @@ class _Placing:
     unmatched: int = 0
     begun: int = 0
     taken: int = 0
+    #: The inbox folders its placed files were removed from (flushed at its end).
+    moved_from: set[str] = field(default_factory=set)
     error: str | None = None
     ended: bool = False
 

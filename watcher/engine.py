@@ -169,6 +169,7 @@ def place_many(
     digest: bool | None = None,
     writeback: bool = False,
     source_fds: Sequence[int] = (),
+    flush_sources: bool = True,
 ) -> list[list[Placement] | BaseException]:
     """`place_instance` for many instances, with one flush per filesystem
     and per folder (`placement.place_batch`, with its `writeback`) instead of
@@ -178,7 +179,9 @@ def place_many(
     Returns, per instance, its placements or the error that kept it (its
     source then stays). Instances that met a transient error are tried again
     alone, with retries. With `move`, each source whose copies are all
-    durable is removed, and its folder flushed once.
+    durable is removed, and its folder flushed once; with
+    `flush_sources=False` the caller flushes the sources' folders itself,
+    once for many batches, before it counts on their removal.
     """
     jobs: list[Job] = []
     owners: list[int] = []
@@ -216,8 +219,8 @@ def place_many(
                 os.unlink(instance.path)
             folders.add(os.path.dirname(instance.path) or ".")
         outcomes.append(placed[index])
-    for folder in folders:
-        _fsync_folder_path(folder)
+    if flush_sources:
+        flush_folders(folders)
     return outcomes
 
 
@@ -225,6 +228,14 @@ def remove_source(path: str) -> None:
     """Remove a source file whose copies are durable, and flush its folder."""
     os.unlink(path)
     _fsync_folder_path(os.path.dirname(path) or ".")
+
+
+def flush_folders(folders: Iterable[str]) -> None:
+    """Make the removals (and new names) in these folders durable; a folder
+    removed since has nothing left to flush."""
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_folder_path(folder)
 
 
 def _fsync_folder_path(path: str) -> None:
