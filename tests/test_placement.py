@@ -394,6 +394,28 @@ def test_linked_sources_are_made_durable_by_one_syncfs_after_their_links(
     assert flushes_from_the_first_link() == ["link"] * 8 + ["syncfs"]
 
 
+def test_a_source_replaced_just_before_it_is_linked_is_not_placed_in_its_stead(
+    tmp_path, root, monkeypatch, make_dicom
+):
+    """A source to link is looked at, not opened, and linked by its name: if
+    another file takes that name in between, the link is undone and the job
+    fails with EAGAIN (retried), never placing the other file in its stead."""
+    source = make_dicom(tmp_path / "inbox", name="a.dcm", InstanceNumber=1)
+    other = make_dicom(tmp_path / "elsewhere", name="b.dcm", InstanceNumber=2)
+    job = placement.Job(str(source), root, "S/a.dcm", link=True)
+    real_link = os.link
+
+    def replace_then_link(source_path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if source_path == str(source):
+            os.replace(other, source)
+        return real_link(source_path, *args, **kwargs)
+
+    monkeypatch.setattr(placement.os, "link", replace_then_link)
+    [result] = placement.place_batch([job])
+    assert isinstance(result, OSError) and result.errno == errno.EAGAIN, result
+    assert files_under(root) == []
+
+
 def test_one_name_twice_in_a_batch_is_placed_once_and_other_bytes_go_beside(
     tmp_path, root, source, other, write_mode
 ):
