@@ -514,23 +514,3 @@ def test_a_study_is_reported_placed_after_the_removal_of_its_files_is_flushed_on
     assert len(list(lab.rglob("*.dcm"))) == len(sources) > BATCH
     assert flushes == [({str(sources[0].parent)}, 0, 0)]
     assert fsynced == [str(sources[0].parent)]  # once for the study, not once a batch
-
-
-def test_run_once_routes_taken_as_files_are_read_give_way_to_rules_changed_since(tmp_path):
-    # `run --once` routes each instance as it is read; rules changed before
-    # its study is placed place it by the new rules.
-    clock = FakeClock()
-    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
-    daemon.once = True
-    write_study(StudySpec(patient_id="P0", series=1, instances=3), daemon.config.inbox)
-    daemon.tick()
-    assert len(daemon._routed) == 3, "routed as read"
-    rule = daemon.config.rules / "lab.yaml"
-    rule.write_text(
-        f"match: {{}}\ndestination: {lab}\npath: 'new/{{PatientID}}/{{InstanceNumber}}'\n"
-    )
-    assert daemon._reload_rules()
-    clock.now += 2
-    daemon.tick()
-    placed = sorted(str(p.relative_to(lab)) for p in lab.rglob("*") if p.is_file())
-    assert placed == ["new/P0/1", "new/P0/2", "new/P0/3", "new/P0/manifest.json"]

@@ -49,7 +49,7 @@ from watcher.hooks import HookRunner, hook_values, make_job
 from watcher.logs import kv
 from watcher.manifest import Entry, manifest_path, write_manifest
 from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place, remove_temporaries
-from watcher.rules import PER_SERIES_COUNT, Route, RuleBook, RuleSet
+from watcher.rules import PER_SERIES_COUNT, Route, RuleBook
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
 
@@ -132,10 +132,6 @@ class Daemon:
         #: `run --once`: worker processes forked at its first large burst,
         #: which read headers and place batches until it ends.
         self._workers: Executor | None = None
-        #: `run --once`: each instance's routes, taken as it is read (while
-        #: the workers read on), under the rules they were taken with.
-        self._routed: dict[str, list[Route]] = {}
-        self._routed_by: RuleSet | None = None
         self.started = self.clock()
         self._next_rescan = self._next_rules = self._next_status = 0.0
 
@@ -376,17 +372,6 @@ class Daemon:
                 self.arrivals.forget(path)
                 study = self.studies.add(result, now)
                 self._apply_saved_retry(study)
-                if self.once:
-                    self._route_ahead(result)
-
-    def _route_ahead(self, instance: headers.Instance) -> None:
-        """Route an instance as it is read, for `_route_batches` to take
-        (rather than route a whole study while the workers wait for it)."""
-        ruleset = self.rulebook.ruleset
-        if ruleset is not self._routed_by:
-            self._routed.clear()
-            self._routed_by = ruleset
-        self._routed[instance.path] = ruleset.route(instance.values)
 
     def _apply_saved_retry(self, study: Study) -> None:
         saved = self.saved_retries.pop(study.uid, None)
@@ -525,10 +510,9 @@ class Daemon:
             return item
 
         def width() -> int:
-            # A batch a worker, and one more each handed over while they work
-            # (so that no worker waits for the main thread to hand over the
-            # next); a SIGTERM waits for those alone.
-            return 2 * (os.cpu_count() or 1) if self._workers is not None else 1
+            # One batch a worker, and one more handed over while they work (so
+            # that no worker waits for the next); a SIGTERM waits for those alone.
+            return (os.cpu_count() or 1) + 1 if self._workers is not None else 1
 
         while len(in_flight) < width() and (item := following()) is not None:
             begin(*item)
@@ -582,16 +566,11 @@ class Daemon:
         the instances no rule matches kept in `unmatched/`. Raises `OSError`
         when the journal or an unmatched file cannot be written."""
         study = placing.study
-        ruleset = self.rulebook.ruleset
-        routed = self._routed if ruleset is self._routed_by else {}
+        route = self.rulebook.ruleset.route
         pending = list(study.instances.values())
         for start in range(0, len(pending), BATCH):
-            plan = []
-            for instance in map(study.instance, pending[start : start + BATCH]):
-                routes = routed.pop(instance.path, None)
-                if routes is None:
-                    routes = ruleset.route(instance.values)
-                plan.append((instance, routes))
+            instances = map(study.instance, pending[start : start + BATCH])
+            plan = [(instance, route(instance.values)) for instance in instances]
             journal.add(_plan_folders(plan, study.uid))
             matched = []
             for instance, routes in plan:
