@@ -3,6 +3,7 @@ and non-DICOM files, and synthetic files built for one point each."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -383,6 +384,14 @@ def test_large_pixel_data_of_garbage_is_not_decoded(make_dicom, tmp_path):
     instance = headers.read_instance(path)
     assert instance.values["PatientID"] == "BIG"
     assert instance.size == path.stat().st_size > rows * columns * 2
+
+
+@pytest.mark.parametrize("rows", [8, 64, 256, 1024])  # within the first read, and beyond it
+def test_the_digest_is_the_sha256_of_the_whole_file(make_dicom, tmp_path, rows):
+    path = make_dicom(tmp_path, Rows=rows, Columns=rows)
+    instance = headers.read_instance(path, digest=True)
+    assert instance.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert instance.size == path.stat().st_size
 
 
 def encapsulated(tmp_path: Path, fragments: list[bytes]) -> bytes:

@@ -162,7 +162,7 @@ def read_open(
         values = _values(ds, tags)
     sha256 = ""
     if digest:
-        sha256 = hashlib.sha256(head).hexdigest() if len(head) == size else sha256_of_fd(fd)
+        sha256 = hashlib.sha256(head).hexdigest() if len(head) == size else sha256_of_fd(fd, head)
     if writeback:
         start_writeback(fd)
     if sop_class == DICOMDIR_SOP_CLASS:

@@ -714,10 +714,11 @@ def _sha256(source: str) -> str:
         os.close(fd)
 
 
-def sha256_of_fd(fd: int) -> str:
-    """The SHA-256 of an open file's whole content (read with pread)."""
-    digest = hashlib.sha256()
-    offset = 0
+def sha256_of_fd(fd: int, head: bytes = b"") -> str:
+    """The SHA-256 of an open file's whole content (read with pread), of
+    which `head` holds the first bytes when they were read already."""
+    digest = hashlib.sha256(head)
+    offset = len(head)
     while chunk := os.pread(fd, CHUNK, offset):
         digest.update(chunk)
         offset += len(chunk)
