@@ -133,7 +133,10 @@ class Daemon:
         #: which read headers and place batches until it ends.
         self._workers: Executor | None = None
         self.started = self.clock()
-        self._next_rescan = self._next_rules = self._next_status = 0.0
+        self._next_rescan = self._next_rules = 0.0
+        # `run --once` writes its status on the way out (and every
+        # STATUS_SECONDS while it works), not once more just before.
+        self._next_status = self.started + STATUS_SECONDS if once else 0.0
 
     # -- life cycle --
 
