@@ -110,18 +110,21 @@ def test_profile_samples_count_for_the_code_that_made_the_call(tmp_path: Path) -
         f"{root};_find_and_load (<frozen importlib._bootstrap>:1176) 1\n"
         f"{root};read_open (watcher/headers.py:165);sha256_of_fd (watcher/placement.py:667) 7\n"
         'process 2:"x" 1\n'
+        'process 3:"x";_python_exit (concurrent/futures/process.py:98) 2\n'
+        'process 3:"x";shutdown (logging/__init__.py:2200) 3\n'
     )
     bench = load_bench()
     categories, lines, total = bench.read_profile(raw)
-    assert total == 29
+    assert total == 34
     by_start = {name.split(" (")[0]: count for name, count in categories.items()}
     assert by_start == {
         "reading headers": 8,
-        "handing work between processes": 2,
+        "handing work between processes": 4,
         "the rest of dicom-watcher": 4,
         "waiting": 6,
         "start-up": 1,
         "hashing files": 7,
         "other": 1,
+        "outside dicom-watcher": 3,
     }
     assert lines["headers.py:148 read_open"] == 5
