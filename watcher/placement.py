@@ -255,15 +255,23 @@ class _Written:
     device: int
     temporary: str | None = None
     linked_source: bool = False
-    #: The source's inode, for a linked source.
+    #: The source's inode, for a linked source; for one not held open, an
+    #: open handle on its folder (the batch's) to link it from.
     inode: int = 0
+    source_folder_fd: int = -1
 
     def link(self, name: str) -> None:
         """Give the bytes `name`; FileExistsError if it is taken."""
         if self.temporary is not None:
             _link_into_place(self.temporary, name, self.folder_fd)
-        elif self.fd < 0:  # a linked source not held open: by its path, then checked
-            os.link(self.job.source, name, dst_dir_fd=self.folder_fd, follow_symlinks=False)
+        elif self.fd < 0:  # a linked source not held open: by its name, then checked
+            os.link(
+                os.path.basename(self.job.source),
+                name,
+                src_dir_fd=self.source_folder_fd,
+                dst_dir_fd=self.folder_fd,
+                follow_symlinks=False,
+            )
             if os.stat(name, dir_fd=self.folder_fd, follow_symlinks=False).st_ino != self.inode:
                 _unlink_quietly(name, self.folder_fd)
                 raise OSError(errno.EAGAIN, "the source was replaced while it was placed")
@@ -299,6 +307,8 @@ class _Batch:
         #: Jobs placed as links to their source whose data is flushed with
         #: the names, by filesystem: (a folder there, the jobs).
         self.linked: dict[int, tuple[int, list[int]]] = {}
+        #: Open handles on the folders of sources linked by name.
+        self.source_folders: dict[str, int] = {}
 
     def flushed_with_names(self, item: _Written) -> bool:
         """Whether the item's data is made durable by `flush_names` rather
@@ -369,15 +379,21 @@ class _Batch:
             if source >= 0 and not borrowed:
                 os.close(source)
 
-    @staticmethod
     def _linked_by_path(
-        job: Job, folder_fd: int, folder: Path, name: str, device: int
+        self, job: Job, folder_fd: int, folder: Path, name: str, device: int
     ) -> _Written | None:
         """A source to link on its own filesystem, looked at without opening
         it (a third of the system calls of a move): None when it must be
         opened after all (on another filesystem, not a regular file, or
         changed since its SHA-256 was taken)."""
-        status = os.stat(job.source, follow_symlinks=False)
+        source_folder, source_name = os.path.split(job.source)
+        source_folder_fd = self.source_folders.get(source_folder)
+        if source_folder_fd is None:
+            source_folder_fd = os.open(
+                source_folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+            self.source_folders[source_folder] = source_folder_fd
+        status = os.stat(source_name, dir_fd=source_folder_fd, follow_symlinks=False)
         unchanged = job.known_as_of == (status.st_size, status.st_mtime_ns)
         if status.st_dev != device or not stat.S_ISREG(status.st_mode):
             return None
@@ -387,6 +403,7 @@ class _Batch:
         item = _Written(job, folder_fd, folder, name, status.st_size, sha256, -1, device)
         item.linked_source = True
         item.inode = status.st_ino
+        item.source_folder_fd = source_folder_fd
         return item
 
     def name(self, index: int, item: _Written) -> Placement:
@@ -471,6 +488,8 @@ class _Batch:
         return failed
 
     def close(self) -> None:
+        for fd in self.source_folders.values():
+            os.close(fd)
         roots = {fd for fd in self.roots.values() if isinstance(fd, int)}
         for fd, _, _ in self.folders.values():
             if fd not in roots:
