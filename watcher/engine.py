@@ -27,6 +27,7 @@ from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.logs import kv
 from watcher.placement import (
     TEMP_PREFIX,
+    FolderHandles,
     Job,
     PathConflict,
     Permissions,
@@ -207,7 +208,7 @@ def place_many(
             except (OSError, DestinationUnavailable) as again:
                 failed[index] = again
     outcomes: list[list[Placement] | BaseException] = []
-    with _Folders() as folders:
+    with FolderHandles() as sources:  # removed by name: a path looked up once a folder
         for index, (instance, _) in enumerate(items):
             if index in failed:
                 outcomes.append(failed[index])
@@ -215,42 +216,13 @@ def place_many(
             for placement in placed[index]:
                 _warn_if_beside(instance, placement)
             if move:
-                folders.unlink(instance.path)
+                folder, name = os.path.split(instance.path)
+                with contextlib.suppress(FileNotFoundError):  # (gone, or its folder with it)
+                    os.unlink(name, dir_fd=sources.get(folder))
             outcomes.append(placed[index])
         if flush_sources:
-            flush_folders(folders.paths)
+            flush_folders(folder or "." for folder in sources.fds)
     return outcomes
-
-
-class _Folders:
-    """Sources removed by name from an open handle on their folder (a path
-    looked up once a folder, not once a file)."""
-
-    def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
-
-    @property
-    def paths(self) -> list[str]:
-        return [folder or "." for folder in self.fds]
-
-    def unlink(self, path: str) -> None:
-        folder, name = os.path.split(path)
-        fd = self.fds.get(folder)
-        if fd is None:
-            try:
-                fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return  # gone, with its folder
-            self.fds[folder] = fd
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=fd)
-
-    def __enter__(self) -> _Folders:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
 
 
 def remove_source(path: str) -> None:

@@ -117,6 +117,34 @@ class Permissions:
 NO_PERMISSIONS = Permissions()
 
 
+class FolderHandles:
+    """Open handles on folders by their path, each path looked up once; the
+    files in them are then reached by name. Closed together."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def get(self, folder: str) -> int:
+        """The handle on `folder` ("" for the current one); OSError if it
+        cannot be opened."""
+        fd = self.fds.get(folder)
+        if fd is None:
+            fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.fds[folder] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> FolderHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class PathConflict(OSError):
     """A non-folder stands where the template needs a folder."""
 
@@ -308,7 +336,7 @@ class _Batch:
         #: the names, by filesystem: (a folder there, the jobs).
         self.linked: dict[int, tuple[int, list[int]]] = {}
         #: Open handles on the folders of sources linked by name.
-        self.source_folders: dict[str, int] = {}
+        self.source_folders = FolderHandles()
 
     def flushed_with_names(self, item: _Written) -> bool:
         """Whether the item's data is made durable by `flush_names` rather
@@ -341,7 +369,7 @@ class _Batch:
         *folders, name = job.relative.split("/")
         folder_fd, folder, device = self.folder(job.root, folders, job.permissions)
         if job.link and job.source_fd < 0 and not job.permissions.changes_files and _SYNCFS:
-            item = self._linked_by_path(job, folder_fd, folder, name, device)
+            item = self._linked_by_name(job, folder_fd, folder, name, device)
             if item is not None:
                 return item
         borrowed = job.source_fd >= 0
@@ -379,7 +407,7 @@ class _Batch:
             if source >= 0 and not borrowed:
                 os.close(source)
 
-    def _linked_by_path(
+    def _linked_by_name(
         self, job: Job, folder_fd: int, folder: Path, name: str, device: int
     ) -> _Written | None:
         """A source to link on its own filesystem, looked at without opening
@@ -388,11 +416,6 @@ class _Batch:
         changed since its SHA-256 was taken)."""
         source_folder, source_name = os.path.split(job.source)
         source_folder_fd = self.source_folders.get(source_folder)
-        if source_folder_fd is None:
-            source_folder_fd = os.open(
-                source_folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-            )
-            self.source_folders[source_folder] = source_folder_fd
         status = os.stat(source_name, dir_fd=source_folder_fd, follow_symlinks=False)
         unchanged = job.known_as_of == (status.st_size, status.st_mtime_ns)
         if status.st_dev != device or not stat.S_ISREG(status.st_mode):
@@ -488,8 +511,7 @@ class _Batch:
         return failed
 
     def close(self) -> None:
-        for fd in self.source_folders.values():
-            os.close(fd)
+        self.source_folders.close()
         roots = {fd for fd in self.roots.values() if isinstance(fd, int)}
         for fd, _, _ in self.folders.values():
             if fd not in roots:
