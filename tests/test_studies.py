@@ -294,6 +294,17 @@ def test_workers_killed_while_idle_do_not_stop_the_next_reading(tmp_path, caplog
 _JOURNAL: list[Path] = []
 
 
+def write_three_two_batch_studies(inbox: Path) -> int:
+    """Studies P0, P1 and P2 in folders of their own, each of two series
+    and a little more than one batch; returns the files a study has."""
+    per_study = BATCH + 10
+    for n in range(3):
+        write_study(
+            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2), inbox / f"study{n}"
+        )
+    return per_study
+
+
 def _journaled() -> set[str]:
     return set(json.loads(_JOURNAL[0].read_text(encoding="utf-8"))["folders"])
 
@@ -321,12 +332,7 @@ def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journ
     # manifest writes into is in the journal before, which is gone after.
     clock = FakeClock()
     daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
-    per_study = BATCH + 10
-    for n in range(3):
-        write_study(
-            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2),
-            daemon.config.inbox / f"study{n}",
-        )
+    per_study = write_three_two_batch_studies(daemon.config.inbox)
     _JOURNAL[:] = [daemon.journal]
     monkeypatch.setattr(daemon_module, "_place_moving", _place_after_checking_the_journal)
     events: list[tuple[str, str]] = []
@@ -391,12 +397,7 @@ def test_a_worker_killed_mid_placement_parks_the_studies_in_flight_and_the_rest_
     # everything is placed once, each study finished (logged) once.
     clock = FakeClock()
     daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
-    per_study = BATCH + 10
-    for n in range(3):
-        write_study(
-            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2),
-            daemon.config.inbox / f"study{n}",
-        )
+    per_study = write_three_two_batch_studies(daemon.config.inbox)
     entered = snapshot(daemon.config.inbox)
     monkeypatch.setattr(daemon_module, "_place_moving", _place_or_die_on_p1)
     daemon._workers = header_pool(threads_running=False)
@@ -432,12 +433,7 @@ def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches
     # once the disk has room again.
     clock = FakeClock()
     daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
-    per_study = BATCH + 10
-    for n in range(3):
-        write_study(
-            StudySpec(patient_id=f"P{n}", series=2, instances=per_study // 2),
-            daemon.config.inbox / f"study{n}",
-        )
+    per_study = write_three_two_batch_studies(daemon.config.inbox)
     entered = snapshot(daemon.config.inbox)
     add = daemon_module.Journal.add
     disk_full = True
@@ -514,3 +510,4 @@ def test_a_study_is_reported_placed_after_the_removal_of_its_files_is_flushed_on
     assert len(list(lab.rglob("*.dcm"))) == len(sources) > BATCH
     assert flushes == [({str(sources[0].parent)}, 0, 0)]
     assert fsynced == [str(sources[0].parent)]  # once for the study, not once a batch
+
