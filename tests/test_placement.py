@@ -394,6 +394,28 @@ def test_linked_sources_are_made_durable_by_one_syncfs_after_their_links(
     assert flushes_from_the_first_link() == ["link"] * 8 + ["syncfs"]
 
 
+@pytest.mark.skipif(placement._SYNCFS is None, reason="syncfs(2) is Linux-only")
+def test_linked_sources_whose_flush_fails_each_report_it_and_are_found_again(
+    tmp_path, root, monkeypatch, make_dicom
+):
+    """A disk that fails the one flush of a batch of links (EIO): every job
+    reports the error, so that the caller keeps every source; the next try
+    finds each already linked ("present") and flushes it."""
+    sources = [make_dicom(tmp_path / "inbox", name=f"{n}.dcm", InstanceNumber=n) for n in range(8)]
+    jobs = [placement.Job(str(s), root, f"S/{s.name}", link=True) for s in sources]
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(placement, "_syncfs", fail)
+    results = placement.place_batch(jobs)
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
+    assert all(source.exists() for source in sources)
+    monkeypatch.undo()
+    again = placement.place_batch(jobs)
+    assert [r.outcome for r in again] == ["present"] * 8, again
+
+
 def test_a_source_replaced_just_before_it_is_linked_is_not_placed_in_its_stead(
     tmp_path, root, monkeypatch, make_dicom
 ):

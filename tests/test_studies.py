@@ -511,3 +511,27 @@ def test_a_study_is_reported_placed_after_the_removal_of_its_files_is_flushed_on
     assert flushes == [({str(sources[0].parent)}, 0, 0)]
     assert fsynced == [str(sources[0].parent)]  # once for the study, not once a batch
 
+
+def test_a_study_whose_inbox_cannot_be_flushed_is_placed_and_the_failure_logged(
+    tmp_path, monkeypatch, caplog
+):
+    # Its copies are durable, only the removal of its sources may not be: the
+    # study is placed (manifest, study_placed) and the failure is logged.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    sources = write_study(StudySpec(series=1, instances=3), daemon.config.inbox)
+
+    def fail(folders):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EIO, "Input/output error", str(daemon.config.inbox))
+
+    monkeypatch.setattr(daemon_module, "flush_folders", fail)
+    caplog.set_level(logging.INFO)
+    daemon.tick()
+    clock.now += 2
+    daemon.tick()
+    assert len(list(lab.rglob("*.dcm"))) == 3
+    assert len(list(lab.rglob("manifest.json"))) == 1
+    assert not any(source.exists() for source in sources)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("event=inbox_flush_failed" in m and "Input/output error" in m for m in messages)
+    assert any("event=study_placed" in m for m in messages)
