@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -75,6 +76,12 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
     assert "Targets" in output
     assert any(line.strip().startswith(("met ", "NOT met ", "n/a ")) for line in lines)
     assert "file system:" in output
+    if os.geteuid() == 0:
+        # The image stays written in full once formatted: no write of a run
+        # allocates space in the host's file system (mkfs discards otherwise).
+        image = re.search(r"loop-mounted (\d+) GiB image \S+, ([\d.]+) GiB of it allocated", output)
+        assert image, output
+        assert float(image[2]) >= int(image[1]) * 0.99, image[0]
 
     report = json.loads(results.read_text())
     for data_set in ("A", "B"):
