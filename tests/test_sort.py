@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -494,3 +496,49 @@ def test_a_different_instance_under_a_taken_name_is_not_a_uid_warning(tmp_path, 
     assert run.events("same_uid_other_bytes") == []
     assert len(run.events("name_taken")) == 1
     assert len(files_under(dest)) == 2
+
+
+# --- the program's exit -----------------------------------------------------------------
+
+
+def test_the_program_ends_with_its_output_whole_and_its_status(tmp_path):
+    # `dicom-watcher` (cli.run) ends without tearing the interpreter down:
+    # what it printed and logged must all be out, and its status kept.
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=3, instances=40), inbox)
+    (inbox / "notes.txt").write_text("not DICOM\n")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, "-m", "watcher", "sort", str(inbox), "--dest", str(dest), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=buffered,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]  # the text file is not routable
+    targets = [line for line in done.stdout.splitlines() if " -> " in line]
+    assert len(targets) == len(sources) and len(done.stdout) > 8192  # more than one buffer
+    assert "nothing written" in done.stdout
+    assert "notes.txt" in done.stderr
+
+
+def test_the_program_waits_for_a_thread_that_still_runs(tmp_path, rules_dir):
+    # With a thread still at work the usual exit is taken, which waits for it.
+    marker = tmp_path / "thread-finished"
+    (tmp_path / "lab").mkdir()
+    rules_dir.rule("smith", tmp_path / "lab")
+    script = (
+        "import sys, threading, time\n"
+        "from watcher import cli\n"
+        "def work():\n"
+        "    time.sleep(0.5)\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "threading.Thread(target=work).start()\n"
+        f"cli.run(['check', '--rules', {str(rules_dir.path)!r}])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.exists()

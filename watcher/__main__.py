@@ -1,7 +1,5 @@
 """`python -m watcher` runs the `dicom-watcher` command line."""
 
-import sys
+from watcher.cli import run
 
-from watcher.cli import main
-
-sys.exit(main())
+run()

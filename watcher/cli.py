@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from watcher import __version__, headers, logs, placement
 from watcher.config import load_config
@@ -44,6 +44,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The `dicom-watcher` program: `main`, then its exit status.
+
+    When nothing else runs any more (no thread, all output flushed), the
+    process ends without the interpreter tearing down every module, which
+    takes longer than `sort` or `run --once` on a small inbox needs for its
+    work; otherwise it exits the usual way, and waits for what still runs.
+    """
+    code = main(argv)
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # (a closed pipe): the usual exit reports it
+        sys.exit(code)
+    if threading.active_count() == 1:
+        os._exit(code)
+    sys.exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
