@@ -535,3 +535,39 @@ def test_a_study_whose_inbox_cannot_be_flushed_is_placed_and_the_failure_logged(
     messages = [record.getMessage() for record in caplog.records]
     assert any("event=inbox_flush_failed" in m and "Input/output error" in m for m in messages)
     assert any("event=study_placed" in m for m in messages)
+
+
+def test_a_source_the_daemon_may_not_remove_parks_its_study_and_loses_nothing(
+    tmp_path, monkeypatch, caplog
+):
+    # An inbox the daemon cannot write in (its receiver's permissions): the
+    # copies are made and durable, the sources stay, and the study is parked
+    # with the reason, instead of the error stopping the daemon. Once the
+    # removal works, the retry finds the copies present and removes the sources.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
+    sources = write_study(StudySpec(series=1, instances=3), daemon.config.inbox)
+    real_unlink = os.unlink
+
+    def refuse(path, *args, dir_fd=None, **kwargs):  # type: ignore[no-untyped-def]
+        if dir_fd is not None and os.path.join(daemon.config.inbox, path) in map(str, sources):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_unlink(path, *args, dir_fd=dir_fd, **kwargs)
+
+    monkeypatch.setattr(engine_module.os, "unlink", refuse)
+    caplog.set_level(logging.INFO)
+    daemon.tick()
+    clock.now += 2
+    daemon.tick()
+    assert len(list(lab.rglob("*.dcm"))) == 3
+    assert all(source.exists() for source in sources)
+    [parked] = [r.getMessage() for r in caplog.records if "event=study_parked" in r.getMessage()]
+    assert "placed, but cannot be removed: Permission denied" in parked
+    assert not any("event=study_placed" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.undo()
+    clock.now += 10
+    daemon.tick()
+    assert not any(source.exists() for source in sources)
+    assert len(list(lab.rglob("*.dcm"))) == 3
+    assert any("event=study_placed" in r.getMessage() for r in caplog.records)

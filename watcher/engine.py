@@ -180,7 +180,8 @@ def place_many(
     Returns, per instance, its placements or the error that kept it (its
     source then stays). Instances that met a transient error are tried again
     alone, with retries. With `move`, each source whose copies are all
-    durable is removed, and its folder flushed once; with
+    durable is removed, and its folder flushed once (a source that cannot
+    be removed stays, and its outcome is that error); with
     `flush_sources=False` the caller flushes the sources' folders itself,
     once for many batches, before it counts on their removal.
     """
@@ -217,8 +218,14 @@ def place_many(
                 _warn_if_beside(instance, placement)
             if move:
                 folder, name = os.path.split(instance.path)
-                with contextlib.suppress(FileNotFoundError):  # (gone, or its folder with it)
+                try:
                     os.unlink(name, dir_fd=sources.get(folder))
+                except FileNotFoundError:  # (gone, or its folder with it)
+                    pass
+                except OSError as error:  # (an inbox it may not write): the source stays
+                    why = f"placed, but cannot be removed: {error.strerror}"
+                    outcomes.append(OSError(error.errno, why, instance.path))
+                    continue
             outcomes.append(placed[index])
         if flush_sources:
             flush_folders(folder or "." for folder in sources.fds)
