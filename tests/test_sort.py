@@ -278,6 +278,29 @@ def test_move_places_identical_bytes_then_removes_the_sources(tmp_path, sort):
     assert all(p.stat().st_nlink == 1 for p in files_under(dest))
 
 
+def test_move_flushes_each_source_folder_once_its_files_are_removed(tmp_path, sort, monkeypatch):
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=1, instances=2), inbox / "a")
+    sources += write_study(StudySpec(series=1, instances=2), inbox / "b")
+    flushed: list[tuple[str, int]] = []  # (what was flushed, its sources left then)
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        folder = os.readlink(f"/proc/self/fd/{fd}")
+        flushed.append((folder, sum(p.exists() for p in sources if str(p.parent) == folder)))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    run = sort(inbox, "--dest", dest, "--move")
+
+    assert run.status == 0
+    source_folders = sorted(
+        (folder, left) for folder, left in flushed if folder.startswith(str(inbox))
+    )
+    assert source_folders == [(str(inbox / "a"), 0), (str(inbox / "b"), 0)]
+
+
 @pytest.mark.parametrize("extra", [[], ["--move"]], ids=["copy", "move"])
 def test_a_sort_large_enough_for_the_workers_places_every_file(tmp_path, sort, extra):
     # Above POOL_THRESHOLD files the batches are sorted in worker processes,

@@ -228,7 +228,7 @@ def place_many(
                     continue
             outcomes.append(placed[index])
         if flush_sources:
-            flush_folders(folder or "." for folder in sources.fds)
+            sources.flush()
     return outcomes
 
 

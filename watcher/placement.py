@@ -133,6 +133,11 @@ class FolderHandles:
             self.fds[folder] = fd
         return fd
 
+    def flush(self) -> None:
+        """Make the changes of names in every folder held durable."""
+        for fd in self.fds.values():
+            _fsync_folder(fd)
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
