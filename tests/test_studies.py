@@ -571,3 +571,51 @@ def test_a_source_the_daemon_may_not_remove_parks_its_study_and_loses_nothing(
     assert not any(source.exists() for source in sources)
     assert len(list(lab.rglob("*.dcm"))) == 3
     assert any("event=study_placed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_no_rule_takes_that_the_daemon_may_not_remove_parks_its_study(
+    tmp_path, monkeypatch, caplog
+):
+    # A study half of which no rule takes, in an inbox the daemon cannot
+    # write in: the files a rule takes are placed, the others are kept in
+    # unmatched/ and stay in the inbox too, and the study is parked with the
+    # reason, instead of the error stopping the daemon. Once the removal
+    # works, the retry removes them and the study is finished.
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
+    template = "{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm"
+    rule = f"match: {{SeriesNumber: '^1$'}}\ndestination: {lab}\npath: '{template}'\n"
+    (daemon.config.rules / "lab.yaml").write_text(rule)
+    daemon.rulebook.refresh()
+    sources = write_study(StudySpec(series=2, instances=3), daemon.config.inbox)
+    entered = snapshot(daemon.config.inbox)
+    series = {str(path): headers.read_instance(path).values["SeriesNumber"] for path in sources}
+    second = {path for path, number in series.items() if number == "2"}
+    assert len(second) == 3
+    real_unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.fspath(path) in second:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.os, "unlink", refuse)
+    caplog.set_level(logging.INFO)
+    daemon.tick()
+    clock.now += 2
+    daemon.tick()
+    assert len(list(lab.rglob("*.dcm"))) == 3
+    assert {str(path) for path in sources if path.exists()} == second
+    assert len(list((daemon.state / "unmatched").rglob("*"))) == 1 + 3  # its folder
+    [parked] = [r.getMessage() for r in caplog.records if "event=study_parked" in r.getMessage()]
+    assert "kept in unmatched, but cannot be removed: Permission denied" in parked
+    assert not any("event=study_placed" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.undo()
+    clock.now += 10
+    daemon.tick()
+    assert not any(path.exists() for path in sources)
+    assert any("event=study_placed" in r.getMessage() for r in caplog.records)
+    assert not list((daemon.state / "retry").iterdir())
+    counts = assert_accounted(entered, [lab], daemon.state, exact=True, unique_uids=True)
+    assert counts["placed"] == 3 and counts["unmatched"] == 3

@@ -580,7 +580,10 @@ class Daemon:
                 if routes:
                     matched.append((instance, routes))
                     continue
-                self._keep_unmatched(instance, study.uid)
+                kept_back = self._keep_unmatched(instance.path, study.uid)
+                if kept_back is not None:  # it stays, and the study waits for it
+                    placing.kept_back = placing.kept_back or kept_back
+                    continue
                 placing.unmatched += 1
                 self.studies.remove_path(instance.path)
             if matched:
@@ -618,8 +621,9 @@ class Daemon:
                     kept_in=self.unmatched_dir / safe_component(study.uid),
                 )
             )
-        if placing.error is not None:
-            self._park(study, placing.error)
+        why = placing.error or placing.kept_back
+        if why is not None:
+            self._park(study, why)
         elif not study.instances:
             for progress in study.progress.values():
                 self._finish_rule(study, progress, journal)
@@ -853,10 +857,19 @@ class Daemon:
         self.counts.quarantined += 1
         log.warning(kv("quarantined", path=path, reason=reason, kept_as=placement.path))
 
-    def _keep_unmatched(self, instance: headers.Instance, study_uid: str) -> None:
-        relative = f"{safe_component(study_uid)}/{safe_component(os.path.basename(instance.path))}"
-        place(instance.path, self.unmatched_dir, relative, link=True)
-        remove_source(instance.path)
+    def _keep_unmatched(self, path: str, study_uid: str) -> str | None:
+        """Keep a file no rule matches in `unmatched/`, and remove it from the
+        inbox; return why it stays there when it cannot be removed (an inbox
+        the daemon may not write in). Raises `OSError` when it cannot be kept."""
+        relative = f"{safe_component(study_uid)}/{safe_component(os.path.basename(path))}"
+        place(path, self.unmatched_dir, relative, link=True)
+        try:
+            remove_source(path)
+        except FileNotFoundError:  # gone meanwhile (or its folder): it is kept
+            pass
+        except OSError as error:
+            return f"kept in unmatched, but cannot be removed: {_describe(error)}"
+        return None
 
     def _reroute_unmatched(self) -> None:
         """Route the kept unmatched studies again under the current rules."""
@@ -965,6 +978,9 @@ class _Placing:
     #: The inbox folders its placed files were removed from (flushed at its end).
     moved_from: set[str] = field(default_factory=set)
     error: str | None = None
+    #: Why files it kept in `unmatched/` stay in the inbox too: it is parked
+    #: for them once its other files are placed.
+    kept_back: str | None = None
     ended: bool = False
 
 
