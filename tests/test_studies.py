@@ -119,6 +119,25 @@ def test_an_unroutable_file_is_quarantined_only_after_it_stopped_changing():
     assert arrivals.to_quarantine(now=100, grace=60) == [("x", "truncated")]
 
 
+def test_a_failed_quarantine_is_tried_again_on_a_doubling_schedule_until_the_file_changes():
+    arrivals = Arrivals()
+    arrivals.observe("x", size=5, mtime=0.0, now=0.0)
+    arrivals.failed("x", "not DICOM", now=0.0, retry_after=1.0)
+    assert arrivals.held() == []
+    assert arrivals.quarantine_failed("x", now=10, first=30, longest=100) == (1, 30)
+    assert arrivals.held() == ["x"]
+    assert arrivals.to_quarantine(now=39, grace=0) == []
+    assert arrivals.to_quarantine(now=40, grace=0) == [("x", "not DICOM")]
+    assert arrivals.quarantine_failed("x", now=40, first=30, longest=100) == (2, 60)
+    assert arrivals.quarantine_failed("x", now=100, first=30, longest=100) == (3, 100)
+    assert arrivals.to_quarantine(now=199, grace=0) == []
+    arrivals.observe("x", size=6, mtime=150.0, now=150.0)  # it changed: seen anew
+    assert arrivals.held() == []
+    arrivals.failed("x", "not DICOM", now=150.0, retry_after=1.0)
+    assert arrivals.to_quarantine(now=150, grace=0) == [("x", "not DICOM")]
+    assert arrivals.quarantine_failed("gone", now=0, first=30, longest=100) == (0, 0.0)
+
+
 class FakeClock:
     def __init__(self, now: float = 1_000_000.0) -> None:
         self.now = now
@@ -619,3 +638,66 @@ def test_a_file_no_rule_takes_that_the_daemon_may_not_remove_parks_its_study(
     assert not list((daemon.state / "retry").iterdir())
     counts = assert_accounted(entered, [lab], daemon.state, exact=True, unique_uids=True)
     assert counts["placed"] == 3 and counts["unmatched"] == 3
+
+
+def test_a_bad_file_that_cannot_leave_the_inbox_is_tried_again_later_and_once_ends(
+    tmp_path, monkeypatch, caplog
+):
+    # A file that is not DICOM, in an inbox the daemon may not write in: its
+    # quarantine fails (the copy is kept, the file stays). The daemon says so
+    # once and tries again on the doubling schedule of parked studies, not
+    # at every turn of its loop; `run --once` ends with status 1 instead of
+    # waiting for it for ever. Once the removal works, it is quarantined.
+    clock = FakeClock()
+    daemon, _ = in_process_daemon(
+        tmp_path, clock, quiet_seconds=1, quarantine_after_seconds=5, park_first_seconds=30
+    )
+    bad = daemon.config.inbox / "not-dicom.bin"
+    bad.write_bytes(b"not a DICOM file\n" * 10)
+    real_unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.fspath(path) == str(bad):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.os, "unlink", refuse)
+    caplog.set_level(logging.DEBUG)
+
+    def failures() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if "event=quarantine_failed" in r.getMessage()
+        ]
+
+    daemon.tick()
+    clock.now += 6
+    for _ in range(20):  # four seconds of turns
+        daemon.tick()
+        clock.now += 0.2
+    [failed] = failures()
+    assert "Permission denied" in failed and "next_try_in=30" in failed
+    assert [r.levelname for r in caplog.records if r.getMessage() == failed] == ["ERROR"]
+    clock.now += 30
+    daemon.tick()
+    assert len(failures()) == 2 and "next_try_in=60" in failures()[1]
+    assert bad.exists()
+
+    once = Daemon(daemon.config, once=True, stop=threading.Event())
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(once.run()))
+    runner.start()
+    runner.join(20)
+    if runner.is_alive():
+        once.stop.set()
+        runner.join()
+        pytest.fail("run --once waited for a file it cannot quarantine")
+    assert result == [1]
+    assert any("event=once_incomplete" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.undo()
+    clock.now += 60
+    daemon.tick()
+    assert not bad.exists()
+    # (the two daemons' clocks put their copies under two dates)
+    reasons = list((daemon.state / "quarantine").rglob("*.reason.txt"))
+    assert reasons and all("not a DICOM file" in r.read_text() for r in reasons)

@@ -166,7 +166,7 @@ class Daemon:
                 self.tick()
                 if (
                     self.once
-                    and not self.arrivals
+                    and len(self.arrivals) == len(self.arrivals.held())
                     and not self.hooks.busy
                     and all(s.parked_since is not None for s in self.studies)
                 ):
@@ -181,12 +181,14 @@ class Daemon:
             self._write_status()
         self._record_placed_in_part()
         parked = [s for s in self.studies if s.parked_since is not None]
-        if self.once and parked:
+        held = self.arrivals.held()
+        if self.once and (parked or held):
             log.error(
                 kv(
                     "once_incomplete",
                     parked_studies=len(parked),
-                    files_left=sum(len(s.instances) for s in parked),
+                    files_left=sum(len(s.instances) for s in parked) + len(held),
+                    not_quarantined=len(held),
                 )
             )
             return 1
@@ -851,7 +853,18 @@ class Daemon:
             )
             remove_source(path)
         except (OSError, DestinationUnavailable) as error:
-            log.error(kv("quarantine_failed", path=path, error=_describe(error)))
+            attempts, wait = self.arrivals.quarantine_failed(
+                path, self.clock(), self.config.park_first_seconds, self.config.park_max_seconds
+            )
+            line = kv(
+                "quarantine_failed",
+                path=path,
+                error=_describe(error),
+                attempts=attempts,
+                next_try_in=round(wait),
+            )
+            # Said once; the retries (on the doubling schedule) only at debug level.
+            log.log(logging.ERROR if attempts <= 1 else logging.DEBUG, line)
             return
         self.arrivals.forget(path)
         self.counts.quarantined += 1

@@ -27,6 +27,10 @@ class Candidate:
     failed_at: float | None = None
     reason: str = ""
     next_read: float = 0.0
+    #: Quarantines of it that failed (it could not be moved out of the
+    #: inbox, or its reason not written), and when to try again.
+    quarantine_attempts: int = 0
+    next_quarantine: float = 0.0
 
 
 #: A study complete by its expected count still waits this long after its
@@ -57,6 +61,8 @@ class Arrivals:
             known.closed = closed
             known.failed_at = None
             known.next_read = 0.0
+            known.quarantine_attempts = 0
+            known.next_quarantine = 0.0
         elif closed:
             known.closed = True
 
@@ -83,12 +89,33 @@ class Arrivals:
             candidate.next_read = now + retry_after
 
     def to_quarantine(self, now: float, grace: float) -> list[tuple[str, str]]:
-        """Unroutable files unchanged for `grace` seconds, with their reason."""
+        """Unroutable files unchanged for `grace` seconds, with their reason
+        (after a failed quarantine, once its next try is due)."""
         return [
             (path, c.reason)
             for path, c in self.files.items()
-            if c.failed_at is not None and now - c.changed_at >= grace and now - c.failed_at >= 0
+            if c.failed_at is not None
+            and now - c.changed_at >= grace
+            and now - c.failed_at >= 0
+            and now >= c.next_quarantine
         ]
+
+    def quarantine_failed(
+        self, path: str, now: float, first: float, longest: float
+    ) -> tuple[int, float]:
+        """Schedule the next quarantine of a file with a doubling wait;
+        return how many have failed, and the wait."""
+        candidate = self.files.get(path)
+        if candidate is None:
+            return 0, 0.0
+        candidate.quarantine_attempts += 1
+        wait = min(first * 2 ** (candidate.quarantine_attempts - 1), longest)
+        candidate.next_quarantine = now + wait
+        return candidate.quarantine_attempts, wait
+
+    def held(self) -> list[str]:
+        """Files kept in the inbox by a failed quarantine, waiting to try again."""
+        return [path for path, c in self.files.items() if c.quarantine_attempts]
 
 
 _EMPTY = itertools.repeat("")
