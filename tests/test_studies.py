@@ -8,6 +8,8 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -124,18 +126,18 @@ def test_a_failed_quarantine_is_tried_again_on_a_doubling_schedule_until_the_fil
     arrivals.observe("x", size=5, mtime=0.0, now=0.0)
     arrivals.failed("x", "not DICOM", now=0.0, retry_after=1.0)
     assert arrivals.held() == []
-    assert arrivals.quarantine_failed("x", now=10, first=30, longest=100) == (1, 30)
+    assert arrivals.quarantine_failed("x", "EACCES", now=10, first=30, longest=100) == (1, 30)
     assert arrivals.held() == ["x"]
     assert arrivals.to_quarantine(now=39, grace=0) == []
     assert arrivals.to_quarantine(now=40, grace=0) == [("x", "not DICOM")]
-    assert arrivals.quarantine_failed("x", now=40, first=30, longest=100) == (2, 60)
-    assert arrivals.quarantine_failed("x", now=100, first=30, longest=100) == (3, 100)
+    assert arrivals.quarantine_failed("x", "EACCES", now=40, first=30, longest=100) == (2, 60)
+    assert arrivals.quarantine_failed("x", "EACCES", now=100, first=30, longest=100) == (3, 100)
     assert arrivals.to_quarantine(now=199, grace=0) == []
     arrivals.observe("x", size=6, mtime=150.0, now=150.0)  # it changed: seen anew
     assert arrivals.held() == []
     arrivals.failed("x", "not DICOM", now=150.0, retry_after=1.0)
     assert arrivals.to_quarantine(now=150, grace=0) == [("x", "not DICOM")]
-    assert arrivals.quarantine_failed("gone", now=0, first=30, longest=100) == (0, 0.0)
+    assert arrivals.quarantine_failed("gone", "EACCES", now=0, first=30, longest=100) == (0, 0.0)
 
 
 class FakeClock:
@@ -681,6 +683,19 @@ def test_a_bad_file_that_cannot_leave_the_inbox_is_tried_again_later_and_once_en
     daemon.tick()
     assert len(failures()) == 2 and "next_try_in=60" in failures()[1]
     assert bad.exists()
+    daemon._write_status()  # status says which file waits, and why
+    [held] = json.loads((daemon.state / "status.json").read_text())["quarantine_failed"]
+    assert held["path"] == str(bad) and held["attempts"] == 2 and held["next_try_in"] == 60
+    assert "Permission denied" in held["error"] and "not a DICOM file" in held["reason"]
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state: {daemon.state}\n", encoding="utf-8")
+    human = subprocess.run(
+        [sys.executable, "-m", "watcher", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"{bad}  not quarantined (not a DICOM file" in human.stdout
 
     once = Daemon(daemon.config, once=True, stop=threading.Event())
     result: list[int] = []

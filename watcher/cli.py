@@ -190,6 +190,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if study.get("last_error"):
             line += f"  last error: {study['last_error']} (attempts {study['attempts']})"
         print(line)
+    for held in status.get("quarantine_failed", []):
+        print(
+            f"  {held['path']}  not quarantined ({held['reason']}): {held['error']} "
+            f"(attempts {held['attempts']}, next try in {held['next_try_in']} s)"
+        )
     last = status.get("last_placement") or {}
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("time", 0))))

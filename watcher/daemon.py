@@ -853,13 +853,14 @@ class Daemon:
             )
             remove_source(path)
         except (OSError, DestinationUnavailable) as error:
-            attempts, wait = self.arrivals.quarantine_failed(
-                path, self.clock(), self.config.park_first_seconds, self.config.park_max_seconds
-            )
+            why = _describe(error)
+            first, longest = self.config.park_first_seconds, self.config.park_max_seconds
+            now = self.clock()
+            attempts, wait = self.arrivals.quarantine_failed(path, why, now, first, longest)
             line = kv(
                 "quarantine_failed",
                 path=path,
-                error=_describe(error),
+                error=why,
                 attempts=attempts,
                 next_try_in=round(wait),
             )
@@ -943,6 +944,17 @@ class Daemon:
             "files_arriving": len(self.arrivals),
             "studies": studies,
             "quarantine_files": _count_files(self.quarantine_dir, ".reason.txt"),
+            "quarantine_failed": [
+                {
+                    "path": path,
+                    "reason": candidate.reason,
+                    "error": candidate.quarantine_error,
+                    "attempts": candidate.quarantine_attempts,
+                    "next_try_in": round(max(candidate.next_quarantine - now, 0)),
+                }
+                for path, candidate in self.arrivals.files.items()
+                if candidate.quarantine_attempts
+            ],
             "unmatched_files": _count_files(self.unmatched_dir),
             "placed_files": self.counts.placed_files,
             "placed_studies": self.counts.placed_studies,

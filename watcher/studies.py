@@ -31,6 +31,7 @@ class Candidate:
     #: inbox, or its reason not written), and when to try again.
     quarantine_attempts: int = 0
     next_quarantine: float = 0.0
+    quarantine_error: str = ""
 
 
 #: A study complete by its expected count still waits this long after its
@@ -63,6 +64,7 @@ class Arrivals:
             known.next_read = 0.0
             known.quarantine_attempts = 0
             known.next_quarantine = 0.0
+            known.quarantine_error = ""
         elif closed:
             known.closed = True
 
@@ -101,7 +103,7 @@ class Arrivals:
         ]
 
     def quarantine_failed(
-        self, path: str, now: float, first: float, longest: float
+        self, path: str, error: str, now: float, first: float, longest: float
     ) -> tuple[int, float]:
         """Schedule the next quarantine of a file with a doubling wait;
         return how many have failed, and the wait."""
@@ -109,6 +111,7 @@ class Arrivals:
         if candidate is None:
             return 0, 0.0
         candidate.quarantine_attempts += 1
+        candidate.quarantine_error = error
         wait = min(first * 2 ** (candidate.quarantine_attempts - 1), longest)
         candidate.next_quarantine = now + wait
         return candidate.quarantine_attempts, wait
