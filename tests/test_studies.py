@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -166,6 +167,55 @@ def in_process_daemon(tmp_path: Path, clock: FakeClock, **settings: object) -> t
     daemon._prepare()
     daemon._reload_rules()
     return daemon, lab
+
+
+def refuse_removal(monkeypatch: pytest.MonkeyPatch, paths: Iterable[str | Path]) -> None:
+    """Make `os.unlink` refuse these files (given by path, or by name in a
+    folder handle), as an inbox the daemon may not write in does; the tests
+    run as root, whom permissions do not stop."""
+    refused = {os.fspath(path) for path in paths}
+    unlink = os.unlink
+
+    def refusing_unlink(path, *args, dir_fd=None, **kwargs):  # type: ignore[no-untyped-def]
+        full = os.fspath(path)
+        if dir_fd is not None:
+            full = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), full)
+        if full in refused:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return unlink(path, *args, dir_fd=dir_fd, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refusing_unlink)
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    """The captured log lines of one event."""
+    return [r.getMessage() for r in caplog.records if f"event={event} " in r.getMessage()]
+
+
+def parked_in_two_turns(
+    daemon: Daemon, clock: FakeClock, caplog: pytest.LogCaptureFixture, why: str
+) -> None:
+    """Two turns (two seconds apart) read a study and park it, with `why`."""
+    caplog.set_level(logging.INFO)
+    daemon.tick()
+    clock.now += 2
+    daemon.tick()
+    [parked] = logged(caplog, "study_parked")
+    assert why in parked
+    assert not logged(caplog, "study_placed")
+
+
+def placed_once_removal_works(
+    daemon: Daemon,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With `refuse_removal` undone, the retry (10 s later) places the study."""
+    monkeypatch.undo()
+    clock.now += 10
+    daemon.tick()
+    assert logged(caplog, "study_placed")
 
 
 def test_daemon_ticks_place_a_study_exactly_when_quiet_by_the_injected_clock(tmp_path):
@@ -427,7 +477,7 @@ def test_a_worker_killed_mid_placement_parks_the_studies_in_flight_and_the_rest_
     clock.now += 2
     daemon.tick()  # placed until P1's batch kills its worker
     assert daemon._workers is None
-    parked = [r.getMessage() for r in caplog.records if "event=study_parked" in r.getMessage()]
+    parked = logged(caplog, "study_parked")
     assert any("patient=P1" in line for line in parked)
     assert daemon.config.inbox.joinpath("study1").exists() and any(
         daemon.config.inbox.joinpath("study1").iterdir()
@@ -568,30 +618,14 @@ def test_a_source_the_daemon_may_not_remove_parks_its_study_and_loses_nothing(
     clock = FakeClock()
     daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
     sources = write_study(StudySpec(series=1, instances=3), daemon.config.inbox)
-    real_unlink = os.unlink
-
-    def refuse(path, *args, dir_fd=None, **kwargs):  # type: ignore[no-untyped-def]
-        if dir_fd is not None and os.path.join(daemon.config.inbox, path) in map(str, sources):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_unlink(path, *args, dir_fd=dir_fd, **kwargs)
-
-    monkeypatch.setattr(engine_module.os, "unlink", refuse)
-    caplog.set_level(logging.INFO)
-    daemon.tick()
-    clock.now += 2
-    daemon.tick()
+    refuse_removal(monkeypatch, sources)
+    parked_in_two_turns(daemon, clock, caplog, "placed, but cannot be removed: Permission denied")
     assert len(list(lab.rglob("*.dcm"))) == 3
     assert all(source.exists() for source in sources)
-    [parked] = [r.getMessage() for r in caplog.records if "event=study_parked" in r.getMessage()]
-    assert "placed, but cannot be removed: Permission denied" in parked
-    assert not any("event=study_placed" in r.getMessage() for r in caplog.records)
 
-    monkeypatch.undo()
-    clock.now += 10
-    daemon.tick()
+    placed_once_removal_works(daemon, clock, monkeypatch, caplog)
     assert not any(source.exists() for source in sources)
     assert len(list(lab.rglob("*.dcm"))) == 3
-    assert any("event=study_placed" in r.getMessage() for r in caplog.records)
 
 
 def test_a_file_no_rule_takes_that_the_daemon_may_not_remove_parks_its_study(
@@ -613,30 +647,15 @@ def test_a_file_no_rule_takes_that_the_daemon_may_not_remove_parks_its_study(
     series = {str(path): headers.read_instance(path).values["SeriesNumber"] for path in sources}
     second = {path for path, number in series.items() if number == "2"}
     assert len(second) == 3
-    real_unlink = os.unlink
-
-    def refuse(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if os.fspath(path) in second:
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module.os, "unlink", refuse)
-    caplog.set_level(logging.INFO)
-    daemon.tick()
-    clock.now += 2
-    daemon.tick()
+    refuse_removal(monkeypatch, second)
+    why = "kept in unmatched, but cannot be removed: Permission denied"
+    parked_in_two_turns(daemon, clock, caplog, why)
     assert len(list(lab.rglob("*.dcm"))) == 3
     assert {str(path) for path in sources if path.exists()} == second
     assert len(list((daemon.state / "unmatched").rglob("*"))) == 1 + 3  # its folder
-    [parked] = [r.getMessage() for r in caplog.records if "event=study_parked" in r.getMessage()]
-    assert "kept in unmatched, but cannot be removed: Permission denied" in parked
-    assert not any("event=study_placed" in r.getMessage() for r in caplog.records)
 
-    monkeypatch.undo()
-    clock.now += 10
-    daemon.tick()
+    placed_once_removal_works(daemon, clock, monkeypatch, caplog)
     assert not any(path.exists() for path in sources)
-    assert any("event=study_placed" in r.getMessage() for r in caplog.records)
     assert not list((daemon.state / "retry").iterdir())
     counts = assert_accounted(entered, [lab], daemon.state, exact=True, unique_uids=True)
     assert counts["placed"] == 3 and counts["unmatched"] == 3
@@ -656,32 +675,21 @@ def test_a_bad_file_that_cannot_leave_the_inbox_is_tried_again_later_and_once_en
     )
     bad = daemon.config.inbox / "not-dicom.bin"
     bad.write_bytes(b"not a DICOM file\n" * 10)
-    real_unlink = os.unlink
-
-    def refuse(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if os.fspath(path) == str(bad):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module.os, "unlink", refuse)
+    refuse_removal(monkeypatch, [bad])
     caplog.set_level(logging.DEBUG)
-
-    def failures() -> list[str]:
-        return [
-            r.getMessage() for r in caplog.records if "event=quarantine_failed" in r.getMessage()
-        ]
 
     daemon.tick()
     clock.now += 6
     for _ in range(20):  # four seconds of turns
         daemon.tick()
         clock.now += 0.2
-    [failed] = failures()
+    [failed] = logged(caplog, "quarantine_failed")
     assert "Permission denied" in failed and "next_try_in=30" in failed
     assert [r.levelname for r in caplog.records if r.getMessage() == failed] == ["ERROR"]
     clock.now += 30
     daemon.tick()
-    assert len(failures()) == 2 and "next_try_in=60" in failures()[1]
+    [_, again] = logged(caplog, "quarantine_failed")
+    assert "next_try_in=60" in again
     assert bad.exists()
     daemon._write_status()  # status says which file waits, and why
     [held] = json.loads((daemon.state / "status.json").read_text())["quarantine_failed"]
@@ -707,7 +715,7 @@ def test_a_bad_file_that_cannot_leave_the_inbox_is_tried_again_later_and_once_en
         runner.join()
         pytest.fail("run --once waited for a file it cannot quarantine")
     assert result == [1]
-    assert any("event=once_incomplete" in r.getMessage() for r in caplog.records)
+    assert logged(caplog, "once_incomplete")
 
     monkeypatch.undo()
     clock.now += 60
