@@ -221,38 +221,97 @@ def place_batch(jobs: Sequence[Job], writeback: bool = False) -> list[Placement 
     (the daemon's latency, a share's round trips) but costs processor time
     per file, which a bulk `sort` spends better on the next files.
     """
-    results: list[Placement | BaseException | None] = [None] * len(jobs)
-    batch = _Batch(writeback)
-    at_once = open_at_once()
-    try:
-        for start in range(0, len(jobs), at_once):
-            written: list[tuple[int, _Written]] = []
-            for index in range(start, min(start + at_once, len(jobs))):
+    placing = BatchPlacement(jobs, writeback)
+    placing.write()
+    return placing.finish()
+
+
+class BatchPlacement:
+    """`place_batch` in two steps, so that a caller can write the next
+    batch's bytes while this one waits for its flushes: `write` puts the
+    bytes of the first jobs (up to `open_at_once()`) on their filesystems,
+    unnamed, and `finish`, called once (from any one thread), does the rest
+    and returns what `place_batch` returns. `abandon` drops what is written
+    and not named, when `finish` will not be called."""
+
+    def __init__(self, jobs: Sequence[Job], writeback: bool = False) -> None:
+        self.jobs = jobs
+        self.results: list[Placement | BaseException | None] = [None] * len(jobs)
+        self.batch = _Batch(writeback)
+        self.at_once = open_at_once()
+        #: Jobs whose bytes are written and not yet named.
+        self.written: list[tuple[int, _Written]] = []
+        #: The first job not written yet.
+        self.next = 0
+        self.ended = False
+
+    def write(self) -> None:
+        """Write the bytes of the next jobs (up to `open_at_once()`), unnamed."""
+        end = min(self.next + self.at_once, len(self.jobs))
+        try:
+            for index in range(self.next, end):
                 try:
-                    written.append((index, batch.write(jobs[index])))
+                    self.written.append((index, self.batch.write(self.jobs[index])))
                 except (OSError, DestinationUnavailable) as error:
-                    results[index] = error
-            try:
-                _flush_data([item for _, item in written if not batch.flushed_with_names(item)])
-            except OSError as error:
-                for index, item in written:
-                    item.discard()
+                    self.results[index] = error
+        except BaseException:
+            self.abandon()
+            raise
+        self.next = end
+
+    def finish(self) -> list[Placement | BaseException]:
+        """Make the written bytes durable and name them, place the jobs not
+        written yet (as many at a time), make the names durable; per job,
+        its Placement or the error that stopped it."""
+        if self.ended:
+            raise RuntimeError("this batch is finished or abandoned already")
+        try:
+            self._name_written()
+            while self.next < len(self.jobs):
+                self.write()
+                self._name_written()
+            for index, failure in self.batch.flush_names():
+                if isinstance(self.results[index], Placement):
+                    self.results[index] = _classify(self.jobs[index].root, failure)
+        finally:
+            self.abandon()
+        return [result if result is not None else OSError("not placed") for result in self.results]
+
+    def abandon(self) -> None:
+        """Drop the bytes written and not named (the sources are never
+        touched) and close the batch's folders; once done, does nothing."""
+        if self.ended:
+            return
+        self.ended = True
+        written, self.written = self.written, []
+        try:
+            for _, item in written:
+                item.discard()
+                with contextlib.suppress(OSError):
                     item.close()
-                    results[index] = _classify(jobs[index].root, error)
-                written = []
+        finally:
+            self.batch.close()
+
+    def _name_written(self) -> None:
+        written, self.written = self.written, []
+        try:
+            _flush_data([item for _, item in written if not self.batch.flushed_with_names(item)])
+        except OSError as error:
             for index, item in written:
-                try:
-                    results[index] = batch.name(index, item)
-                except (OSError, DestinationUnavailable) as error:
-                    results[index] = error
-                finally:
-                    item.close()
-        for index, failure in batch.flush_names():
-            if isinstance(results[index], Placement):
-                results[index] = _classify(jobs[index].root, failure)
-    finally:
-        batch.close()
-    return [result if result is not None else OSError("not placed") for result in results]
+                item.discard()
+                item.close()
+                self.results[index] = _classify(self.jobs[index].root, error)
+            return
+        for position, (index, item) in enumerate(written):
+            try:
+                self.results[index] = self.batch.name(index, item)
+            except (OSError, DestinationUnavailable) as error:
+                self.results[index] = error
+            except BaseException:
+                self.written = written[position + 1 :]  # dropped by `abandon`
+                raise
+            finally:
+                item.close()
 
 
 def open_at_once() -> int:
