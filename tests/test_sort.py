@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import pydicom
 import pytest
 from support import files_under, sha256, tree
 
-from watcher import cli, headers
+from watcher import cli, engine, headers, placement
 from watcher.engine import POOL_THRESHOLD
 from watcher.errors import NotRoutable
 from watcher.logs import parse_pairs
+from watcher.rules import single_rule
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
 from watcher.template import MAX_COMPONENT_BYTES
 
@@ -316,6 +318,93 @@ def test_a_sort_large_enough_for_the_workers_places_every_file(tmp_path, sort, e
     assert run.summary["placed"] == len(sources)
     assert sorted(tree(dest).values()) == hashes
     assert len(files_under(inbox)) == (0 if extra else len(sources))
+
+
+def test_the_next_batch_is_written_while_the_one_before_is_flushed(tmp_path, sort, monkeypatch):
+    # The first batch's data flush waits until the next batch's bytes are
+    # being written: done one after the other, nothing is written meanwhile.
+    monkeypatch.setattr(engine, "BATCH", 8)
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=2, instances=12), inbox)
+    flushing, written_meanwhile = threading.Event(), threading.Event()
+    flush_data, write = placement._flush_data, placement._Batch.write
+    waited: list[bool] = []  # whether the first flush saw a write begin
+
+    def first_flush_waits(items: list) -> None:
+        if not flushing.is_set():
+            flushing.set()
+            waited.append(written_meanwhile.wait(timeout=10))
+        flush_data(items)
+
+    def noting_write(self: placement._Batch, job: placement.Job):
+        if flushing.is_set():
+            written_meanwhile.set()
+        return write(self, job)
+
+    monkeypatch.setattr(placement, "_flush_data", first_flush_waits)
+    monkeypatch.setattr(placement._Batch, "write", noting_write)
+    run = sort(inbox, "--dest", dest)
+
+    assert run.status == 0, run.err
+    assert waited == [True], "the second batch waited for the first one's flush"
+    assert sorted(tree(dest).values()) == sorted(sha256(p) for p in sources)
+
+
+@pytest.mark.parametrize("failing", ["reading", "counting"])
+def test_a_sort_stopped_by_an_error_places_what_it_began_and_leaves_nothing_open(
+    tmp_path, monkeypatch, failing
+):
+    # An error (a bug, an interrupt) while the next batch is read, or while
+    # the batch before is counted: the batch being named is waited for and
+    # placed whole, a batch written but not named leaves nothing behind,
+    # and no file stays open.
+    monkeypatch.setattr(engine, "BATCH", 8)
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=1, instances=24), inbox)
+    hashes = {sha256(p) for p in sources}
+    sorter = engine.Sorter(single_rule(dest, "{SOPInstanceUID}.dcm"))
+    calls = Counter[str]()
+
+    def fail_at(name: str, when: int, method):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls[name] += 1
+            if calls[name] == when:
+                raise RuntimeError(f"{name} failed")
+            return method(*args, **kwargs)
+
+        return wrapped
+
+    if failing == "reading":  # the third batch's first file: the second is being named
+        monkeypatch.setattr(sorter, "_route", fail_at("route", 17, sorter._route))
+    else:  # the first batch's first outcome: the second is written, not yet named
+        monkeypatch.setattr(sorter, "_count", fail_at("count", 1, sorter._count))
+    open_before = len(os.listdir("/proc/self/fd"))
+
+    with pytest.raises(RuntimeError, match="failed"):
+        sorter.sort_files([str(p) for p in sources])
+
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    placed = tree(dest)
+    assert not [name for name in placed if name.startswith(".")], placed  # no temporary names
+    assert set(placed.values()) <= hashes
+    assert len(placed) == (16 if failing == "reading" else 8)
+
+
+def test_a_sort_is_shared_out_evenly_among_the_workers_in_whole_runs_of_files():
+    for count, workers, sizes in [
+        (6_000, 2, [3_000, 3_000]),
+        (20_000, 2, [5_000] * 4),
+        (300, 2, [150, 150]),
+        (1, 2, [1]),
+        (5, 8, [1] * 5),
+    ]:
+        paths = [f"f{n}" for n in range(count)]
+        shares = engine._shares(paths, workers)
+        assert [len(share) for share in shares] == sizes
+        assert [path for share in shares for path in share] == paths
+        assert max(sizes) <= engine.SHARE_BATCHES * engine.BATCH
 
 
 def test_move_keeps_a_source_until_every_copy_is_placed(tmp_path, rules_dir, make_dicom, sort):

@@ -36,12 +36,12 @@ from watcher.config import Config
 from watcher.engine import (
     BATCH,
     POOL_THRESHOLD,
+    ManyPlacement,
     RetryPolicy,
     flush_folders,
     header_pool,
     iter_read,
     place_instance,
-    place_many,
     remove_source,
 )
 from watcher.errors import DestinationUnavailable, NotRoutable
@@ -74,7 +74,8 @@ STATUS_SECONDS = 2.0
 def _place_moving(batch: Batch, retry: RetryPolicy) -> PlaceOutcomes:
     """Place a batch of a study and remove its sources (in a worker, or not);
     their folders are flushed once for the study, when it ends."""
-    return place_many(batch, move=True, retry=retry, writeback=True, flush_sources=False)
+    placing = ManyPlacement(batch, move=True, retry=retry, writeback=True, flush_sources=False)
+    return placing.place()
 
 
 @dataclass

@@ -13,11 +13,13 @@ import errno
 import logging
 import multiprocessing
 import os
+import resource
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,7 @@ from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.logs import kv
 from watcher.placement import (
     TEMP_PREFIX,
+    BatchPlacement,
     FolderHandles,
     Job,
     PathConflict,
@@ -34,7 +37,6 @@ from watcher.placement import (
     Placement,
     open_at_once,
     place,
-    place_batch,
 )
 from watcher.rules import Route, RuleSet
 
@@ -162,74 +164,101 @@ def _job(
     )
 
 
-def place_many(
-    items: Sequence[tuple[headers.Instance, list[Route]]],
-    *,
-    move: bool = False,
-    retry: RetryPolicy | None = None,
-    digest: bool | None = None,
-    writeback: bool = False,
-    source_fds: Sequence[int] = (),
-    flush_sources: bool = True,
-) -> list[list[Placement] | BaseException]:
+class ManyPlacement:
     """`place_instance` for many instances, with one flush per filesystem
-    and per folder (`placement.place_batch`, with its `writeback`) instead of
-    one per file. `source_fds`, when given, holds an open descriptor of each
-    instance's file (the caller closes them), to copy from.
+    and per folder (`placement.BatchPlacement`, with its `writeback`)
+    instead of one per file. `source_fds`, when given, holds an open
+    descriptor of each instance's file (the caller closes them), to copy from.
 
-    Returns, per instance, its placements or the error that kept it (its
-    source then stays). Instances that met a transient error are tried again
-    alone, with retries. With `move`, each source whose copies are all
-    durable is removed, and its folder flushed once (a source that cannot
-    be removed stays, and its outcome is that error); with
+    `place()` returns, per instance, its placements or the error that kept
+    it (its source then stays). Instances that met a transient error are
+    tried again alone, with retries. With `move`, each source whose copies
+    are all durable is removed, and its folder flushed once (a source that
+    cannot be removed stays, and its outcome is that error); with
     `flush_sources=False` the caller flushes the sources' folders itself,
     once for many batches, before it counts on their removal.
+
+    `place()` is `write()`, which puts the bytes on their filesystems,
+    unnamed, then `finish()`, which does the rest: a caller may write the
+    next batch while this one is finished in another thread. `abandon()`
+    drops what is written when `finish()` will not be called.
     """
-    jobs: list[Job] = []
-    owners: list[int] = []
-    for index, (instance, routes) in enumerate(items):
-        link = move and len(routes) == 1
-        source_fd = source_fds[index] if source_fds else -1
-        for route in routes:
-            jobs.append(_job(instance, route, link, digest, source_fd))
-            owners.append(index)
-    placed: list[list[Placement]] = [[] for _ in items]
-    failed: dict[int, BaseException] = {}
-    for owner, result in zip(owners, place_batch(jobs, writeback), strict=True):
-        if isinstance(result, BaseException):
-            failed.setdefault(owner, result)
-        else:
-            placed[owner].append(result)
-    for index, error in list(failed.items()):
-        if is_transient(error):
-            instance, routes = items[index]
-            try:
-                placed[index] = place_instance(instance, routes, retry=retry, digest=digest)
-                del failed[index]
-            except (OSError, DestinationUnavailable) as again:
-                failed[index] = again
-    outcomes: list[list[Placement] | BaseException] = []
-    with FolderHandles() as sources:  # removed by name: a path looked up once a folder
-        for index, (instance, _) in enumerate(items):
-            if index in failed:
-                outcomes.append(failed[index])
-                continue
-            for placement in placed[index]:
-                _warn_if_beside(instance, placement)
-            if move:
-                folder, name = os.path.split(instance.path)
+
+    def __init__(
+        self,
+        items: Sequence[tuple[headers.Instance, list[Route]]],
+        *,
+        move: bool = False,
+        retry: RetryPolicy | None = None,
+        digest: bool | None = None,
+        writeback: bool = False,
+        source_fds: Sequence[int] = (),
+        flush_sources: bool = True,
+    ) -> None:
+        self.items = items
+        self.move = move
+        self.retry = retry
+        self.digest = digest
+        self.flush_sources = flush_sources
+        jobs: list[Job] = []
+        self.owners: list[int] = []
+        for index, (instance, routes) in enumerate(items):
+            link = move and len(routes) == 1
+            source_fd = source_fds[index] if source_fds else -1
+            for route in routes:
+                jobs.append(_job(instance, route, link, digest, source_fd))
+                self.owners.append(index)
+        self.batch = BatchPlacement(jobs, writeback)
+
+    def place(self) -> list[list[Placement] | BaseException]:
+        self.write()
+        return self.finish()
+
+    def write(self) -> None:
+        self.batch.write()
+
+    def abandon(self) -> None:
+        self.batch.abandon()
+
+    def finish(self) -> list[list[Placement] | BaseException]:
+        items, move, retry, digest = self.items, self.move, self.retry, self.digest
+        placed: list[list[Placement]] = [[] for _ in items]
+        failed: dict[int, BaseException] = {}
+        for owner, result in zip(self.owners, self.batch.finish(), strict=True):
+            if isinstance(result, BaseException):
+                failed.setdefault(owner, result)
+            else:
+                placed[owner].append(result)
+        for index, error in list(failed.items()):
+            if is_transient(error):
+                instance, routes = items[index]
                 try:
-                    os.unlink(name, dir_fd=sources.get(folder))
-                except FileNotFoundError:  # (gone, or its folder with it)
-                    pass
-                except OSError as error:  # (an inbox it may not write): the source stays
-                    why = f"placed, but cannot be removed: {error.strerror}"
-                    outcomes.append(OSError(error.errno, why, instance.path))
+                    placed[index] = place_instance(instance, routes, retry=retry, digest=digest)
+                    del failed[index]
+                except (OSError, DestinationUnavailable) as again:
+                    failed[index] = again
+        outcomes: list[list[Placement] | BaseException] = []
+        with FolderHandles() as sources:  # removed by name: a path looked up once a folder
+            for index, (instance, _) in enumerate(items):
+                if index in failed:
+                    outcomes.append(failed[index])
                     continue
-            outcomes.append(placed[index])
-        if flush_sources:
-            sources.flush()
-    return outcomes
+                for placement in placed[index]:
+                    _warn_if_beside(instance, placement)
+                if move:
+                    folder, name = os.path.split(instance.path)
+                    try:
+                        os.unlink(name, dir_fd=sources.get(folder))
+                    except FileNotFoundError:  # (gone, or its folder with it)
+                        pass
+                    except OSError as error:  # (an inbox it may not write): the source stays
+                        why = f"placed, but cannot be removed: {error.strerror}"
+                        outcomes.append(OSError(error.errno, why, instance.path))
+                        continue
+                outcomes.append(placed[index])
+            if self.flush_sources:
+                sources.flush()
+        return outcomes
 
 
 def remove_source(path: str) -> None:
@@ -419,10 +448,55 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0]
 
 
-def _sort_batch(sorter: Sorter, paths: Sequence[str]) -> Summary:
-    """In a pool worker: sort one batch and return what it did."""
+def _sort_share(sorter: Sorter, paths: Sequence[str]) -> Summary:
+    """In a pool worker: sort one share of the files and return what it did."""
     sorter._sort_here(paths)
     return sorter.summary
+
+
+#: A pool worker's share of a sort is at most this many batches: enough for
+#: the writing of each to overlap the flushes of the one before, few enough
+#: for the progress shown.
+SHARE_BATCHES = 8
+
+
+def _shares(paths: Sequence[str], workers: int) -> list[Sequence[str]]:
+    """Cut a sort into shares of about the same size, the same number for
+    each worker, none of more than `SHARE_BATCHES` batches."""
+    rounds = -(-len(paths) // (workers * SHARE_BATCHES * BATCH))
+    count = max(1, min(len(paths), workers * rounds))
+    size = -(-len(paths) // count)
+    return [paths[start : start + size] for start in range(0, len(paths), size)]
+
+
+def _open_file_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
+
+
+@dataclass
+class _SortBatch:
+    """One batch of a sort: its files held open, and their placing."""
+
+    size: int
+    items: list[tuple[headers.Instance, list[Route]]] = field(default_factory=list)
+    item_fds: list[int] = field(default_factory=list)
+    #: Every descriptor it holds (also those of files not placed).
+    fds: list[int] = field(default_factory=list)
+    placing: ManyPlacement | None = None
+    #: The placing's `finish`, handed to the naming thread.
+    named: Future[list[list[Placement] | BaseException]] | None = None
+
+    def close(self) -> None:
+        """Let go of the batch: wait until its naming is done (what is
+        written and not handed over is dropped), then close its files."""
+        if self.named is not None:
+            wait([self.named])
+        elif self.placing is not None:
+            self.placing.abandon()
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass
@@ -446,52 +520,93 @@ class Sorter:
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Sort files in batches: headers read, then each batch placed with
-        one flush per filesystem. With a `pool`, its workers sort batches side
-        by side, each from reading to placing (two workers placing one name
-        at once is safe: see `placement`)."""
+        one flush per filesystem. With a `pool`, its workers sort shares of
+        several batches side by side, each from reading to placing (two
+        workers placing one name at once is safe: see `placement`)."""
         if pool is None or self.dry_run or len(paths) < POOL_THRESHOLD:
             self._sort_here(paths, progress)
             return
-        batches = [paths[start : start + BATCH] for start in range(0, len(paths), BATCH)]
+        shares = _shares(paths, os.cpu_count() or 1)
         worker = replace(self, summary=Summary())
-        for batch, summary in zip(
-            batches, pool.map(_sort_batch, [worker] * len(batches), batches), strict=True
+        for share, summary in zip(
+            shares, pool.map(_sort_share, [worker] * len(shares), shares), strict=True
         ):
             self.summary.merge(summary)
             if progress is not None:
-                progress(len(batch))
+                progress(len(share))
 
     def _sort_here(
         self, paths: Sequence[str], progress: Callable[[int], None] | None = None
     ) -> None:
         # Each file is opened once: its header is read, and it is copied,
-        # from one descriptor, held until its batch is placed.
+        # from one descriptor, held until its batch is placed. Most of a
+        # batch's time is the wait for its flushes: meanwhile the next batch
+        # is read and its bytes written, while a thread makes the batch
+        # before durable and names it. Batches are named in order.
         step = min(BATCH, open_at_once())
-        for start in range(0, len(paths), step):
-            batch = paths[start : start + step]
-            items: list[tuple[headers.Instance, list[Route]]] = []
-            item_fds: list[int] = []
-            fds: list[int] = []  # closed with the batch
+        overlap = _open_file_limit() >= 6 * step  # two batches open: 4 x step files at most
+        naming: _SortBatch | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="name") as namer:
             try:
-                for path in batch:
-                    result, fd = _read_held(path, self.tags)
-                    if fd >= 0:
-                        fds.append(fd)
-                    item = self._route(path, result)
-                    if item is not None:
-                        items.append(item)
-                        item_fds.append(fd)
-                if items:
-                    outcomes = place_many(
-                        items, move=self.move, retry=self.retry, digest=False, source_fds=item_fds
-                    )
-                    for (instance, _), outcome in zip(items, outcomes, strict=True):
-                        self._count(instance.path, outcome)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            if progress is not None:
-                progress(len(batch))
+                for start in range(0, len(paths), step):
+                    batch = self._begin(paths[start : start + step])
+                    if naming is not None:
+                        previous, naming = naming, None
+                        try:
+                            self._take(previous, progress)
+                        except BaseException:
+                            batch.close()
+                            raise
+                    naming = batch
+                    if batch.placing is not None:
+                        batch.named = namer.submit(batch.placing.finish)
+                    if not overlap:
+                        naming = None
+                        self._take(batch, progress)
+                if naming is not None:
+                    batch, naming = naming, None
+                    self._take(batch, progress)
+            finally:  # after an error: the batch being named is waited for
+                if naming is not None:
+                    naming.close()
+
+    def _begin(self, paths: Sequence[str]) -> _SortBatch:
+        """Read and route a batch, and write the bytes it places, unnamed."""
+        batch = _SortBatch(len(paths))
+        try:
+            for path in paths:
+                result, fd = _read_held(path, self.tags)
+                if fd >= 0:
+                    batch.fds.append(fd)
+                item = self._route(path, result)
+                if item is not None:
+                    batch.items.append(item)
+                    batch.item_fds.append(fd)
+            if batch.items:
+                batch.placing = ManyPlacement(
+                    batch.items,
+                    move=self.move,
+                    retry=self.retry,
+                    digest=False,
+                    source_fds=batch.item_fds,
+                )
+                batch.placing.write()
+        except BaseException:
+            batch.close()
+            raise
+        return batch
+
+    def _take(self, batch: _SortBatch, progress: Callable[[int], None] | None) -> None:
+        """Wait until a batch is placed, and count what it did."""
+        try:
+            if batch.named is not None:
+                outcomes = batch.named.result()
+                for (instance, _), outcome in zip(batch.items, outcomes, strict=True):
+                    self._count(instance.path, outcome)
+        finally:
+            batch.close()
+        if progress is not None:
+            progress(batch.size)
 
     def sort_file(self, path: str) -> None:
         self.sort_files([path])
