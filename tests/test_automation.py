@@ -28,10 +28,12 @@ EXAMPLES = REPO / "rules" / "automation"
 
 RECORDER = """#!/bin/sh
 # A stand-in for a real program: records its arguments, one per line, and
-# the DW_ environment, then exits with $RECORDER_STATUS (default 0).
+# the DW_ environment, then exits with $RECORDER_STATUS (default 0). The
+# arguments' file appears last, and whole: a reader that sees it finds both.
 out="$RECORDER_DIR/$(basename "$0").$$"
-for argument in "$@"; do printf '%s\\n' "$argument"; done > "$out.args"
-env | grep '^DW_' | sort > "$out.env"
+env | grep '^DW_' | sort > "$out.env.partial" && mv "$out.env.partial" "$out.env"
+for argument in "$@"; do printf '%s\\n' "$argument"; done > "$out.args.partial"
+mv "$out.args.partial" "$out.args"
 exit "${RECORDER_STATUS:-0}"
 """
 
