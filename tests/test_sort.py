@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -356,9 +357,9 @@ def test_a_sort_stopped_by_an_error_places_what_it_began_and_leaves_nothing_open
     tmp_path, monkeypatch, failing
 ):
     # An error (a bug, an interrupt) while the next batch is read, or while
-    # the batch before is counted: the batch being named is waited for and
-    # placed whole, a batch written but not named leaves nothing behind,
-    # and no file stays open.
+    # the first is counted: the batches begun (read, written, handed to the
+    # naming thread) are waited for and placed whole, nothing is left
+    # half-written, and no file stays open.
     monkeypatch.setattr(engine, "BATCH", 8)
     inbox, dest = tmp_path / "inbox", tmp_path / "dest"
     dest.mkdir()
@@ -376,9 +377,9 @@ def test_a_sort_stopped_by_an_error_places_what_it_began_and_leaves_nothing_open
 
         return wrapped
 
-    if failing == "reading":  # the third batch's first file: the second is being named
+    if failing == "reading":  # the third batch's first file: two are begun
         monkeypatch.setattr(sorter, "_route", fail_at("route", 17, sorter._route))
-    else:  # the first batch's first outcome: the second is written, not yet named
+    else:  # the first batch's first outcome: all three are begun
         monkeypatch.setattr(sorter, "_count", fail_at("count", 1, sorter._count))
     open_before = len(os.listdir("/proc/self/fd"))
 
@@ -389,7 +390,30 @@ def test_a_sort_stopped_by_an_error_places_what_it_began_and_leaves_nothing_open
     placed = tree(dest)
     assert not [name for name in placed if name.startswith(".")], placed  # no temporary names
     assert set(placed.values()) <= hashes
-    assert len(placed) == (16 if failing == "reading" else 8)
+    assert len(placed) == (16 if failing == "reading" else 24)
+
+
+def test_a_sort_under_a_low_open_file_limit_places_every_file(tmp_path):
+    # With 64 descriptors (soft and hard), batches are small and none is
+    # written ahead: every file placed, in the worker processes too.
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=2, instances=(POOL_THRESHOLD + 40) // 2), inbox)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "watcher", "sort", str(inbox), "--dest", str(dest)],
+        capture_output=True,
+        text=True,
+        preexec_fn=low_limit,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert f"placed={len(sources)} " in done.stdout
+    assert sorted(tree(dest).values()) == sorted(sha256(p) for p in sources)
 
 
 def test_a_sort_is_shared_out_evenly_among_the_workers_in_whole_runs_of_files():

@@ -7,6 +7,7 @@ about studies; the daemon does that on top.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -15,7 +16,6 @@ import multiprocessing
 import os
 import resource
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -469,9 +469,19 @@ def _shares(paths: Sequence[str], workers: int) -> list[Sequence[str]]:
     return [paths[start : start + size] for start in range(0, len(paths), size)]
 
 
-def _open_file_limit() -> int:
+#: Batches a sort writes ahead of the one it waits for, at most: on a
+#: study of large files, two keep the disk busy while the last are written.
+AHEAD = 2
+
+
+def _batches_ahead(step: int) -> int:
+    """How many batches of `step` files a sort may write ahead of the one
+    it waits for: each batch open holds up to two descriptors a file (the
+    source and its copy), and a quarter of the open-file limit stays free."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
+    if soft == resource.RLIM_INFINITY:
+        return AHEAD
+    return max(0, min(AHEAD, (soft * 3 // 4) // (2 * step) - 1))
 
 
 @dataclass
@@ -540,35 +550,26 @@ class Sorter:
     ) -> None:
         # Each file is opened once: its header is read, and it is copied,
         # from one descriptor, held until its batch is placed. Most of a
-        # batch's time is the wait for its flushes: meanwhile the next batch
-        # is read and its bytes written, while a thread makes the batch
-        # before durable and names it. Batches are named in order.
+        # batch's time is the wait for its flushes: meanwhile the next
+        # batches are read and their bytes written, while a thread makes
+        # the batches before durable and names them, in order.
         step = min(BATCH, open_at_once())
-        overlap = _open_file_limit() >= 6 * step  # two batches open: 4 x step files at most
-        naming: _SortBatch | None = None
+        ahead = _batches_ahead(step)
+        in_flight: collections.deque[_SortBatch] = collections.deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="name") as namer:
             try:
                 for start in range(0, len(paths), step):
                     batch = self._begin(paths[start : start + step])
-                    if naming is not None:
-                        previous, naming = naming, None
-                        try:
-                            self._take(previous, progress)
-                        except BaseException:
-                            batch.close()
-                            raise
-                    naming = batch
+                    in_flight.append(batch)
                     if batch.placing is not None:
                         batch.named = namer.submit(batch.placing.finish)
-                    if not overlap:
-                        naming = None
-                        self._take(batch, progress)
-                if naming is not None:
-                    batch, naming = naming, None
-                    self._take(batch, progress)
-            finally:  # after an error: the batch being named is waited for
-                if naming is not None:
-                    naming.close()
+                    while len(in_flight) > ahead:
+                        self._take(in_flight.popleft(), progress)
+                while in_flight:
+                    self._take(in_flight.popleft(), progress)
+            finally:  # after an error: the batches begun are placed, then let go
+                for batch in in_flight:
+                    batch.close()
 
     def _begin(self, paths: Sequence[str]) -> _SortBatch:
         """Read and route a batch, and write the bytes it places, unnamed."""
