@@ -14,8 +14,8 @@ every core, with the same durable writes:
 - copy: per file open, fstat, the header's first read, an unnamed file
   (O_TMPFILE) in its folder, copy_file_range; per 1,024 files one syncfs,
   then each copy linked under its name, then one syncfs for the names. Each
-  worker copies its next 1,024 files while a thread of its own flushes and
-  names the ones before (most of a chunk's time is the disk's).
+  worker copies up to two chunks ahead while a thread of its own flushes
+  and names the ones before (most of a chunk's time is the disk's).
 - move: the header and a SHA-256 (the manifest's) of every file first, as a
   study is read whole before it is placed; then per 1,024 files a hard link
   into the lab's tree, one syncfs, the inbox's names removed, one syncfs.
@@ -26,6 +26,7 @@ error on anything else.
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import sys
@@ -38,6 +39,8 @@ from watcher.placement import _syncfs as syncfs
 FIELDS = ("PatientID", "SeriesNumber", "InstanceNumber")
 TAGS = headers.tags_for(FIELDS)
 CHUNK = 1024
+#: Chunks a worker copies ahead of the one whose flushes it waits for.
+AHEAD = 2
 READ_CHUNK = 128
 
 
@@ -70,18 +73,18 @@ class Folders:
 
 
 def copy_chunks(jobs: list[tuple[str, str, list[str]]]) -> int:
-    """Copy a worker's share of chunks, each one's flushes overlapping the
-    copying of the next."""
+    """Copy a worker's share of chunks, up to two chunks ahead of the one
+    whose flushes it waits for (as `sort` does)."""
     done = 0
+    flushing: collections.deque[Future[int]] = collections.deque()
     with ThreadPoolExecutor(1) as flusher:
-        flushing: Future[int] | None = None
         for job in jobs:
             written, folders = copy_chunk(job)
-            if flushing is not None:
-                done += flushing.result()
-            flushing = flusher.submit(name_chunk, written, folders)
-        if flushing is not None:
-            done += flushing.result()
+            flushing.append(flusher.submit(name_chunk, written, folders))
+            while len(flushing) > AHEAD:
+                done += flushing.popleft().result()
+        while flushing:
+            done += flushing.popleft().result()
     return done
 
 
