@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -391,6 +392,34 @@ def test_a_sort_stopped_by_an_error_places_what_it_began_and_leaves_nothing_open
     assert not [name for name in placed if name.startswith(".")], placed  # no temporary names
     assert set(placed.values()) <= hashes
     assert len(placed) == (16 if failing == "reading" else 24)
+
+
+def test_a_disk_full_while_one_batch_is_flushed_fails_that_batch_alone(tmp_path, sort, monkeypatch):
+    # The destination's disk is full when the first batch's bytes are
+    # flushed, while the next batch is being written: the first batch's
+    # files are reported failed, nothing of them is named, their sources
+    # stay, and the batches after it are placed.
+    monkeypatch.setattr(engine, "BATCH", 8)
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=1, instances=24), inbox)
+    flush_data, flushes = placement._flush_data, Counter[str]()
+
+    def full_once(items: list) -> None:
+        flushes["data"] += 1
+        if flushes["data"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush_data(items)
+
+    monkeypatch.setattr(placement, "_flush_data", full_once)
+    run = sort(inbox, "--dest", dest, "--path", "{SOPInstanceUID}.dcm")
+
+    assert run.status == 1
+    assert run.summary["placed"] == 16 and run.summary["failed"] == 8, run.out
+    placed = tree(dest)
+    assert len(placed) == 16 and not [name for name in placed if name.startswith(".")]
+    assert set(placed.values()) < {sha256(p) for p in sources}
+    assert all(p.exists() for p in sources)
 
 
 def test_a_sort_under_a_low_open_file_limit_places_every_file(tmp_path):
