@@ -707,3 +707,23 @@ def test_the_program_waits_for_a_thread_that_still_runs(tmp_path, rules_dir):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert marker.exists()
+
+
+def test_sort_with_a_destination_reads_no_yaml_and_does_not_import_it(tmp_path):
+    # `sort --dest` has no rule file or config to read: the YAML parser,
+    # about a sixth of the program's start-up, is not imported at all.
+    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
+    dest.mkdir()
+    sources = write_study(StudySpec(series=1, instances=3), inbox)
+    script = (
+        "import sys\n"
+        "from watcher import cli\n"
+        f"code = cli.main(['sort', {str(inbox)!r}, '--dest', {str(dest)!r}])\n"
+        "print('yaml imported:', 'yaml' in sys.modules, 'status:', code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "yaml imported: False status: 0" in done.stdout
+    assert sorted(tree(dest).values()) == sorted(sha256(p) for p in sources)

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from watcher.errors import ConfigError
 
 #: Read from the current folder when no --config is given, if it exists.
@@ -71,6 +69,8 @@ def load_config(path: str | Path | None) -> Config:
         if not Path(DEFAULT_CONFIG_FILE).is_file():
             return _absolute(Config(), Path.cwd())
         path = DEFAULT_CONFIG_FILE
+    import yaml  # here, not above: `sort --dest` and `status` read no YAML
+
     file = Path(path)
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))

@@ -30,7 +30,6 @@ import errno
 import hashlib
 import os
 import resource
-import secrets
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -692,7 +691,7 @@ def _new_file(root: Path, folder_fd: int, name: str, device: int) -> tuple[int, 
             if error.errno not in _TMPFILE_REFUSALS:
                 raise _classify(root, error) from error
             _NO_TMPFILE.add(device)
-    temporary = f"{TEMP_PREFIX}{secrets.token_hex(6)}.{name[:32]}"
+    temporary = f"{TEMP_PREFIX}{os.urandom(6).hex()}.{name[:32]}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         return os.open(temporary, flags, 0o666, dir_fd=folder_fd), temporary

@@ -14,12 +14,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from watcher import template
 from watcher.errors import RuleError
+
+if TYPE_CHECKING:
+    import yaml
 
 RULE_KEYS = frozenset(
     {
@@ -283,6 +284,8 @@ def load_rule_file(
     path: Path, allowed: Mapping[str, Sequence[Path]] | None = None
 ) -> tuple[Rule | None, list[RuleError]]:
     """Parse and validate one rule file; return the rule (or None) and its problems."""
+    import yaml  # here, not above: `sort --dest` reads no YAML, and starts sooner
+
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -315,6 +318,8 @@ def load_rule_file(
 def _duplicate_name(path: Path, name: str) -> RuleError:
     """A rule name already taken, reported at the file's `name:` line (line 1
     when the name is the file's stem)."""
+    import yaml
+
     line = 1
     try:
         node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
@@ -327,6 +332,8 @@ def _duplicate_name(path: Path, name: str) -> RuleError:
 
 def _key_lines(node: yaml.MappingNode) -> dict[str, int]:
     """Line of each key, as `key` and `key.subkey` for nested mappings."""
+    import yaml
+
     lines: dict[str, int] = {}
     for key, value in node.value:
         name = str(key.value)
