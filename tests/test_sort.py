@@ -322,13 +322,19 @@ def test_a_sort_large_enough_for_the_workers_places_every_file(tmp_path, sort, e
     assert len(files_under(inbox)) == (0 if extra else len(sources))
 
 
-def test_the_next_batch_is_written_while_the_one_before_is_flushed(tmp_path, sort, monkeypatch):
-    # The first batch's data flush waits until the next batch's bytes are
-    # being written: done one after the other, nothing is written meanwhile.
+def in_batches_of_eight(tmp_path: Path, monkeypatch, series: int) -> tuple[Path, Path, list[Path]]:
+    """(an inbox of 24 files, an empty destination, the files), sorted in
+    batches of 8 files."""
     monkeypatch.setattr(engine, "BATCH", 8)
     inbox, dest = tmp_path / "inbox", tmp_path / "dest"
     dest.mkdir()
-    sources = write_study(StudySpec(series=2, instances=12), inbox)
+    return inbox, dest, write_study(StudySpec(series=series, instances=24 // series), inbox)
+
+
+def test_the_next_batch_is_written_while_the_one_before_is_flushed(tmp_path, sort, monkeypatch):
+    # The first batch's data flush waits until the next batch's bytes are
+    # being written: done one after the other, nothing is written meanwhile.
+    inbox, dest, sources = in_batches_of_eight(tmp_path, monkeypatch, series=2)
     flushing, written_meanwhile = threading.Event(), threading.Event()
     flush_data, write = placement._flush_data, placement._Batch.write
     waited: list[bool] = []  # whether the first flush saw a write begin
@@ -353,18 +359,44 @@ def test_the_next_batch_is_written_while_the_one_before_is_flushed(tmp_path, sor
     assert sorted(tree(dest).values()) == sorted(sha256(p) for p in sources)
 
 
+def test_a_sort_names_its_files_in_its_own_thread_and_leaves_the_flushes_to_the_other(
+    tmp_path, sort, monkeypatch
+):
+    # A thread naming files while the sorting thread writes the next ones
+    # makes both wait for the interpreter's lock at every file: the other
+    # thread only waits for the data flushes, the sorting thread names.
+    inbox, dest, sources = in_batches_of_eight(tmp_path, monkeypatch, series=2)
+    threads: dict[str, set[str]] = {"flush": set(), "name": set()}
+    flush_data, name = placement._flush_data, placement._Batch.name
+
+    def noting_flush(items: list) -> None:
+        threads["flush"].add(threading.current_thread().name)
+        flush_data(items)
+
+    def noting_name(self: placement._Batch, index: int, item):  # type: ignore[no-untyped-def]
+        threads["name"].add(threading.current_thread().name)
+        return name(self, index, item)
+
+    monkeypatch.setattr(placement, "_flush_data", noting_flush)
+    monkeypatch.setattr(placement._Batch, "name", noting_name)
+    run = sort(inbox, "--dest", dest)
+
+    assert run.status == 0, run.err
+    here = threading.current_thread().name
+    assert threads["name"] == {here}
+    assert threads["flush"] and here not in threads["flush"]
+    assert sorted(tree(dest).values()) == sorted(sha256(p) for p in sources)
+
+
 @pytest.mark.parametrize("failing", ["reading", "counting"])
 def test_a_sort_stopped_by_an_error_places_what_it_began_and_leaves_nothing_open(
     tmp_path, monkeypatch, failing
 ):
     # An error (a bug, an interrupt) while the next batch is read, or while
     # the first is counted: the batches begun (read, written, handed to the
-    # naming thread) are waited for and placed whole, nothing is left
+    # flushing thread) are waited for and placed whole, nothing is left
     # half-written, and no file stays open.
-    monkeypatch.setattr(engine, "BATCH", 8)
-    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
-    dest.mkdir()
-    sources = write_study(StudySpec(series=1, instances=24), inbox)
+    inbox, dest, sources = in_batches_of_eight(tmp_path, monkeypatch, series=1)
     hashes = {sha256(p) for p in sources}
     sorter = engine.Sorter(single_rule(dest, "{SOPInstanceUID}.dcm"))
     calls = Counter[str]()
@@ -399,10 +431,7 @@ def test_a_disk_full_while_one_batch_is_flushed_fails_that_batch_alone(tmp_path,
     # flushed, while the next batch is being written: the first batch's
     # files are reported failed, nothing of them is named, their sources
     # stay, and the batches after it are placed.
-    monkeypatch.setattr(engine, "BATCH", 8)
-    inbox, dest = tmp_path / "inbox", tmp_path / "dest"
-    dest.mkdir()
-    sources = write_study(StudySpec(series=1, instances=24), inbox)
+    inbox, dest, sources = in_batches_of_eight(tmp_path, monkeypatch, series=1)
     flush_data, flushes = placement._flush_data, Counter[str]()
 
     def full_once(items: list) -> None:

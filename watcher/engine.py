@@ -19,7 +19,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,9 +179,10 @@ class ManyPlacement:
     once for many batches, before it counts on their removal.
 
     `place()` is `write()`, which puts the bytes on their filesystems,
-    unnamed, then `finish()`, which does the rest: a caller may write the
-    next batch while this one is finished in another thread. `abandon()`
-    drops what is written when `finish()` will not be called.
+    unnamed, then `finish()`, which does the rest. Between them, `flush()`
+    makes the bytes durable, which is most of the time: another thread can
+    do it while the caller writes the next batch (see `BatchPlacement`).
+    `abandon()` drops what is written when `finish()` will not be called.
     """
 
     def __init__(
@@ -216,6 +217,9 @@ class ManyPlacement:
 
     def write(self) -> None:
         self.batch.write()
+
+    def flush(self) -> None:
+        self.batch.flush()
 
     def abandon(self) -> None:
         self.batch.abandon()
@@ -493,20 +497,38 @@ class _SortBatch:
     item_fds: list[int] = field(default_factory=list)
     #: Every descriptor it holds (also those of files not placed).
     fds: list[int] = field(default_factory=list)
+    #: Written and not yet named (None once named, or when nothing is placed).
     placing: ManyPlacement | None = None
-    #: The placing's `finish`, handed to the naming thread.
-    named: Future[list[list[Placement] | BaseException]] | None = None
+    #: The placing's `flush`, handed to the flushing thread.
+    flushed: Future[None] | None = None
+
+    def finish(self) -> list[list[Placement] | BaseException]:
+        """Once its flush is done, name what the batch wrote (in the calling
+        thread); per item, its outcome."""
+        placing, self.placing = self.placing, None
+        if placing is None:
+            return []
+        try:
+            if self.flushed is not None:
+                self.flushed.result()
+        except BaseException:
+            placing.abandon()
+            raise
+        return placing.finish()
 
     def close(self) -> None:
-        """Let go of the batch: wait until its naming is done (what is
-        written and not handed over is dropped), then close its files."""
-        if self.named is not None:
-            wait([self.named])
-        elif self.placing is not None:
-            self.placing.abandon()
-        fds, self.fds = self.fds, []
-        for fd in fds:
-            os.close(fd)
+        """Let go of the batch: one handed over for its flush is placed
+        (a sort stopped by an error places whole what it began), one not yet
+        handed over is dropped; then its files are closed."""
+        try:
+            if self.placing is not None and self.flushed is not None:
+                self.finish()
+            elif self.placing is not None:
+                self.placing.abandon()
+        finally:
+            fds, self.fds = self.fds, []
+            for fd in fds:
+                os.close(fd)
 
 
 @dataclass
@@ -550,19 +572,20 @@ class Sorter:
     ) -> None:
         # Each file is opened once: its header is read, and it is copied,
         # from one descriptor, held until its batch is placed. Most of a
-        # batch's time is the wait for its flushes: meanwhile the next
+        # batch's time is the wait for its data flush: meanwhile the next
         # batches are read and their bytes written, while a thread makes
-        # the batches before durable and names them, in order.
+        # the batches before durable, in order. This thread names them: a
+        # thread naming files beside it would make both wait at every file.
         step = min(BATCH, open_at_once())
         ahead = _batches_ahead(step)
         in_flight: collections.deque[_SortBatch] = collections.deque()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="name") as namer:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush") as flusher:
             try:
                 for start in range(0, len(paths), step):
                     batch = self._begin(paths[start : start + step])
                     in_flight.append(batch)
                     if batch.placing is not None:
-                        batch.named = namer.submit(batch.placing.finish)
+                        batch.flushed = flusher.submit(batch.placing.flush)
                     while len(in_flight) > ahead:
                         self._take(in_flight.popleft(), progress)
                 while in_flight:
@@ -598,12 +621,11 @@ class Sorter:
         return batch
 
     def _take(self, batch: _SortBatch, progress: Callable[[int], None] | None) -> None:
-        """Wait until a batch is placed, and count what it did."""
+        """Place a batch once it is durable, and count what it did."""
         try:
-            if batch.named is not None:
-                outcomes = batch.named.result()
-                for (instance, _), outcome in zip(batch.items, outcomes, strict=True):
-                    self._count(instance.path, outcome)
+            outcomes = batch.finish()  # none when it places nothing
+            for (instance, _), outcome in zip(batch.items, outcomes, strict=True):
+                self._count(instance.path, outcome)
         finally:
             batch.close()
         if progress is not None:

@@ -226,12 +226,18 @@ def place_batch(jobs: Sequence[Job], writeback: bool = False) -> list[Placement 
 
 
 class BatchPlacement:
-    """`place_batch` in two steps, so that a caller can write the next
-    batch's bytes while this one waits for its flushes: `write` puts the
-    bytes of the first jobs (up to `open_at_once()`) on their filesystems,
-    unnamed, and `finish`, called once (from any one thread), does the rest
-    and returns what `place_batch` returns. `abandon` drops what is written
-    and not named, when `finish` will not be called."""
+    """`place_batch` in steps, so that a caller can write the next batch's
+    bytes while this one waits for its flushes: `write` puts the bytes of
+    the first jobs (up to `open_at_once()`) on their filesystems, unnamed,
+    and `finish`, called once (from any one thread), does the rest and
+    returns what `place_batch` returns. `abandon` drops what is written and
+    not named, when `finish` will not be called.
+
+    `flush`, between them, makes the written bytes durable: the long wait of
+    `finish`, which another thread can do while the caller writes the next
+    batch; `finish` must not begin before it returns, and then only names
+    the files (a thread that names them while the caller writes makes both
+    wait for each other at every file, for the interpreter's lock)."""
 
     def __init__(self, jobs: Sequence[Job], writeback: bool = False) -> None:
         self.jobs = jobs
@@ -243,6 +249,9 @@ class BatchPlacement:
         #: The first job not written yet.
         self.next = 0
         self.ended = False
+        #: `flush` made the written bytes durable, or met `flush_error`.
+        self.flushed = False
+        self.flush_error: OSError | None = None
 
     def write(self) -> None:
         """Write the bytes of the next jobs (up to `open_at_once()`), unnamed."""
@@ -257,6 +266,15 @@ class BatchPlacement:
             self.abandon()
             raise
         self.next = end
+
+    def flush(self) -> None:
+        """Make the bytes written so far durable, unnamed; an error is kept
+        for `finish`, which fails their jobs with it."""
+        try:
+            _flush_data(self._data_to_flush(self.written))
+        except OSError as error:
+            self.flush_error = error
+        self.flushed = True
 
     def finish(self) -> list[Placement | BaseException]:
         """Make the written bytes durable and name them, place the jobs not
@@ -293,8 +311,13 @@ class BatchPlacement:
 
     def _name_written(self) -> None:
         written, self.written = self.written, []
+        flushed, self.flushed = self.flushed, False
+        failed, self.flush_error = self.flush_error, None
         try:
-            _flush_data([item for _, item in written if not self.batch.flushed_with_names(item)])
+            if not flushed:
+                _flush_data(self._data_to_flush(written))
+            elif failed is not None:
+                raise failed
         except OSError as error:
             for index, item in written:
                 item.discard()
@@ -311,6 +334,9 @@ class BatchPlacement:
                 raise
             finally:
                 item.close()
+
+    def _data_to_flush(self, written: list[tuple[int, _Written]]) -> list[_Written]:
+        return [item for _, item in written if not self.batch.flushed_with_names(item)]
 
 
 def open_at_once() -> int:
