@@ -113,7 +113,8 @@ def test_profile_samples_count_for_the_code_that_made_the_call(tmp_path: Path) -
         f"{root};read_values (watcher/fastheader.py:122);_walk (watcher/fastheader.py:216) 3\n"
         f"{root};place (watcher/placement.py:256);dumps (multiprocessing/reduction.py:51) 2\n"
         f"{root};route (watcher/rules.py:112);sha (hashlib.py:10) 4\n"
-        f"{root};run (concurrent/futures/process.py:344);Condition.wait (threading.py:327) 6\n"
+        f"{root};run (concurrent/futures/process.py:344);Condition.wait (threading.py:327) 4\n"
+        f"{root};run (threading.py:982);_worker (concurrent/futures/thread.py:81) 2\n"
         f"{root};_find_and_load (<frozen importlib._bootstrap>:1176) 1\n"
         f"{root};read_open (watcher/headers.py:165);sha256_of_fd (watcher/placement.py:667) 7\n"
         'process 2:"x" 1\n'
