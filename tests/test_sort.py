@@ -449,6 +449,9 @@ def test_a_disk_full_while_one_batch_is_flushed_fails_that_batch_alone(tmp_path,
     assert len(placed) == 16 and not [name for name in placed if name.startswith(".")]
     assert set(placed.values()) < {sha256(p) for p in sources}
     assert all(p.exists() for p in sources)
+    failed = [line.split(": ")[1] for line in run.out.splitlines() if line.startswith("  failed: ")]
+    assert sorted(failed) == sorted(str(p) for p in sources)[:8]  # the first batch, whole
+    assert not {sha256(Path(path)) for path in failed} & set(placed.values())
 
 
 def test_a_sort_under_a_low_open_file_limit_places_every_file(tmp_path):
