@@ -1,7 +1,9 @@
 """kill -9 of the daemon at random moments while three storescu senders
-transfer studies to a real storescp, restarting it each time (every other
-kill lands at a random moment inside a placement, once one has begun), and
-kill -9 at the moment a study's manifest is being written.
+transfer studies to a real storescp, restarting it each time, and kill -9
+at the moment a study's manifest is being written. A kill comes after a
+random while (in which files may arrive, be read or be placed), except
+every other time the inbox holds files: then it is aimed at their
+placement, at a random moment in the first 10 ms after it began.
 
 What entered the inbox: storescp writes the files and the daemon moves them
 away, so the inbox cannot be snapshotted at the end. A capture thread
@@ -34,7 +36,8 @@ from watcher.synthetic import StudySpec, study_datasets, write_dataset
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 KILLS = 20
-BATCHES = 5
+#: Associations per sender: the transfer is paced by the kills, two a batch.
+BATCHES = 10
 SENDERS = 3
 
 
@@ -132,17 +135,20 @@ def test_kill_9_at_random_moments_during_three_transfers(tmp_path, daemons, stor
         threading.Thread(target=sender, args=(b,), name=f"sender{k}") for k, b in enumerate(batches)
     ]
     starts = 0
+    aim = False
     try:
         started_at = time.time()
         run.start()
         for thread in threads:
             thread.start()
         while any(t.is_alive() for t in threads):
-            if kills % 2:
-                # Every other kill aims at a placement: a random moment
-                # after the daemon's journal says one began (if one does).
-                wait_for_placement(run.state / "placing.json", started_at, 2.0)
-                time.sleep(rng.uniform(0.0, 0.05))
+            aim = bool(run.inbox_files()) and not aim
+            if aim:
+                # Aimed at the placement of what the inbox holds: a random
+                # moment after the daemon's journal says it began (the
+                # journal is written before anything else).
+                wait_for_placement(run.state / "placing.json", started_at, 5.0)
+                time.sleep(rng.uniform(0.0, 0.01))
             else:
                 time.sleep(rng.uniform(0.1, 1.6))  # the daemon runs a random while
             placing = _journal_since(run.state / "placing.json", started_at)
@@ -177,6 +183,7 @@ def test_kill_9_at_random_moments_during_three_transfers(tmp_path, daemons, stor
 
     assert kills >= KILLS
     mid_placement = sum(1 for k in kill_log if k["placing"])
+    assert mid_placement, "no kill landed inside a placement: the test missed its aim"
     with_temporaries = sum(1 for k in kill_log if k["temporaries"])
     print(
         f"{kills} kills, {mid_placement} during a placement, {with_temporaries} with a "
