@@ -123,12 +123,13 @@ def test_kill_9_mid_placement_loses_nothing_and_duplicates_nothing(daemon, lab):
     write_study(spec, run.inbox)
     entered = snapshot(run.inbox)
     run.start()
-    # Kill as soon as the placement starts (its journal exists): nothing has
-    # left the inbox yet, some copies may be written or linked.
-    journal = run.state / "placing.json"
-    wait_for(journal.exists, 60, "the placement to start", every=0.001)
+    # Kill as the first files reach the lab: some are linked into place,
+    # none has left the inbox yet. The restart must find those, not copy
+    # them again beside themselves.
+    placing = lambda: any(path.is_file() for path in lab.rglob("*"))  # noqa: E731
+    wait_for(placing, 60, "the first files in the lab", every=0.001)
     run.kill()
-    assert run.inbox_files(), "the kill came too late to test anything"
+    assert run.inbox_files() and lab_files(lab), "the kill missed the placement: nothing tested"
     run.start()
     run.wait_drained(timeout=120)
     run.wait_event("study_placed")
@@ -188,8 +189,11 @@ def test_retry_state_survives_a_restart_without_hammering(daemon, tmp_path):
     restored = run.wait_event("retry_state_restored")
     assert int(restored[0]["attempts"]) == saved["attempts"]
     assert int(restored[0]["next_try_in"]) > 20
-    time.sleep(2)
-    assert len(run.logs("study_parked")) == 1, "the restart must not try again at once"
+    time.sleep(2)  # a retry would have failed by now, and saved one attempt more
+    [state] = retry_states(run)
+    assert json.loads(state.read_text())["attempts"] == saved["attempts"], (
+        "the restart must not try again at once"
+    )
 
 
 def test_rules_reload_and_a_broken_file_keeps_its_last_good_version(daemon, lab):
