@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from harness import skip_or_fail
 from support import files_under, sha256, tree
 
 from watcher import placement
@@ -308,8 +309,18 @@ def copy_method(request, monkeypatch):
 
 
 def test_a_batch_places_every_file_whole_in_every_mode(
-    tmp_path, root, write_mode, copy_method, make_dicom
+    tmp_path, root, write_mode, copy_method, make_dicom, monkeypatch
 ):
+    # Placement falls back quietly where a way is refused: the test checks
+    # that the way it names is the one that wrote.
+    made: list[tuple[int, str | None]] = []
+    real_new_file = placement._new_file
+
+    def new_file(*args: object) -> tuple[int, str | None]:
+        made.append(real_new_file(*args))
+        return made[-1]
+
+    monkeypatch.setattr(placement, "_new_file", new_file)
     sources = [
         make_dicom(tmp_path / "inbox", name=f"{n}.dcm", InstanceNumber=n) for n in range(1, 41)
     ]
@@ -324,6 +335,12 @@ def test_a_batch_places_every_file_whole_in_every_mode(
         assert result.size == Path(job.source).stat().st_size
     assert temporaries(root) == []
     assert len(files_under(root)) == len(sources)
+    if write_mode == "unnamed files" and root.stat().st_dev in placement._NO_TMPFILE:
+        skip_or_fail(f"the filesystem of {root} has no O_TMPFILE")
+    assert len(made) == len(sources)
+    assert {temporary is None for _, temporary in made} == {write_mode == "unnamed files"}
+    if copy_method in placement._COPY_METHODS:
+        assert placement._COPY_METHODS[copy_method], f"{copy_method} was refused: another copied"
 
 
 @pytest.mark.parametrize("digest", [False, True])
