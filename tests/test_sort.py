@@ -305,8 +305,42 @@ def test_move_flushes_each_source_folder_once_its_files_are_removed(tmp_path, so
     assert source_folders == [(str(inbox / "a"), 0), (str(inbox / "b"), 0)]
 
 
+#: `dicom-watcher sort`, noting in the file $SORTED_BY the process id of each
+#: process that sorts a share of the files (worker processes are forked).
+SORT_NOTING_PROCESSES = """
+import os, sys
+from watcher import cli, engine
+sort_here = engine.Sorter._sort_here
+def noting(self, paths, progress=None):
+    with open(os.environ["SORTED_BY"], "a") as note:
+        note.write(f"{os.getpid()}\\n")
+    return sort_here(self, paths, progress)
+engine.Sorter._sort_here = noting
+sys.exit(cli.main(["sort", *sys.argv[1:]]))
+"""
+
+
+def sort_noting_processes(
+    tmp_path: Path, *args: str | os.PathLike[str], **options: object
+) -> tuple[subprocess.CompletedProcess[str], set[int], int]:
+    """Run a sort in a new process: (its result, the ids of the processes
+    that sorted, its own id)."""
+    note = tmp_path / "sorted-by"
+    done = subprocess.Popen(
+        [sys.executable, "-c", SORT_NOTING_PROCESSES, *map(str, args)],
+        env={**os.environ, "SORTED_BY": str(note)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **options,
+    )
+    out, err = done.communicate(timeout=120)
+    pids = {int(line) for line in note.read_text().split()} if note.exists() else set()
+    return subprocess.CompletedProcess(done.args, done.returncode, out, err), pids, done.pid
+
+
 @pytest.mark.parametrize("extra", [[], ["--move"]], ids=["copy", "move"])
-def test_a_sort_large_enough_for_the_workers_places_every_file(tmp_path, sort, extra):
+def test_a_sort_large_enough_for_the_workers_places_every_file(tmp_path, extra):
     # Above POOL_THRESHOLD files the batches are sorted in worker processes,
     # each file read and copied (or linked) from one held descriptor.
     inbox, dest = tmp_path / "inbox", tmp_path / "dest"
@@ -314,10 +348,11 @@ def test_a_sort_large_enough_for_the_workers_places_every_file(tmp_path, sort, e
     sources = write_study(StudySpec(series=3, instances=(POOL_THRESHOLD + 30) // 3), inbox)
     hashes = sorted(sha256(p) for p in sources)
 
-    run = sort(inbox, "--dest", dest, *extra)
+    done, sorted_by, main = sort_noting_processes(tmp_path, inbox, "--dest", dest, *extra)
 
-    assert run.status == 0, run.err
-    assert run.summary["placed"] == len(sources)
+    assert done.returncode == 0, done.stderr
+    assert f"placed={len(sources)} " in done.stdout
+    assert sorted_by and main not in sorted_by, "the workers sorted it all"
     assert sorted(tree(dest).values()) == hashes
     assert len(files_under(inbox)) == (0 if extra else len(sources))
 
@@ -464,16 +499,13 @@ def test_a_sort_under_a_low_open_file_limit_places_every_file(tmp_path):
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
-    done = subprocess.run(
-        [sys.executable, "-m", "watcher", "sort", str(inbox), "--dest", str(dest)],
-        capture_output=True,
-        text=True,
-        preexec_fn=low_limit,
-        timeout=120,
+    done, sorted_by, main = sort_noting_processes(
+        tmp_path, inbox, "--dest", dest, preexec_fn=low_limit
     )
 
     assert done.returncode == 0, done.stderr
     assert f"placed={len(sources)} " in done.stdout
+    assert sorted_by and main not in sorted_by, "the workers sorted it all"
     assert sorted(tree(dest).values()) == sorted(sha256(p) for p in sources)
 
 
