@@ -91,11 +91,26 @@ def test_most_of_the_corpus_takes_the_fast_path():
     assert taken >= 0.7 * len(FILES)
 
 
-@pytest.mark.parametrize("cut", [0.6, 0.9, 0.02])
-def test_fast_reader_finds_truncation(tmp_path: Path, cut: float):
+def cut_short(tmp_path: Path, keep: float) -> Path:
+    """A file of 64x64 pixels with only its first `keep` (a fraction) or,
+    at least, 140 bytes."""
     whole = write_dataset(make_dataset(Rows=64, Columns=64), tmp_path / "whole.dcm").read_bytes()
     part = tmp_path / "part.dcm"
-    part.write_bytes(whole[: max(140, int(len(whole) * cut))])
+    part.write_bytes(whole[: max(140, int(len(whole) * keep))])
+    return part
+
+
+@pytest.mark.parametrize("cut", [0.6, 0.9])
+def test_fast_reader_finds_truncation(tmp_path: Path, cut: float):
+    part = cut_short(tmp_path, cut)
+    assert with_fast_reader(part) == ("not routable", "truncated")
+    with pytest.raises(NotRoutable, match="truncated"):
+        headers.read_instance(part)
+
+
+def test_a_file_cut_in_its_file_meta_is_not_routable(tmp_path: Path):
+    # (The fast reader leaves it to pydicom, which finds it cut short.)
+    part = cut_short(tmp_path, 0.0)
     with pytest.raises(NotRoutable, match="truncated|no SOPInstanceUID|no StudyInstanceUID"):
         headers.read_instance(part)
 
