@@ -17,7 +17,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
+import yaml
 from harness import assert_accounted, skip_or_fail, snapshot
+from pydicom.uid import generate_uid
 
 from watcher import daemon as daemon_module
 from watcher import engine as engine_module
@@ -27,7 +29,7 @@ from watcher.daemon import Daemon
 from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
 from watcher.inbox import InboxWatcher
 from watcher.studies import COUNT_GRACE_SECONDS, Arrivals, Studies
-from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
+from watcher.synthetic import UID_ROOT, StudySpec, make_dataset, write_dataset, write_study
 
 
 def instance(study: str, sop: str, path: str = "") -> headers.Instance:
@@ -149,13 +151,19 @@ class FakeClock:
         return self.now
 
 
-def in_process_daemon(tmp_path: Path, clock: FakeClock, **settings: object) -> tuple[Daemon, Path]:
+def in_process_daemon(
+    tmp_path: Path, clock: FakeClock, rule: dict[str, object] | None = None, **settings: object
+) -> tuple[Daemon, Path]:
+    """A daemon on tmp_path's inbox/, state/ and rules/, with one rule (its
+    other keys from `rule`) that takes everything into lab/; `settings` are
+    the config's."""
     lab = tmp_path / "lab"
     lab.mkdir()
     rules = tmp_path / "rules"
     rules.mkdir()
     template = "{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm"
-    (rules / "lab.yaml").write_text(f"match: {{}}\ndestination: {lab}\npath: '{template}'\n")
+    lab_rule = {"match": {}, "destination": str(lab), "path": template, **(rule or {})}
+    (rules / "lab.yaml").write_text(yaml.safe_dump(lab_rule))
     config = Config(
         inbox=tmp_path / "inbox",
         rules=rules,
@@ -231,6 +239,91 @@ def test_daemon_ticks_place_a_study_exactly_when_quiet_by_the_injected_clock(tmp
     daemon.tick()
     assert len(list(lab.rglob("*.dcm"))) == 3
     assert not any(daemon.config.inbox.iterdir())
+
+
+def write_series(
+    inbox: Path, study: str, series: str, number: int, instances: Iterable[int], **tags: object
+) -> None:
+    for instance in instances:
+        ds = make_dataset(
+            StudyInstanceUID=study,
+            SeriesInstanceUID=series,
+            SeriesNumber=number,
+            InstanceNumber=instance,
+            **tags,
+        )
+        write_dataset(ds, inbox / f"MR.{ds.SOPInstanceUID}")
+
+
+def placed_files(lab: Path) -> int:
+    return len(list(lab.rglob("*.dcm")))
+
+
+def test_a_study_complete_by_images_in_acquisition_waits_for_every_series(tmp_path):
+    clock = FakeClock()
+    rule = {"expected_instances": "ImagesInAcquisition"}
+    daemon, lab = in_process_daemon(tmp_path, clock, rule, quiet_seconds=60, rescan_seconds=0)
+    inbox, study, first, second = daemon.config.inbox, *(generate_uid(UID_ROOT) for _ in range(3))
+    write_series(inbox, study, first, 1, [1, 2], ImagesInAcquisition=2)  # whole
+    write_series(inbox, study, second, 2, [1], ImagesInAcquisition=3)  # 1 of 3
+    daemon.tick()
+    clock.now += 2 * COUNT_GRACE_SECONDS
+    daemon.tick()
+    assert placed_files(lab) == 0, "one whole series is not the whole study"
+    write_series(inbox, study, second, 2, [2, 3], ImagesInAcquisition=3)
+    daemon.tick()
+    clock.now += 2 * COUNT_GRACE_SECONDS
+    daemon.tick()
+    assert placed_files(lab) == 5, "every series whole: placed long before the quiet period"
+
+
+def test_a_study_complete_by_a_number_of_instances_waits_for_the_last(tmp_path):
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(
+        tmp_path, clock, {"expected_instances": 3}, quiet_seconds=60, rescan_seconds=0
+    )
+    inbox, study, series = daemon.config.inbox, generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    write_series(inbox, study, series, 1, [1, 2])
+    daemon.tick()
+    clock.now += 2 * COUNT_GRACE_SECONDS
+    daemon.tick()
+    assert placed_files(lab) == 0, "2 of 3 instances"
+    write_series(inbox, study, series, 1, [3])
+    daemon.tick()
+    clock.now += 2 * COUNT_GRACE_SECONDS
+    daemon.tick()
+    assert placed_files(lab) == 3
+
+
+def test_the_longest_quiet_period_of_the_matching_rules_decides(tmp_path):
+    clock = FakeClock()
+    daemon, lab = in_process_daemon(tmp_path, clock, {"quiet_seconds": 30}, quiet_seconds=60)
+    other = tmp_path / "other"
+    other.mkdir()
+    quick = {"match": {}, "destination": str(other), "path": "{SOPInstanceUID}.dcm"}
+    (daemon.config.rules / "quick.yaml").write_text(yaml.safe_dump({**quick, "quiet_seconds": 2}))
+    daemon._reload_rules()
+    write_study(StudySpec(series=1, instances=2), daemon.config.inbox)
+    daemon.tick()
+    clock.now += 5
+    daemon.tick()
+    assert placed_files(lab) == placed_files(other) == 0, "quiet for 5 s of the 30 one rule wants"
+    clock.now += 25
+    daemon.tick()
+    assert placed_files(lab) == placed_files(other) == 2
+
+
+def test_run_once_with_quiet_seconds_zero_overrides_a_rules_own_quiet_period(tmp_path):
+    clock = FakeClock()
+    config = in_process_daemon(tmp_path, clock, {"quiet_seconds": 600})[0].config
+    write_study(StudySpec(series=1, instances=2), config.inbox)
+    once = Daemon(config, once=True, clock=clock, stop=threading.Event(), quiet_override=0)
+    runner = threading.Thread(target=once.run)
+    runner.start()
+    runner.join(timeout=20)
+    once.stop.set()  # (had it waited the rule's 600 s)
+    runner.join()
+    assert placed_files(tmp_path / "lab") == 2
 
 
 def test_daemon_forces_a_trickling_study_at_its_maximum_age(tmp_path, caplog):
