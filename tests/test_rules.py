@@ -154,6 +154,25 @@ def test_every_matching_rule_gets_a_route(rules_dir, tmp_path):
     assert sorted(route.rule.name for route in ruleset.route(VALUES)) == ["princeton", "smith"]
 
 
+def test_the_exclusive_rule_of_highest_priority_takes_an_instance_alone(rules_dir, tmp_path):
+    # Named so that by name alone the lower one would come first.
+    for name, priority in (("b-high", 5), ("a-low", 1)):
+        rules_dir.write(
+            name,
+            {
+                "match": {},
+                "destination": str(tmp_path / name),
+                "path": "{SOPInstanceUID}.dcm",
+                "exclusive": True,
+                "priority": priority,
+            },
+        )
+    rules_dir.rule("shared", tmp_path / "shared")
+    ruleset = load_rules(rules_dir.path)
+    assert ruleset.problems == ()
+    assert [route.rule.name for route in ruleset.route(VALUES)] == ["b-high"]
+
+
 # --- validation: file:line: message ----------------------------------------------
 
 
