@@ -18,6 +18,7 @@ from support import files_under, sha256, tree
 from watcher import placement
 from watcher.errors import DestinationUnavailable
 from watcher.placement import TEMP_PREFIX, PathConflict, place, remove_temporaries
+from watcher.template import MAX_COMPONENT_BYTES
 
 RELATIVE = "SUBJ01/20261125_SMITH^Memory/001_T1_MPRAGE/00001.dcm"
 
@@ -90,6 +91,16 @@ def test_other_bytes_at_the_same_name_go_beside_under_their_hash(root, source, o
     again = place(str(other), root, RELATIVE)
     assert (again.outcome, again.path) == ("present", second.path)
     assert len(files_under(root)) == 2
+
+
+def test_a_long_name_holding_other_bytes_goes_beside_within_the_byte_limit(root, source, other):
+    name = "é" * 125 + ".dcm"  # 129 characters, 254 bytes: the suffix must cut bytes
+    place(str(source), root, name)
+    second = place(str(other), root, name)
+    assert (second.outcome, second.beside) == ("placed", root / name)
+    assert len(second.name.encode()) <= MAX_COMPONENT_BYTES
+    assert second.name.endswith(f"~{sha256(other)[:12]}.dcm")
+    assert second.path.read_bytes() == other.read_bytes()
 
 
 def test_the_suffix_is_the_same_on_every_run(tmp_path, source, other, make_dicom):
@@ -409,6 +420,38 @@ def test_linked_sources_are_made_durable_by_one_syncfs_after_their_links(
     again = placement.place_batch(jobs)
     assert [r.outcome for r in again] == ["present"] * 8, again
     assert flushes_from_the_first_link() == ["link"] * 8 + ["syncfs"]
+
+
+@pytest.mark.skipif(placement._SYNCFS is None, reason="syncfs(2) is Linux-only")
+@pytest.mark.parametrize(
+    ("count", "data_flush"),
+    [(placement.FEW, ["fsync"] * placement.FEW), (placement.FEW + 1, ["syncfs"])],
+    ids=["few: an fsync each", "more: one syncfs"],
+)
+def test_copied_bytes_are_durable_before_their_names_and_the_names_after(
+    tmp_path, root, monkeypatch, make_dicom, count, data_flush
+):
+    """A copy is named only once its bytes are on disk (a crash must never
+    leave a name on lost or partial bytes), and its name is flushed (here,
+    its one folder's) before the caller may remove the source."""
+    sources = [
+        make_dicom(tmp_path / "inbox", name=f"{n}.dcm", InstanceNumber=n) for n in range(count + 1)
+    ]
+    jobs = [placement.Job(str(s), root, f"S/{s.name}") for s in sources]
+    placement.place_batch(jobs[:1])  # its folder made (and flushed) beforehand
+    calls: list[str] = []
+    real_link, real_fsync, real_syncfs = os.link, os.fsync, placement._syncfs
+    monkeypatch.setattr(
+        placement.os, "link", lambda *a, **k: calls.append("link") or real_link(*a, **k)
+    )
+    monkeypatch.setattr(placement.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(placement, "_syncfs", lambda fd: calls.append("syncfs") or real_syncfs(fd))
+    monkeypatch.setattr(placement, "_fsync_folder", lambda fd: calls.append("fsync folder"))
+
+    results = placement.place_batch(jobs[1:])
+
+    assert [r.outcome for r in results] == ["placed"] * count, results
+    assert calls == data_flush + ["link"] * count + ["fsync folder"]
 
 
 @pytest.mark.skipif(placement._SYNCFS is None, reason="syncfs(2) is Linux-only")
