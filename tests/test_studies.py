@@ -28,6 +28,7 @@ from watcher.config import Config
 from watcher.daemon import Daemon
 from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
 from watcher.inbox import InboxWatcher
+from watcher.placement import TEMP_PREFIX
 from watcher.studies import COUNT_GRACE_SECONDS, Arrivals, Studies
 from watcher.synthetic import UID_ROOT, StudySpec, make_dataset, write_dataset, write_study
 
@@ -324,6 +325,31 @@ def test_run_once_with_quiet_seconds_zero_overrides_a_rules_own_quiet_period(tmp
     once.stop.set()  # (had it waited the rule's 600 s)
     runner.join()
     assert placed_files(tmp_path / "lab") == 2
+
+
+def test_a_start_after_a_crash_removes_the_temporary_files_its_journal_lists(tmp_path, caplog):
+    # What a kill in the middle of a placement leaves: the journal of the
+    # folders it wrote into, temporary files there (a share without unnamed
+    # files, a manifest being replaced), and the files it had placed.
+    caplog.set_level(logging.INFO)
+    config = in_process_daemon(tmp_path, FakeClock())[0].config
+    lab = tmp_path / "lab"
+    listed, other = lab / "P1" / "1", lab / "P2" / "1"
+    for folder in (listed, other):
+        folder.mkdir(parents=True)
+        (folder / "1.dcm").write_bytes(b"placed")
+        (folder / f"{TEMP_PREFIX}a1b2c3.2.dcm").write_bytes(b"half")
+    (listed / f"{TEMP_PREFIX}d4e5f6.manifest.json").write_text("{")
+    journal = config.state / "placing.json"
+    journal.write_text(json.dumps({"folders": [str(listed), str(lab / "gone")]}))
+
+    Daemon(config, stop=threading.Event())._prepare()
+
+    assert sorted(p.name for p in listed.iterdir()) == ["1.dcm"]
+    assert len(list(other.iterdir())) == 2, "a folder the journal does not list is left alone"
+    assert not journal.exists()
+    [cleaned] = logged(caplog, "cleaned_interrupted_placement")
+    assert "temporary_files=2 " in cleaned and "folders_left=0" in cleaned
 
 
 def test_daemon_forces_a_trickling_study_at_its_maximum_age(tmp_path, caplog):
