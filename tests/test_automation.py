@@ -18,9 +18,10 @@ import pytest
 import yaml
 from harness import DaemonProcess, lab_files, skip_or_fail, wait_for
 
+from watcher.hooks import HookRunner, make_job
 from watcher.manifest import Entry, manifest_path, write_manifest
 from watcher.placement import Placement
-from watcher.rules import single_rule
+from watcher.rules import Hook, single_rule
 from watcher.synthetic import StudySpec, make_dataset, write_dataset, write_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -405,3 +406,35 @@ def test_a_hook_pending_at_a_crash_runs_after_the_restart(daemon, lab, stand_ins
     wait_for(lambda: recorded(records, "record"), 30, "the pending hook to run")
     run.wait_event("hook_done", count=2)
     assert not list((run.state / "hooks").glob("*.json"))
+
+
+def test_a_failed_hooks_retry_state_is_saved_and_a_restart_does_not_reset_it(tmp_path):
+    now = [1000.0]
+
+    def clock() -> float:
+        return now[0]
+
+    folder = tmp_path / "state" / "hooks"
+    runner = HookRunner(folder, concurrency=1, retry_seconds=60, clock=clock)
+    hook = Hook(command=("sh", "-c", "exit 3"), timeout=10, retries=2, name="fails")
+    values = {"lab": "smith", "study_uid": "1.2.3", "study_folder": str(tmp_path)}
+    runner.submit(make_job(hook, values, cwd=tmp_path))
+    runner.poll()
+    runner.wait(10)  # the first attempt fails
+    [saved] = folder.glob("*.json")
+    job = json.loads(saved.read_text())
+    assert job["retries_left"] == 1 and job["attempt"] == 1
+    assert job["next_try"] == pytest.approx(1060.0)
+    now[0] = 1061.0
+    runner.poll()
+    runner.wait(10)  # the second fails: the wait doubles
+    job = json.loads(saved.read_text())
+    assert job["retries_left"] == 0 and job["attempt"] == 2
+    assert job["next_try"] == pytest.approx(1061.0 + 120.0)
+
+    restarted = HookRunner(folder, concurrency=1, retry_seconds=60, clock=clock)
+    restarted.resume()
+    [resumed] = restarted.waiting
+    assert resumed.retries_left == 0 and resumed.next_try == pytest.approx(1181.0)
+    restarted.poll()
+    assert not restarted.running, "not run again before its time"

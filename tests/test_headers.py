@@ -428,3 +428,23 @@ def test_unreadable_paths_raise_oserror(tmp_path):
         headers.read_instance(tmp_path / "missing.dcm")
     with pytest.raises(IsADirectoryError):
         headers.read_instance(tmp_path)
+
+
+def test_a_file_without_preamble_gives_values_in_their_dicom_form(tmp_path):
+    whole = write_dataset(
+        make_dataset(
+            ImageType=["ORIGINAL", "PRIMARY", "M"],
+            PatientName="Miller^Richard^^^",
+            SeriesNumber=5,
+            StudyDescription="SMITH^Memory",
+        ),
+        tmp_path / "whole.dcm",
+    )
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(whole.read_bytes()[132:])  # no preamble, no DICM: pydicom reads it
+    fields = headers.tags_for(["ImageType", "PatientName", "SeriesNumber", "StudyDescription"])
+    expected = headers.read_instance(whole, fields).values
+    values = headers.read_instance(bare, fields).values
+    assert values["ImageType"] == "ORIGINAL\\PRIMARY\\M"
+    assert values["PatientName"] == "Miller^Richard"
+    assert values == expected

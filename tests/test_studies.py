@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -350,6 +351,23 @@ def test_a_start_after_a_crash_removes_the_temporary_files_its_journal_lists(tmp
     assert not journal.exists()
     [cleaned] = logged(caplog, "cleaned_interrupted_placement")
     assert "temporary_files=2 " in cleaned and "folders_left=0" in cleaned
+
+
+def test_an_empty_inbox_folder_is_kept_until_empty_folder_seconds_passed(tmp_path):
+    clock = FakeClock(time.time())  # (folder ages are read from the disk's clock)
+    daemon, _ = in_process_daemon(tmp_path, clock, rescan_seconds=0, empty_folder_seconds=600)
+    fresh = daemon.config.inbox / "study-just-made"  # storescp -su made it for a new study
+    fresh.mkdir()
+    daemon.tick()
+    clock.now += 300
+    daemon.tick()
+    assert fresh.is_dir(), "a folder empty for less than empty_folder_seconds is kept"
+    clock.now += 301
+    daemon.tick()
+    assert not fresh.exists()
+    clock.now += 601  # the inbox itself is now empty, and long unchanged
+    daemon.tick()
+    assert daemon.config.inbox.is_dir(), "never the inbox itself"
 
 
 def test_daemon_forces_a_trickling_study_at_its_maximum_age(tmp_path, caplog):
