@@ -1,5 +1,6 @@
-"""Running the real daemon as a subprocess on temporary folders, and the
-accounting check that every file that entered the inbox is somewhere safe."""
+"""Running the real daemon as a subprocess on temporary folders (or in this
+process, by an injected clock), and the accounting check that every file
+that entered the inbox is somewhere safe."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from watcher.config import Config
+from watcher.daemon import Daemon
 from watcher.placement import TEMP_PREFIX
 
 
@@ -344,3 +348,39 @@ def write_in_chunks(path: Path, data: bytes, chunks: int, pause: float) -> None:
             handle.flush()
             os.fsync(handle.fileno())
             time.sleep(pause)
+
+
+class FakeClock:
+    """Wall seconds that move only when a test moves them."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def in_process_daemon(
+    tmp_path: Path, clock: FakeClock, rule: dict[str, object] | None = None, **settings: object
+) -> tuple[Daemon, Path]:
+    """A daemon on tmp_path's inbox/, state/ and rules/, with one rule (its
+    other keys from `rule`) that takes everything into lab/; `settings` are
+    the config's."""
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    template = "{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm"
+    lab_rule = {"match": {}, "destination": str(lab), "path": template, **(rule or {})}
+    (rules / "lab.yaml").write_text(yaml.safe_dump(lab_rule))
+    config = Config(
+        inbox=tmp_path / "inbox",
+        rules=rules,
+        state=tmp_path / "state",
+        settle_seconds=0,
+        **settings,
+    )  # type: ignore[arg-type]
+    daemon = Daemon(config, clock=clock, stop=threading.Event())
+    daemon._prepare()
+    daemon._reload_rules()
+    return daemon, lab

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import DaemonProcess, lab_files, skip_or_fail, wait_for
+from harness import DaemonProcess, FakeClock, lab_files, skip_or_fail, wait_for
 
 from watcher.hooks import HookRunner, make_job
 from watcher.manifest import Entry, manifest_path, write_manifest
@@ -409,11 +409,7 @@ def test_a_hook_pending_at_a_crash_runs_after_the_restart(daemon, lab, stand_ins
 
 
 def test_a_failed_hooks_retry_state_is_saved_and_a_restart_does_not_reset_it(tmp_path):
-    now = [1000.0]
-
-    def clock() -> float:
-        return now[0]
-
+    clock = FakeClock(1000.0)
     folder = tmp_path / "state" / "hooks"
     runner = HookRunner(folder, concurrency=1, retry_seconds=60, clock=clock)
     hook = Hook(command=("sh", "-c", "exit 3"), timeout=10, retries=2, name="fails")
@@ -425,7 +421,7 @@ def test_a_failed_hooks_retry_state_is_saved_and_a_restart_does_not_reset_it(tmp
     job = json.loads(saved.read_text())
     assert job["retries_left"] == 1 and job["attempt"] == 1
     assert job["next_try"] == pytest.approx(1060.0)
-    now[0] = 1061.0
+    clock.now = 1061.0
     runner.poll()
     runner.wait(10)  # the second fails: the wait doubles
     job = json.loads(saved.read_text())

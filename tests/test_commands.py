@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import yaml
+from harness import FakeClock, in_process_daemon
 
 from watcher import cli
-from watcher.config import Config
-from watcher.daemon import Daemon
 from watcher.synthetic import StudySpec, write_study
 
 # --- sort --dry-run counts what it would place ---------------------------------------------
@@ -76,42 +74,12 @@ def test_preview_with_a_broken_rule_is_one_error_and_exit_2(tmp_path, capsys):
 # --- status: parked studies and their reason; a daemon that is gone --------------------------
 
 
-def _in_process(tmp_path, clock, destination, **settings):
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "lab.yaml").write_text(
-        yaml.safe_dump(
-            {"match": {}, "destination": str(destination), "path": "{PatientID}/{SOPInstanceUID}"}
-        )
-    )
+def test_status_shows_a_parked_study_with_its_error_then_not_running_when_gone(tmp_path, capsys):
+    clock = FakeClock(time.time())
+    missing = tmp_path / "nas" / "smith"  # the share is not mounted
+    daemon, _ = in_process_daemon(tmp_path, clock, {"destination": str(missing)}, quiet_seconds=1)
     config_file = tmp_path / "dicom-watcher.yaml"
     config_file.write_text(yaml.safe_dump({"inbox": "inbox", "rules": "rules", "state": "state"}))
-    config = Config(
-        inbox=tmp_path / "inbox",
-        rules=rules,
-        state=tmp_path / "state",
-        settle_seconds=0,
-        **settings,
-    )
-    (tmp_path / "inbox").mkdir()
-    daemon = Daemon(config, clock=clock, stop=threading.Event())
-    daemon._prepare()
-    daemon._reload_rules()
-    return daemon, config_file
-
-
-class _Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_status_shows_a_parked_study_with_its_error_then_not_running_when_gone(tmp_path, capsys):
-    clock = _Clock(time.time())
-    missing = tmp_path / "nas" / "smith"  # the share is not mounted
-    daemon, config_file = _in_process(tmp_path, clock, missing, quiet_seconds=1)
     write_study(StudySpec(patient_id="PARKED", series=1, instances=2), tmp_path / "inbox")
     for _ in range(3):
         daemon.tick()

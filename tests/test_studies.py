@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import assert_accounted, skip_or_fail, snapshot
+from harness import FakeClock, assert_accounted, in_process_daemon, skip_or_fail, snapshot
 from pydicom.uid import generate_uid
 
 from watcher import daemon as daemon_module
 from watcher import engine as engine_module
 from watcher import headers
-from watcher.config import Config
 from watcher.daemon import Daemon
 from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
 from watcher.inbox import InboxWatcher
@@ -143,40 +142,6 @@ def test_a_failed_quarantine_is_tried_again_on_a_doubling_schedule_until_the_fil
     arrivals.failed("x", "not DICOM", now=150.0, retry_after=1.0)
     assert arrivals.to_quarantine(now=150, grace=0) == [("x", "not DICOM")]
     assert arrivals.quarantine_failed("gone", "EACCES", now=0, first=30, longest=100) == (0, 0.0)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def in_process_daemon(
-    tmp_path: Path, clock: FakeClock, rule: dict[str, object] | None = None, **settings: object
-) -> tuple[Daemon, Path]:
-    """A daemon on tmp_path's inbox/, state/ and rules/, with one rule (its
-    other keys from `rule`) that takes everything into lab/; `settings` are
-    the config's."""
-    lab = tmp_path / "lab"
-    lab.mkdir()
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    template = "{PatientID}/{SeriesNumber}/{InstanceNumber}.dcm"
-    lab_rule = {"match": {}, "destination": str(lab), "path": template, **(rule or {})}
-    (rules / "lab.yaml").write_text(yaml.safe_dump(lab_rule))
-    config = Config(
-        inbox=tmp_path / "inbox",
-        rules=rules,
-        state=tmp_path / "state",
-        settle_seconds=0,
-        **settings,
-    )  # type: ignore[arg-type]
-    daemon = Daemon(config, clock=clock, stop=threading.Event())
-    daemon._prepare()
-    daemon._reload_rules()
-    return daemon, lab
 
 
 def refuse_removal(monkeypatch: pytest.MonkeyPatch, paths: Iterable[str | Path]) -> None:
