@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -368,6 +369,15 @@ def test_a_dead_observer_is_restarted_and_logged(tmp_path, caplog):
         daemon.watcher.stop()
 
 
+def inotify_instances() -> int:
+    """How many inotify instances this process holds open."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed while listed (the listing's own)
+            count += os.readlink(fd) == "anon_inode:inotify"
+    return count
+
+
 def test_inotify_watch_limit_falls_back_to_polling(tmp_path, caplog):
     limit_file = Path("/proc/sys/fs/inotify/max_user_watches")
     try:
@@ -380,6 +390,8 @@ def test_inotify_watch_limit_falls_back_to_polling(tmp_path, caplog):
         (inbox / f"study{n}").mkdir(parents=True)
     watcher = InboxWatcher(inbox, poll=False, poll_seconds=0.2)
     caplog.set_level(logging.WARNING)
+    inotify_before = inotify_instances()
+    threads_before = set(threading.enumerate())
     limit_file.write_text("3\n")
     try:
         watcher.start()
@@ -390,6 +402,10 @@ def test_inotify_watch_limit_falls_back_to_polling(tmp_path, caplog):
     try:
         assert watcher.poll is True
         assert any("event=inotify_limit" in r.getMessage() for r in caplog.records)
+        # The abandoned inotify observer is gone, with its threads and instance.
+        assert inotify_instances() == inotify_before
+        polling = {watcher.observer} | set(watcher.observer.emitters)
+        assert set(threading.enumerate()) - threads_before - polling == set()
         write_dataset(make_dataset(), inbox / "study3" / "new.dcm")
         kind, path = watcher.events.get(timeout=10)
         assert path.endswith("new.dcm") or "study3" in path

@@ -92,11 +92,21 @@ class InboxWatcher:
 
     def _start(self, poll: bool) -> BaseObserver:
         observer = PollingObserver(timeout=self.poll_seconds) if poll else Observer()
-        observer.schedule(
-            InboxHandler(self.events), str(self.inbox), recursive=True, event_filter=WATCHED_EVENTS
-        )
-        observer.daemon = True
-        observer.start()
+        try:
+            observer.schedule(
+                InboxHandler(self.events),
+                str(self.inbox),
+                recursive=True,
+                event_filter=WATCHED_EVENTS,
+            )
+            observer.daemon = True
+            observer.start()
+        except BaseException:
+            # watchdog 7 starts its inotify reader threads in schedule(), before
+            # the watch limit is hit: an observer that failed to start is
+            # stopped too, or those threads (and the inotify instance) outlive it.
+            _stop_observer(observer)
+            raise
         return observer
 
     def check_coverage(self, folders: int) -> None:
@@ -134,10 +144,35 @@ class InboxWatcher:
 
     def stop(self) -> None:
         if self.observer is not None:
-            self.observer.stop()
-            if self.observer.is_alive():
-                self.observer.join(timeout=5)
+            _stop_observer(self.observer)
             self.observer = None
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    """Stop an observer, started or not, with its emitter and reader threads,
+    and release its inotify instance."""
+    observer.stop()
+    if observer.is_alive():
+        observer.join(timeout=5)
+    _release_inotify_reader(observer)
+
+
+def _release_inotify_reader(observer: BaseObserver) -> None:
+    """Close the descriptors of a watchdog 7 inotify reader that was stopped
+    before its first read: its thread then ends without closing them (the
+    inotify instance and a pipe), once per failed start. Only that exact
+    state is acted on: closed, ended, and never through its read."""
+    reader = getattr(observer, "_inotify_fd", None)
+    close = getattr(reader, "_close_resources", None)
+    if (
+        reader is not None
+        and close is not None
+        and getattr(reader, "_closed", False)
+        and getattr(reader, "_is_reading", False)
+        and not reader.is_alive()
+    ):
+        reader._is_reading = False  # so that this runs at most once
+        close()
 
 
 def _inotify_watches() -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pydicom
@@ -58,6 +59,11 @@ def flood_files() -> list[tuple[str, bytes]]:
     return files
 
 
+#: watchdog 7.1 logs the kernel's overflow event; 7.0 drops it without a word
+#: (the arithmetic before the burst shows the queue overflows either way).
+WATCHDOG_REPORTS_OVERFLOW = tuple(int(n) for n in version("watchdog").split(".")[:2]) >= (7, 1)
+
+
 def max_queued_events() -> int:
     try:
         return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
@@ -99,11 +105,12 @@ def test_twenty_thousand_files_overflow_inotify_and_all_are_placed(
     landed = time.monotonic() - started
     assert landed < 10, f"the files took {landed:.1f} s to land: not a burst"
 
-    wait_for(
-        lambda: "Inotify queue overflowed" in run.log_path.read_text(),
-        30,
-        "the inotify queue overflow to be reported",
-    )
+    if WATCHDOG_REPORTS_OVERFLOW:
+        wait_for(
+            lambda: "Inotify queue overflowed" in run.log_path.read_text(),
+            30,
+            "the inotify queue overflow to be reported",
+        )
     run.wait_drained(timeout=150)
     run.wait_event("study_placed", count=FILES // PER_STUDY, timeout=30)
     assert run.terminate() == 0
