@@ -1,7 +1,9 @@
 # Sourced by scripts/demo and scripts/test: makes a fresh machine ready.
-#   - a virtual environment in .venv with dicom-watcher installed (editable)
-#   - dcmtk (storescp, storescu) from Debian's packages when running as root
-# Set DW_EXTRAS to the pip extras to install (default: test).
+#   - a virtual environment in .venv with the exact versions, checked by
+#     hash, of requirements/test.lock (what the suite was run with), and
+#     dicom-watcher installed editable
+#   - dcmtk (storescp, storescu) and the other tools the tests use, from
+#     Debian's packages when running as root
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -13,10 +15,11 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 if ! .venv/bin/python -c "import watcher, pytest" 2>/dev/null \
-        || [ pyproject.toml -nt .venv/.installed ]; then
-    echo "setup: installing dicom-watcher and its dependencies into .venv"
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[${DW_EXTRAS:-test}]"
+        || [ pyproject.toml -nt .venv/.installed ] \
+        || [ requirements/test.lock -nt .venv/.installed ]; then
+    echo "setup: installing requirements/test.lock and dicom-watcher into .venv"
+    .venv/bin/python -m pip install --quiet --require-hashes -r requirements/test.lock
+    .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
     touch .venv/.installed
 fi
 
