@@ -421,3 +421,61 @@ def test_storescp_receives_what_send_sh_sends(storescp: StoreSCP, tmp_path: Path
     # SIGTERM stops it at once (it is storescp itself, not a shell around it).
     storescp.process.terminate()
     assert storescp.process.wait(10) == -signal.SIGTERM
+
+
+# -- the install of README's "Installing as services" --------------------------
+
+
+def readme_install_commands() -> list[str]:
+    """The pip lines of README's step "3. The program", as written there."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    step = readme.split("### 3. The program", 1)[1].split("\n### ", 1)[0]
+    block = step.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [
+        line.split("  #", 1)[0].strip()
+        for line in block.splitlines()
+        if line.startswith("/opt/dicom-watcher/venv/bin/pip ")
+    ]
+
+
+def lock_pins(lock: Path) -> dict[str, str]:
+    """name -> version of every requirement in a pip-compile lock file."""
+    pins = {}
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9._-]+)==([^ ;\\]+)", line)
+        if match:
+            pins[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[2]
+    return pins
+
+
+@pytest.mark.slow
+def test_readme_service_install_is_exactly_the_app_lock(tmp_path: Path) -> None:
+    commands = readme_install_commands()
+    assert len(commands) == 2 and all("install" in c for c in commands), commands
+    assert "--require-hashes -r requirements/app.lock" in commands[0]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    for command in commands:
+        argv = command.replace("/opt/dicom-watcher/venv", str(venv)).split()
+        subprocess.run([*argv, "--quiet"], cwd=ROOT, check=True, timeout=600)
+    freeze = subprocess.run(
+        [str(venv / "bin" / "pip"), "list", "--format=freeze", "--exclude", "pip"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    installed = dict(line.split("==") for line in freeze.split())
+    installed = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in installed.items()}
+    from watcher import __version__
+
+    assert installed == {
+        **lock_pins(ROOT / "requirements" / "app.lock"),
+        "dicom-watcher": __version__,
+    }
+    version = subprocess.run(
+        [str(venv / "bin" / "dicom-watcher"), "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert __version__ in version.stdout
