@@ -143,8 +143,10 @@ class DaemonProcess:
         "{InstanceNumber:05d}.dcm",
         **extra: object,
     ) -> Path:
+        """Write rules/<name>.yaml; a name `lab/rule` goes into that lab's folder."""
         rule = {"match": match or {}, "destination": str(destination), "path": path, **extra}
         file = self.rules / f"{name}.yaml"
+        file.parent.mkdir(exist_ok=True)
         file.write_text(yaml.safe_dump(rule))
         return file
 

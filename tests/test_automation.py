@@ -340,13 +340,18 @@ def test_every_matching_rule_gets_its_own_copy_by_default(daemon, tmp_path):
     assert len(lab_files(first)) == 2 and len(lab_files(second)) == 2
 
 
-def test_allowed_destinations_refuse_a_rule_writing_into_another_labs_area(daemon, tmp_path):
+def test_a_lab_rule_writing_into_another_labs_area_is_refused(daemon, tmp_path):
     smith, jones = tmp_path / "nas" / "smith", tmp_path / "nas" / "jones"
     smith.mkdir(parents=True)
     jones.mkdir(parents=True)
-    run = daemon(allowed_destinations={"smith": [str(smith)], "jones": [str(jones)]})
-    run.add_rule("smith", smith, match={"StudyDescription": "^SMITH"})
-    sneaky = run.add_rule("jones", smith / "stolen", match={"StudyDescription": "^SMITH"})
+    run = daemon(
+        labs={
+            "smith": {"destinations": [str(smith)], "claims": "all"},
+            "jones": {"destinations": [str(jones)], "claims": "all"},
+        }
+    )
+    run.add_rule("smith/copy", smith, match={"StudyDescription": "^SMITH"})
+    sneaky = run.add_rule("jones/copy", smith / "stolen", match={"StudyDescription": "^SMITH"})
     check = subprocess.run(
         [sys.executable, "-m", "watcher", "check", "--config", str(run.config_path)],
         capture_output=True,
@@ -354,10 +359,7 @@ def test_allowed_destinations_refuse_a_rule_writing_into_another_labs_area(daemo
         cwd=run.root,
     )
     assert check.returncode == 1
-    assert (
-        f"{sneaky}:" in check.stdout
-        and "outside the folders allowed for lab 'jones'" in check.stdout
-    )
+    assert f"{sneaky}:" in check.stdout and "outside labs.jones.destinations" in check.stdout
     run.start()
     problem = run.wait_event("rule_problem")
     assert "refused" in problem[0]["problem"]

@@ -1,6 +1,6 @@
-"""The config file and what it allows: `allowed_destinations` (a rule can
-never write outside its lab's folders), each key checked with one clear
-error, and hook entries checked with file:line, through `check`."""
+"""The config file and what it gives each lab: `labs.<lab>.destinations` (a
+lab's rule can never write outside its own folders), each key checked with
+one clear error, and hook entries checked with file:line, through `check`."""
 
 from __future__ import annotations
 
@@ -14,19 +14,22 @@ from watcher.config import load_config
 from watcher.errors import ConfigError
 
 
-def _check_with_config(tmp_path: Path, allowed: dict, rules: dict[str, str], capsys):
-    """`dicom-watcher check --config FILE` on real rule files; returns
-    (status, stdout, {rule name: path of its file})."""
+def _check_with_config(
+    tmp_path: Path, destinations: dict[str, list[str]], rules: dict[str, str], capsys
+):
+    """`dicom-watcher check --config FILE` on real rule files in lab folders
+    (`rules` keys are `lab/name`); each lab may write under `destinations`
+    and claims every study. Returns (status, stdout, {key: path of its file})."""
     folder = tmp_path / "rules"
     folder.mkdir()
     files = {}
-    for name, text in rules.items():
-        files[name] = folder / f"{name}.yaml"
-        files[name].write_text(text, encoding="utf-8")
+    for key, text in rules.items():
+        files[key] = folder / f"{key}.yaml"
+        files[key].parent.mkdir(exist_ok=True)
+        files[key].write_text(text, encoding="utf-8")
+    labs = {lab: {"destinations": roots, "claims": "all"} for lab, roots in destinations.items()}
     config = tmp_path / "dicom-watcher.yaml"
-    config.write_text(
-        yaml.safe_dump({"rules": str(folder), "allowed_destinations": allowed}), encoding="utf-8"
-    )
+    config.write_text(yaml.safe_dump({"rules": str(folder), "labs": labs}), encoding="utf-8")
     status = cli.main(["check", "--config", str(config)])
     return status, capsys.readouterr().out, files
 
@@ -39,21 +42,21 @@ def _rule(destination: Path, lab: str | None = None) -> str:
     return text + f"destination: {destination}\npath: '{{PatientID}}/{{SOPInstanceUID}}.dcm'\n"
 
 
-def test_a_sibling_folder_sharing_the_allowed_roots_name_as_a_prefix_is_refused(tmp_path, capsys):
+def test_a_sibling_folder_sharing_the_labs_root_name_as_a_prefix_is_refused(tmp_path, capsys):
     nas = tmp_path / "nas"
     (nas / "lab").mkdir(parents=True)
     (nas / "lab2").mkdir()
     status, out, files = _check_with_config(
         tmp_path,
         {"lab": [str(nas / "lab")]},
-        {"lab": _rule(nas / "lab2")},  # /nas/lab2 is not inside /nas/lab
+        {"lab/a": _rule(nas / "lab2")},  # /nas/lab2 is not inside /nas/lab
         capsys,
     )
     assert status == 1, out
-    assert f"{files['lab']}:2: refused: destination {nas / 'lab2'} is outside" in out
+    assert f"{files['lab/a']}:2: refused: destination {nas / 'lab2'} is outside" in out
 
 
-def test_a_symbolic_link_inside_the_allowed_root_to_another_area_is_refused(tmp_path, capsys):
+def test_a_symbolic_link_inside_the_labs_root_to_another_area_is_refused(tmp_path, capsys):
     nas = tmp_path / "nas"
     (nas / "smith").mkdir(parents=True)
     (nas / "jones").mkdir()
@@ -61,16 +64,14 @@ def test_a_symbolic_link_inside_the_allowed_root_to_another_area_is_refused(tmp_
     status, out, files = _check_with_config(
         tmp_path,
         {"smith": [str(nas / "smith")], "jones": [str(nas / "jones")]},
-        {"smith": _rule(nas / "smith" / "door")},
+        {"smith/a": _rule(nas / "smith" / "door")},
         capsys,
     )
     assert status == 1, out
-    assert f"{files['smith']}:2: refused:" in out and "outside the folders allowed" in out
+    assert f"{files['smith/a']}:2: refused:" in out and "outside labs.smith.destinations" in out
 
 
-def test_dotdot_out_of_the_allowed_root_is_refused_and_a_real_subfolder_is_allowed(
-    tmp_path, capsys
-):
+def test_dotdot_out_of_the_labs_root_is_refused_and_a_real_subfolder_is_allowed(tmp_path, capsys):
     nas = tmp_path / "nas"
     (nas / "smith" / "dicom").mkdir(parents=True)
     (nas / "jones").mkdir()
@@ -78,36 +79,36 @@ def test_dotdot_out_of_the_allowed_root_is_refused_and_a_real_subfolder_is_allow
         tmp_path,
         {"smith": [str(nas / "smith")]},
         {
-            "good": _rule(nas / "smith" / "dicom", lab="smith"),
-            "sneaky": _rule(Path(f"{nas}/smith/../jones"), lab="smith"),
+            "smith/good": _rule(nas / "smith" / "dicom", lab="smith"),
+            "smith/sneaky": _rule(Path(f"{nas}/smith/../jones"), lab="smith"),
         },
         capsys,
     )
     assert status == 1, out
-    assert f"{files['sneaky']}:3: refused:" in out
-    assert f"{files['good']}:" not in out
+    assert f"{files['smith/sneaky']}:3: refused:" in out
+    assert f"{files['smith/good']}:" not in out
 
 
-def test_a_lab_missing_from_allowed_destinations_is_refused(tmp_path, capsys):
+def test_a_folder_that_is_no_lab_of_the_config_is_refused(tmp_path, capsys):
     nas = tmp_path / "nas"
     (nas / "smith").mkdir(parents=True)
     status, out, files = _check_with_config(
         tmp_path,
         {"smith": [str(nas / "smith")]},
-        {"stranger": _rule(nas / "smith")},  # lab 'stranger' is not in the config at all
+        {"smith/a": _rule(nas / "smith"), "stranger/a": _rule(nas / "smith")},
         capsys,
     )
     assert status == 1, out
-    assert f"{files['stranger']}:2: refused: lab 'stranger' has no allowed destination" in out
+    assert f"{files['stranger/a'].parent}:0: folder stranger/ is not a lab of the config" in out
 
 
-def test_relative_allowed_roots_are_relative_to_the_config_file(tmp_path, capsys, monkeypatch):
+def test_relative_lab_roots_are_relative_to_the_config_file(tmp_path, capsys, monkeypatch):
     # The config lives elsewhere than the current folder: `nas/smith` in it
     # means <config folder>/nas/smith.
     (tmp_path / "nas" / "smith").mkdir(parents=True)
     monkeypatch.chdir("/")
     status, out, _ = _check_with_config(
-        tmp_path, {"smith": ["nas/smith"]}, {"smith": _rule(tmp_path / "nas" / "smith")}, capsys
+        tmp_path, {"smith": ["nas/smith"]}, {"smith/a": _rule(tmp_path / "nas" / "smith")}, capsys
     )
     assert status == 0, out
 
@@ -124,8 +125,14 @@ def test_relative_allowed_roots_are_relative_to_the_config_file(tmp_path, capsys
         ("poll: 1\n", "poll must be true or false"),
         ("inbox: 5\n", "inbox must be a folder path"),
         ("quiet_secs: 5\n", "unknown key 'quiet_secs'"),
-        ("allowed_destinations: [a, b]\n", "allowed_destinations must map lab names"),
-        ("allowed_destinations:\n  smith: 5\n", "allowed_destinations.smith must be a list"),
+        ("allowed_destinations:\n  smith: [/nas]\n", "replaced by labs.<lab>.destinations"),
+        ("labs: [a, b]\n", "labs must map lab names"),
+        ("labs:\n  smith:\n    destinations: 5\n", "labs.smith.destinations must be a list"),
+        ("labs:\n  ../x: {}\n", "labs.../x: a lab name is letters"),
+        ("labs:\n  smith:\n    claim: all\n", "labs.smith: unknown key 'claim'"),
+        ("labs:\n  smith:\n    claims: any\n", "labs.smith.claims must be `all` or a list"),
+        ("labs:\n  smith:\n    claims: [{X: '('}]\n", "labs.smith.claims[1]: "),
+        ("labs:\n  smith:\n    group: no-such-group-here\n", "labs.smith.group: unknown"),
         ("inbox: ./in\nquiet_seconds: [\n", "not valid YAML"),
     ],
 )

@@ -129,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--rules", metavar="DIR", help="rules folder (default: the config's, else ./rules)"
     )
-    check.add_argument(
-        "--config", metavar="FILE", help="also apply the config's allowed_destinations"
-    )
+    check.add_argument("--config", metavar="FILE", help="the config's rules folder and its labs")
     check.set_defaults(handler=cmd_check)
     return parser
 
@@ -232,15 +230,23 @@ def rules_or_exit(directory: str) -> RuleSet:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    allowed = None
+    labs = None
     folder = args.rules or "rules"
     if args.config is not None:
         config = load_config(args.config)
-        allowed = config.allowed_destinations
+        labs = config.labs
         folder = args.rules or str(config.rules)
-    ruleset = load_rules(folder, allowed)
+    ruleset = load_rules(folder, labs)
     for problem in ruleset.problems:
         print(problem)
+    for warning in ruleset.warnings:
+        print(warning)
+    for lab in (labs or {}).values():
+        if lab.claims == ():
+            print(
+                f"{args.config}: warning: lab {lab.name} has no claims: its rules take nothing "
+                f"(give labs.{lab.name}.claims, or `claims: all`)"
+            )
     for rule in ruleset.rules:
         if not rule.destination.is_dir():
             print(

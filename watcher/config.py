@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from watcher.errors import ConfigError
+from watcher.rules import NAME_PATTERN, Lab, parse_conditions, parse_group
 
 #: Read from the current folder when no --config is given, if it exists.
 DEFAULT_CONFIG_FILE = "dicom-watcher.yaml"
@@ -49,9 +51,9 @@ class Config:
     #: Hooks running at once, and the first wait before a failed hook runs again.
     hook_concurrency: int = 2
     hook_retry_seconds: float = 60.0
-    #: Lab name -> the destination roots its rules may write into. When set,
-    #: a rule whose destination is elsewhere is refused (by check and run).
-    allowed_destinations: dict[str, tuple[Path, ...]] | None = None
+    #: The labs whose rules live in rules/<lab>/, and what each may do;
+    #: None: no lab folders, only the operator's rules at the top of rules/.
+    labs: dict[str, Lab] | None = None
 
     def with_overrides(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -87,6 +89,11 @@ def load_config(path: str | Path | None) -> Config:
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "allowed_destinations":
+            raise ConfigError(
+                f"{file}: allowed_destinations is replaced by labs.<lab>.destinations "
+                "(each lab also needs its claims)"
+            )
         if key not in fields:
             raise ConfigError(f"{file}: unknown key {key!r} (known: {', '.join(fields)})")
         values[key] = _convert(file, key, value, getattr(Config(), key))
@@ -94,8 +101,8 @@ def load_config(path: str | Path | None) -> Config:
 
 
 def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
-    if key == "allowed_destinations":
-        return _allowed(file, value)
+    if key == "labs":
+        return _labs(file, value)
     if isinstance(default, Path):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{file}: {key} must be a folder path")
@@ -109,28 +116,106 @@ def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
     return type(default)(value)
 
 
-def _allowed(file: Path, value: Any) -> dict[str, tuple[Path, ...]] | None:
+LAB_KEYS = ("destinations", "claims", "group", "hook_user")
+
+
+def _labs(file: Path, value: Any) -> dict[str, Lab] | None:
+    """`labs:`, each lab checked with one clear error naming its key."""
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ConfigError(f"{file}: allowed_destinations must map lab names to lists of folders")
-    allowed = {}
-    for lab, roots in value.items():
+        raise ConfigError(f"{file}: labs must map lab names to their settings")
+    labs = {}
+    for name, entry in value.items():
+        where = f"{file}: labs.{name}"
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"{where}: a lab name is letters, digits, '_', '.' or '-'")
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping ({', '.join(LAB_KEYS)})")
+        for key in entry:
+            if key not in LAB_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(LAB_KEYS)})")
+        roots = entry.get("destinations", [])
         if isinstance(roots, str):
             roots = [roots]
         if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
-            raise ConfigError(f"{file}: allowed_destinations.{lab} must be a list of folders")
-        allowed[str(lab)] = tuple(Path(r).expanduser() for r in roots)
-    return allowed
+            raise ConfigError(f"{where}.destinations must be a list of folders")
+        labs[name] = Lab(
+            name=name,
+            destinations=tuple(Path(r).expanduser() for r in roots),
+            claims=_claims(where, entry.get("claims")),
+            group=_lab_group(where, entry.get("group")),
+            hook_user=_hook_user(where, entry.get("hook_user")),
+        )
+    return labs
+
+
+def _claims(where: str, value: Any) -> tuple[tuple[Any, ...], ...] | None:
+    if value == "all":
+        return None
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(c, dict) and c for c in value):
+        raise ConfigError(
+            f"{where}.claims must be `all` or a list of match maps (field: regular expression)"
+        )
+    claims = []
+    for index, claim in enumerate(value, 1):
+
+        def refuse(_key: str, message: str, index: int = index) -> None:
+            raise ConfigError(f"{where}.claims[{index}]: {message}")
+
+        claims.append(parse_conditions(claim, refuse))
+    return tuple(claims)
+
+
+def _lab_group(where: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    gid = parse_group(value)
+    if gid is None:
+        raise ConfigError(f"{where}.group: unknown group {value!r} on this machine")
+    return gid
+
+
+def _hook_user(where: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(f"{where}.hook_user must be a user name")
+    return value
+
+
+def _check_labs(labs: dict[str, Lab]) -> None:
+    """Two labs' destinations may not overlap: each tree belongs to one lab."""
+    roots = [
+        (lab.name, Path(os.path.realpath(root)))
+        for lab in labs.values()
+        for root in lab.destinations
+    ]
+    for index, (first, mine) in enumerate(roots):
+        for second, theirs in roots[index + 1 :]:
+            if first != second and (
+                mine == theirs or mine in theirs.parents or theirs in mine.parents
+            ):
+                raise ConfigError(
+                    f"labs.{first}.destinations ({mine}) and labs.{second}.destinations "
+                    f"({theirs}) overlap: a folder belongs to one lab only"
+                )
 
 
 def _absolute(config: Config, base: Path) -> Config:
     paths: dict[str, Any] = {key: base / getattr(config, key) for key in PATH_KEYS}
-    if config.allowed_destinations is not None:
-        paths["allowed_destinations"] = {
-            lab: tuple(base / root for root in roots)
-            for lab, roots in config.allowed_destinations.items()
+    if config.labs is not None:
+        paths["labs"] = {
+            name: dataclasses.replace(
+                lab, destinations=tuple(base / root for root in lab.destinations)
+            )
+            for name, lab in config.labs.items()
         }
+        _check_labs(paths["labs"])
     config = dataclasses.replace(config, **paths)
     inbox, state = config.inbox.resolve(), config.state.resolve()
     if inbox == state or inbox in state.parents or state in inbox.parents:

@@ -104,7 +104,7 @@ class Daemon:
         self.clock = clock
         self.stop = stop or threading.Event()
         self.quiet_override = quiet_override
-        self.rulebook = RuleBook(config.rules, config.allowed_destinations)
+        self.rulebook = RuleBook(config.rules, config.labs)
         self.arrivals = Arrivals()
         #: Files whose size and mtime were taken in this turn of the loop: not
         #: looked at again before they are read.

@@ -8,10 +8,12 @@ does not stop the others from loading.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import re
-from collections.abc import Mapping, Sequence
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,8 @@ HOOK_PLACEHOLDERS = frozenset(
 #: `expected_instances` may name this field instead of giving a number.
 PER_SERIES_COUNT = "ImagesInAcquisition"
 REQUIRED_KEYS = ("match", "destination", "path")
+#: Names of rules, labs and users: no `/`, no leading dot.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 RULE_SUFFIXES = (".yaml", ".yml")
 
 
@@ -99,10 +103,26 @@ class Rule:
     quiet_seconds: float | None = None
     expected_instances: int | str | None = None
     manifest: bool = True
+    #: The lab whose folder under rules/ holds this rule; "" for the
+    #: operator's rules (directly in rules/), which keep full powers.
+    tenant: str = ""
+    #: A lab rule takes an instance only if one of these also matches;
+    #: None: any instance (`claims: all`); (): none.
+    claims: tuple[tuple[Condition, ...], ...] | None = None
 
     @property
     def lab_name(self) -> str:
-        return self.lab or self.name
+        return self.tenant or self.lab or self.name
+
+    def claim_for(self, values: Mapping[str, str]) -> int | None:
+        """Index of the first claim of the lab that holds (-1 for an operator
+        rule or `claims: all`), or None when none holds."""
+        if not self.tenant or self.claims is None:
+            return -1
+        for index, claim in enumerate(self.claims):
+            if all(condition.value_matches(values) for condition in claim):
+                return index
+        return None
 
     @property
     def fields(self) -> frozenset[str]:
@@ -110,7 +130,25 @@ class Rule:
         return self.path.fields | {c.field.split(".")[0] for c in self.match} | extra
 
     def matches(self, values: Mapping[str, str]) -> bool:
-        return all(condition.value_matches(values) for condition in self.match)
+        return all(condition.value_matches(values) for condition in self.match) and (
+            self.claim_for(values) is not None
+        )
+
+
+@dataclass(frozen=True)
+class Lab:
+    """What the operator's config lets one lab do (`labs.<name>`)."""
+
+    name: str
+    #: Roots the lab's rules may write under.
+    destinations: tuple[Path, ...] = ()
+    #: `match:`-style maps, any of which must hold for the lab's rules to
+    #: take an instance; None is `claims: all`; () takes nothing.
+    claims: tuple[tuple[Condition, ...], ...] | None = ()
+    #: Group of everything placed for the lab.
+    group: int | None = None
+    #: Account its hooks run under (`dicom-watcher hooks --lab`).
+    hook_user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +172,8 @@ class RuleSet:
 
     rules: tuple[Rule, ...] = ()
     problems: tuple[RuleError, ...] = ()
+    #: Lines worth telling, not problems: `file: warning: ...`.
+    warnings: tuple[str, ...] = ()
     fields: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -146,10 +186,19 @@ class RuleSet:
 
         Every matching rule gets its own copy, unless an `exclusive` rule
         matches: then the highest-priority exclusive rule takes it alone.
+        An operator's exclusive rule takes it from everyone; a lab's
+        exclusive rule only from that lab's other rules.
         """
         matched = [rule for rule in self.rules if rule.matches(values)]
-        exclusive = [rule for rule in matched if rule.exclusive]
-        return exclusive[:1] if exclusive else matched
+        operator_exclusive = [r for r in matched if r.exclusive and not r.tenant]
+        if operator_exclusive:
+            return operator_exclusive[:1]
+        taken: list[Rule] = []
+        for tenant in dict.fromkeys(r.tenant for r in matched):
+            own = [r for r in matched if r.tenant == tenant]
+            exclusive = [r for r in own if r.exclusive]
+            taken.extend(exclusive[:1] if exclusive else own)
+        return sorted(taken, key=lambda r: (-r.priority, r.name))
 
     def route(self, values: Mapping[str, str]) -> list[Route]:
         return [
@@ -168,6 +217,8 @@ class RuleSet:
             for second in self.rules[index + 1 :]:
                 if _disjoint(first, second):
                     continue
+                if first.tenant and second.tenant and first.tenant != second.tenant:
+                    continue  # two labs' rules each get their own copy, by design
                 if first.exclusive or second.exclusive:
                     winner = first if first.exclusive else second
                     if first.exclusive and second.exclusive and first.priority == second.priority:
@@ -217,57 +268,201 @@ def _literal_prefix(pattern: str) -> str | None:
     return "".join(prefix) or None
 
 
-def check_allowed(rule: Rule, allowed: Mapping[str, Sequence[Path]] | None) -> str | None:
-    """Why `rule` may not write where it says, or None when it may. With no
-    `allowed_destinations` in the config, every destination is allowed."""
-    if allowed is None:
-        return None
-    roots = allowed.get(rule.lab_name)
-    if not roots:
+#: A rule file larger than this is refused unread.
+MAX_RULE_FILE_BYTES = 1 << 20
+#: Mode bits never given to a placed file (setuid, setgid, sticky, write by others).
+FORBIDDEN_FILE_BITS = 0o7002
+#: ... and never to a folder (setgid is how a folder passes its group on).
+FORBIDDEN_FOLDER_BITS = 0o5002
+
+
+@dataclass(frozen=True)
+class RuleFile:
+    """A rule file found in the rules folder: whose it is, and how it was found."""
+
+    path: Path
+    #: The lab whose folder holds it; "" for the operator's files.
+    tenant: str = ""
+    signature: tuple[int, ...] = ()
+
+
+@dataclass
+class Survey:
+    """What the rules folder holds: the files to load, and what was refused
+    (folders and files of labs that others than the lab could write)."""
+
+    files: list[RuleFile] = field(default_factory=list)
+    problems: list[RuleError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def signature(self) -> tuple[object, ...]:
         return (
-            f"lab {rule.lab_name!r} has no allowed destination in the config (allowed_destinations)"
+            tuple((f.path, f.signature) for f in self.files),
+            tuple(str(p) for p in self.problems),
         )
+
+
+def survey(directory: Path, labs: Mapping[str, Lab] | None) -> Survey:
+    """The rule files of `directory`: its own (the operator's) and those of
+    each lab's folder `directory/<lab>/`. Raises `RuleError` only when the
+    folder itself cannot be read."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as error:
+        raise RuleError(
+            str(directory), 0, f"cannot read the rules folder: {error.strerror}"
+        ) from error
+    found = Survey()
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            _survey_lab(path, info, labs, found)
+        elif path.suffix in RULE_SUFFIXES:
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.files.append(RuleFile(path, "", (info.st_mtime_ns, info.st_size)))
+        elif stat.S_ISLNK(info.st_mode) and path.is_dir():
+            found.problems.append(
+                RuleError(str(path), 0, "a lab's folder may not be a symbolic link: refused")
+            )
+    return found
+
+
+def _survey_lab(
+    folder: Path, info: os.stat_result, labs: Mapping[str, Lab] | None, found: Survey
+) -> None:
+    lab = (labs or {}).get(folder.name)
+    if lab is None:
+        message = (
+            f"folder {folder.name}/ is not a lab of the config (labs:): its files are not loaded"
+        )
+        if labs:
+            found.problems.append(RuleError(str(folder), 0, message))
+        else:
+            found.warnings.append(f"{folder}: warning: {message}")
+        return
+    refused = _writable_by_others(info, lab, "folder")
+    if refused is not None:
+        found.problems.append(RuleError(str(folder), 0, f"refused: {refused}"))
+        return
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as error:
+        found.problems.append(RuleError(str(folder), 0, f"cannot read: {error.strerror}"))
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        if path.suffix not in RULE_SUFFIXES:
+            continue
+        try:
+            file_info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(file_info.st_mode):
+            found.problems.append(
+                RuleError(
+                    str(path), 0, "refused: a lab's rule file must be a regular file, not a link"
+                )
+            )
+            continue
+        signature = (file_info.st_mtime_ns, file_info.st_size, file_info.st_mode, file_info.st_gid)
+        found.files.append(RuleFile(path, lab.name, (*signature, info.st_mode, info.st_gid)))
+
+
+def _writable_by_others(info: os.stat_result, lab: Lab, what: str) -> str | None:
+    """Why a lab's folder or rule file could be changed by others than the
+    operator and the lab's group, or None. The folder's owner can change its
+    mode, so it must be the operator; a file's owner is whoever of the lab
+    made it."""
+    if info.st_mode & stat.S_IWOTH:
+        return f"the {what} is writable by everyone (chmod o-w)"
+    if what == "folder" and info.st_uid not in (0, os.geteuid()):
+        return f"the {what} must belong to the operator (root), not uid {info.st_uid}"
+    if info.st_mode & stat.S_IWGRP and lab.group is not None and info.st_gid != lab.group:
+        return (
+            f"the {what} is writable by group {_group_name(info.st_gid)}, "
+            f"not the lab's group {_group_name(lab.group)}"
+        )
+    return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+class _Refused(Exception):
+    """A rule its lab may not have; `key` is the rule file's key to point at."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _bound_to_lab(rule: Rule, lab: Lab) -> Rule:
+    """The rule as its lab may have it: namespaced, claimed, grouped; raises
+    `_Refused` when it reaches beyond what the config gives the lab."""
+    if rule.lab and rule.lab != lab.name:
+        raise _Refused(
+            "lab",
+            f"lab: {rule.lab} in a rule of lab {lab.name}'s folder "
+            "(a rule belongs to the lab whose folder holds it)",
+        )
+    if not lab.destinations:
+        raise _Refused("destination", f"refused: labs.{lab.name} has no destinations")
     target = Path(os.path.realpath(rule.destination))
-    for root in roots:
-        real_root = Path(os.path.realpath(root))
-        if target == real_root or real_root in target.parents:
-            return None
-    listed = ", ".join(str(r) for r in roots)
-    return (
-        f"destination {rule.destination} is outside the folders allowed for lab "
-        f"{rule.lab_name!r} ({listed})"
+    if not any(_inside(target, Path(os.path.realpath(root))) for root in lab.destinations):
+        listed = ", ".join(str(r) for r in lab.destinations)
+        raise _Refused(
+            "destination",
+            f"refused: destination {rule.destination} is outside "
+            f"labs.{lab.name}.destinations ({listed})",
+        )
+    if rule.group is not None and rule.group != lab.group:
+        raise _Refused(
+            "group",
+            f"refused: a lab's files get the group the config gives it (labs.{lab.name}.group)",
+        )
+    return dataclasses.replace(
+        rule, name=f"{lab.name}/{rule.name}", tenant=lab.name, claims=lab.claims, group=lab.group
     )
 
 
-def load_rules(
-    directory: str | Path, allowed: Mapping[str, Sequence[Path]] | None = None
-) -> RuleSet:
-    """Load every rule file in `directory`; problems are collected, not raised.
+def _inside(target: Path, root: Path) -> bool:
+    return target == root or root in target.parents
 
-    `allowed` maps lab names to the destination roots the operator allows
-    them; a rule writing elsewhere is refused. Raises `RuleError` only when
-    the folder itself cannot be read.
+
+def load_rules(directory: str | Path, labs: Mapping[str, Lab] | None = None) -> RuleSet:
+    """Load the operator's rule files in `directory` and each lab's in
+    `directory/<lab>/`; problems are collected, not raised.
+
+    Raises `RuleError` only when the folder itself cannot be read.
     """
     folder = Path(directory)
-    try:
-        files = sorted(p for p in folder.iterdir() if p.suffix in RULE_SUFFIXES and p.is_file())
-    except OSError as error:
-        raise RuleError(
-            str(folder), 0, f"cannot read the rules folder: {error.strerror}"
-        ) from error
+    found = survey(folder, labs)
     rules: list[Rule] = []
-    problems: list[RuleError] = []
-    for path in files:
-        rule, found = load_rule_file(path, allowed)
-        problems.extend(found)
+    problems = list(found.problems)
+    for entry in found.files:
+        rule, more = load_rule_file(entry.path, labs, entry.tenant)
+        problems.extend(more)
         if rule is not None:
             if any(existing.name == rule.name for existing in rules):
-                problems.append(_duplicate_name(path, rule.name))
+                problems.append(_duplicate_name(entry.path, rule.name))
             else:
                 rules.append(rule)
-    if not files:
+    if not found.files and not found.problems:
         problems.append(RuleError(str(folder), 0, "no rule files (*.yaml) in this folder"))
-    return RuleSet(rules=tuple(rules), problems=tuple(problems))
+    return RuleSet(rules=tuple(rules), problems=tuple(problems), warnings=tuple(found.warnings))
 
 
 def single_rule(destination: str | Path, path_template: str, name: str = "sort") -> RuleSet:
@@ -280,17 +475,43 @@ def single_rule(destination: str | Path, path_template: str, name: str = "sort")
     return RuleSet(rules=(rule,))
 
 
+def read_rule_text(path: Path, lab: Lab | None) -> str:
+    """A rule file's text, read without following a symbolic link (for a
+    lab's file), never blocking on a FIFO, and only up to a size limit."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if lab else 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if lab is not None:
+            refused = _writable_by_others(info, lab, "file")
+            if refused is not None:
+                raise ValueError(f"refused: {refused}")
+        if info.st_size > MAX_RULE_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_RULE_FILE_BYTES} bytes")
+        data = os.read(fd, MAX_RULE_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    return data.decode("utf-8")
+
+
 def load_rule_file(
-    path: Path, allowed: Mapping[str, Sequence[Path]] | None = None
+    path: Path, labs: Mapping[str, Lab] | None = None, tenant: str = ""
 ) -> tuple[Rule | None, list[RuleError]]:
-    """Parse and validate one rule file; return the rule (or None) and its problems."""
+    """Parse and validate one rule file of `tenant` ("" for the operator);
+    return the rule (or None) and its problems."""
     import yaml  # here, not above: `sort --dest` reads no YAML, and starts sooner
 
     source = str(path)
+    lab = (labs or {}).get(tenant) if tenant else None
+    if tenant and lab is None:
+        return None, [RuleError(source, 0, f"{tenant} is not a lab of the config (labs:)")]
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        return None, [RuleError(source, 0, f"cannot read: {error}")]
+        text = read_rule_text(path, lab)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        return None, [RuleError(source, 0, f"cannot read: {reason}")]
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -306,12 +527,13 @@ def load_rule_file(
         return None, [RuleError(source, line, f"not valid YAML: {reason}")]
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         return None, [RuleError(source, 1, "a rule file must be a mapping of keys to values")]
-    rule, problems = _validate(source, path.stem, data, _key_lines(node))
-    if rule is not None:
-        refused = check_allowed(rule, allowed)
-        if refused is not None:
-            line = _key_lines(node).get("destination", 1)
-            return None, [RuleError(source, line, f"refused: {refused}")]
+    lines = _key_lines(node)
+    rule, problems = _validate(source, path.stem, data, lines)
+    if rule is not None and lab is not None:
+        try:
+            rule = _bound_to_lab(rule, lab)
+        except _Refused as refused:
+            return None, [RuleError(source, lines.get(refused.key, 1), str(refused))]
     return rule, problems
 
 
@@ -322,8 +544,8 @@ def _duplicate_name(path: Path, name: str) -> RuleError:
 
     line = 1
     try:
-        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        node = yaml.compose(read_rule_text(path, None), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         node = None
     if isinstance(node, yaml.MappingNode):
         line = _key_lines(node).get("name", 1)
@@ -361,10 +583,10 @@ def _validate(
             problem(key, f"missing {key!r}")
 
     name = data.get("name", stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         problem("name", f"name must be letters, digits, '_', '.' or '-': {name!r}")
 
-    conditions = _conditions(data.get("match"), lines, problem)
+    conditions = parse_conditions(data.get("match"), problem, lines)
     destination = data.get("destination")
     if destination is not None and (not isinstance(destination, str) or not destination.strip()):
         problem("destination", "destination must be a folder path")
@@ -396,7 +618,7 @@ def _options(data: dict[str, Any], problem: Any) -> dict[str, Any]:
     options: dict[str, Any] = {}
     lab = data.get("lab")
     if lab is not None:
-        if not isinstance(lab, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", lab):
+        if not isinstance(lab, str) or not NAME_PATTERN.fullmatch(lab):
             problem("lab", f"lab must be letters, digits, '_', '.' or '-': {lab!r}")
         else:
             options["lab"] = lab
@@ -431,12 +653,20 @@ def _options(data: dict[str, Any], problem: Any) -> dict[str, Any]:
     for key in ("file_mode", "folder_mode"):
         if key in data:
             mode = _mode(data[key])
+            forbidden = FORBIDDEN_FILE_BITS if key == "file_mode" else FORBIDDEN_FOLDER_BITS
             if mode is None:
                 problem(key, f"{key} must be an octal mode such as '0640' (quote it in YAML)")
+            elif mode & forbidden:
+                problem(
+                    key,
+                    f"{key} {mode:04o} is refused: no setuid, "
+                    + ("setgid, " if key == "file_mode" else "")
+                    + "sticky bit or write for others",
+                )
             else:
                 options[key] = mode
     if "group" in data:
-        gid = _group(data["group"])
+        gid = parse_group(data["group"])
         if gid is None:
             problem("group", f"unknown group {data['group']!r} on this machine")
         else:
@@ -459,7 +689,8 @@ def _mode(value: Any) -> int | None:
     return mode if mode <= 0o7777 else None
 
 
-def _group(value: Any) -> int | None:
+def parse_group(value: Any) -> int | None:
+    """A group name or number as a gid, or None when this machine has no such group."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value if value >= 0 else None
     if not isinstance(value, str):
@@ -526,7 +757,12 @@ def _hooks(value: Any, problem: Any) -> tuple[Hook, ...]:
     return tuple(hooks)
 
 
-def _conditions(match: Any, lines: dict[str, int], problem: Any) -> tuple[Condition, ...]:
+def parse_conditions(
+    match: Any, problem: Any, lines: Mapping[str, int] | None = None
+) -> tuple[Condition, ...]:
+    """A `match:` map (or a lab's claim) as conditions; each problem goes to
+    `problem(key, message)`, `key` being the line's key in `lines`."""
+    lines = lines or {}
     if match is None:
         return ()
     if not isinstance(match, dict):
@@ -556,50 +792,37 @@ def _conditions(match: Any, lines: dict[str, int], problem: Any) -> tuple[Condit
 class RuleBook:
     """The rules in force for a long-running daemon.
 
-    `refresh` reloads the folder when a file was added, changed or removed.
-    A file that now has a problem keeps its last good version in force, and
-    its problems are reported once per change.
+    `refresh` reloads the folder when a file was added, changed or removed
+    (or a lab folder's mode or group changed). A file that now has a
+    problem keeps its last good version in force, and its problems are
+    reported once per change.
     """
 
-    def __init__(
-        self, directory: str | Path, allowed: Mapping[str, Sequence[Path]] | None = None
-    ) -> None:
+    def __init__(self, directory: str | Path, labs: Mapping[str, Lab] | None = None) -> None:
         self.directory = Path(directory)
-        self.allowed = allowed
+        self.labs = labs
         self.ruleset = RuleSet()
         self._good: dict[Path, Rule] = {}
-        self._signature: tuple[tuple[str, int, int], ...] | None = None
-
-    def _current_signature(self) -> tuple[tuple[str, int, int], ...]:
-        try:
-            entries = sorted(self.directory.iterdir())
-        except OSError:
-            return ()
-        signature = []
-        for path in entries:
-            if path.suffix in RULE_SUFFIXES:
-                try:
-                    stat = path.stat()
-                except OSError:
-                    continue
-                signature.append((path.name, stat.st_mtime_ns, stat.st_size))
-        return tuple(signature)
+        self._signature: tuple[object, ...] | None = None
 
     def refresh(self) -> list[RuleError] | None:
         """Reload if anything changed: return the problems found (maybe
         empty), or None when nothing changed."""
-        signature = self._current_signature()
-        if signature == self._signature:
+        try:
+            found = survey(self.directory, self.labs)
+        except RuleError as error:
+            found = Survey(problems=[error])
+        if found.signature == self._signature:
             return None
-        self._signature = signature
-        problems: list[RuleError] = []
-        present = {self.directory / name for name, _, _ in signature}
+        self._signature = found.signature
+        problems = list(found.problems)
+        present = {entry.path: entry for entry in found.files}
         for path in list(self._good):
             if path not in present:
                 del self._good[path]
-        for path in sorted(present):
-            rule, found = load_rule_file(path, self.allowed)
-            problems.extend(found)
+        for path, entry in sorted(present.items()):
+            rule, more = load_rule_file(path, self.labs, entry.tenant)
+            problems.extend(more)
             if rule is not None:
                 self._good[path] = rule
             elif path in self._good:
@@ -612,5 +835,7 @@ class RuleBook:
                 problems.append(_duplicate_name(path, rule.name))
                 continue
             rules.append(rule)
-        self.ruleset = RuleSet(rules=tuple(rules), problems=tuple(problems))
+        self.ruleset = RuleSet(
+            rules=tuple(rules), problems=tuple(problems), warnings=tuple(found.warnings)
+        )
         return problems

@@ -1,0 +1,317 @@
+"""Lab tenancy: a lab's rule files, in its own folder under rules/, reach
+only what the operator's config gives that lab. Each test is an attack a
+careless or hostile lab could make, and fails when its protection is gone."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from watcher import cli
+from watcher.config import load_config
+from watcher.errors import ConfigError
+from watcher.rules import RuleBook, load_rule_file, load_rules
+
+PATH = "{PatientID}/{SOPInstanceUID}.dcm"
+SMITH_STUDY = {"StudyDescription": "SMITH^MEMORY", "PatientID": "P1", "SOPInstanceUID": "1.2"}
+JONES_STUDY = {"StudyDescription": "JONES^VISION", "PatientID": "P2", "SOPInstanceUID": "1.3"}
+
+
+class Centre:
+    """A config with two labs (smith claims `^SMITH`, jones `^JONES`), their
+    folders under rules/ and their trees under nas/."""
+
+    def __init__(self, root: Path, **labs: dict[str, object]) -> None:
+        self.root = root
+        self.rules = root / "rules"
+        self.rules.mkdir()
+        self.nas = root / "nas"
+        settings: dict[str, dict[str, object]] = {
+            "smith": {"claims": [{"StudyDescription": "^SMITH\\^"}]},
+            "jones": {"claims": [{"StudyDescription": "^JONES\\^"}]},
+        }
+        for name, extra in labs.items():
+            settings.setdefault(name, {}).update(extra)
+        for name, entry in settings.items():
+            (self.nas / name).mkdir(parents=True)
+            (self.rules / name).mkdir()
+            entry.setdefault("destinations", [str(self.nas / name)])
+        self.config_path = root / "dicom-watcher.yaml"
+        self.config_path.write_text(
+            yaml.safe_dump({"rules": str(self.rules), "labs": settings}), encoding="utf-8"
+        )
+
+    @property
+    def labs(self):
+        return load_config(self.config_path).labs
+
+    def rule(self, where: str, destination: Path | None = None, **keys: object) -> Path:
+        """rules/<where>.yaml (`lab/name` for a lab's file), taking everything
+        into `destination` (default: the lab's tree) unless `keys` say otherwise."""
+        lab = where.split("/")[0]
+        data = {"match": {}, "destination": str(destination or self.nas / lab), "path": PATH}
+        data.update(keys)
+        file = self.rules / f"{where}.yaml"
+        file.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return file
+
+    def load(self):
+        return load_rules(self.rules, self.labs)
+
+    def check(self, capsys) -> tuple[int, str]:
+        status = cli.main(["check", "--config", str(self.config_path)])
+        return status, capsys.readouterr().out
+
+
+@pytest.fixture
+def centre(tmp_path: Path) -> Centre:
+    return Centre(tmp_path)
+
+
+def names(rules) -> list[str]:
+    return [rule.name for rule in rules]
+
+
+# --- who a lab is comes from its folder, not from the rule file -----------------------------
+
+
+def test_a_rule_claiming_another_lab_in_its_lab_key_is_refused_at_that_line(centre, capsys):
+    file = centre.rule("smith/takeover", lab="jones")
+    status, out = centre.check(capsys)
+    assert status == 1
+    assert f"{file}:4: lab: jones in a rule of lab smith's folder" in out
+    assert centre.load().rules == ()
+
+
+def test_a_lab_cannot_shadow_another_labs_or_the_operators_rule_by_name(centre):
+    # aaa.yaml in smith's folder sorts first and is named like jones's rule
+    # and the operator's: all three load, each in its own namespace.
+    centre.rule("smith/aaa", name="joneslab")
+    centre.rule("jones/joneslab")
+    centre.rule("joneslab", destination=centre.nas)
+    ruleset = centre.load()
+    assert ruleset.problems == ()
+    assert sorted(names(ruleset.rules)) == ["jones/joneslab", "joneslab", "smith/joneslab"]
+    [jones] = [r for r in ruleset.rules if r.tenant == "jones"]
+    assert jones.source == str(centre.rules / "jones" / "joneslab.yaml")
+
+
+def test_a_lab_rule_writing_into_another_labs_tree_is_refused(centre, capsys):
+    file = centre.rule("jones/steal", destination=centre.nas / "smith")
+    status, out = centre.check(capsys)
+    assert status == 1
+    assert f"{file}:2: refused: destination {centre.nas / 'smith'} is outside" in out
+
+
+def test_a_folder_that_is_no_lab_of_the_config_is_refused(centre):
+    centre.rule("smith/a")
+    (centre.rules / "stranger").mkdir()
+    centre.rule("stranger/a", destination=centre.nas / "smith")
+    ruleset = centre.load()
+    assert names(ruleset.rules) == ["smith/a"]
+    assert any("stranger/ is not a lab of the config" in str(p) for p in ruleset.problems)
+
+
+def test_without_labs_a_subfolder_is_a_warning_and_the_operators_rules_load(tmp_path, capsys):
+    rules = tmp_path / "rules"
+    (rules / "examples").mkdir(parents=True)
+    (rules / "examples" / "a.yaml").write_text(f"match: {{}}\ndestination: /\npath: '{PATH}'\n")
+    (rules / "top.yaml").write_text(f"match: {{}}\ndestination: {tmp_path}\npath: '{PATH}'\n")
+    status = cli.main(["check", "--rules", str(rules)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"{rules / 'examples'}: warning: folder examples/ is not a lab" in out
+    assert "ok: 1 rule(s)" in out and ": top" in out
+
+
+# --- what a lab may take ---------------------------------------------------------------------
+
+
+def test_a_catch_all_exclusive_lab_rule_takes_only_what_its_lab_claims(centre):
+    # The attack: match everything, exclusive, a huge priority.
+    centre.rule("smith/everything", exclusive=True, priority=10**9)
+    centre.rule("jones/vision", match={"StudyDescription": "^JONES"})
+    centre.rule("archive", destination=centre.nas)  # the operator's: takes everything
+    ruleset = centre.load()
+    assert ruleset.problems == ()
+    assert names(ruleset.matching(SMITH_STUDY)) == ["smith/everything", "archive"]
+    assert names(ruleset.matching(JONES_STUDY)) == ["archive", "jones/vision"]
+
+
+def test_a_lab_exclusive_rule_wins_only_among_its_own_rules(tmp_path):
+    centre = Centre(tmp_path, jones={"claims": "all"})
+    centre.rule("smith/first", exclusive=True, priority=5)
+    centre.rule("smith/second")
+    centre.rule("jones/all")
+    ruleset = centre.load()
+    assert names(ruleset.matching(SMITH_STUDY)) == ["smith/first", "jones/all"]
+
+
+def test_the_operators_exclusive_rule_still_takes_from_everyone(centre):
+    centre.rule("smith/all")
+    centre.rule("quarantine", destination=centre.nas, exclusive=True)
+    assert names(centre.load().matching(SMITH_STUDY)) == ["quarantine"]
+
+
+def test_a_lab_without_claims_takes_nothing_and_check_says_so(tmp_path, capsys):
+    centre = Centre(tmp_path, lazy={"claims": None})
+    centre.rule("lazy/all")
+    status, out = centre.check(capsys)
+    assert status == 0, out
+    assert "warning: lab lazy has no claims: its rules take nothing" in out
+    assert centre.load().matching(SMITH_STUDY) == []
+
+
+def test_claims_all_takes_any_study(tmp_path):
+    centre = Centre(tmp_path, core={"claims": "all"})
+    centre.rule("core/all")
+    ruleset = centre.load()
+    assert names(ruleset.matching(SMITH_STUDY)) == ["core/all"]
+    assert names(ruleset.matching(JONES_STUDY)) == ["core/all"]
+
+
+def test_two_labs_destinations_may_not_overlap(tmp_path):
+    nas = tmp_path / "nas"
+    config = tmp_path / "dicom-watcher.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"labs": {"a": {"destinations": [str(nas)]}, "b": {"destinations": [str(nas / "b")]}}}
+        )
+    )
+    with pytest.raises(
+        ConfigError, match=r"labs.a.destinations .* and labs.b.destinations .* overlap"
+    ):
+        load_config(config)
+
+
+# --- the lab's rules folder is the lab's and the operator's only -----------------------------
+
+
+def test_a_world_writable_lab_folder_is_refused(centre):
+    centre.rule("smith/a")
+    (centre.rules / "smith").chmod(0o777)
+    ruleset = centre.load()
+    assert ruleset.rules == ()
+    assert "refused: the folder is writable by everyone" in str(ruleset.problems[0])
+
+
+def test_a_world_writable_rule_file_is_refused(centre):
+    file = centre.rule("smith/a")
+    file.chmod(0o666)
+    ruleset = centre.load()
+    assert ruleset.rules == ()
+    assert f"{file}:0: cannot read: refused: the file is writable by everyone" in str(
+        ruleset.problems[0]
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a folder's group and owner needs root")
+def test_a_lab_folder_writable_by_another_group_or_owned_by_a_lab_member_is_refused(tmp_path):
+    centre = Centre(tmp_path, smith={"group": 0})
+    centre.rule("smith/a")
+    folder = centre.rules / "smith"
+    folder.chmod(0o2775)
+    assert names(centre.load().rules) == ["smith/a"]  # group root, the lab's: fine
+    os.chown(folder, 0, 4242)
+    problems = [str(p) for p in centre.load().problems]
+    assert problems == [
+        f"{folder}:0: refused: the folder is writable by group 4242, not the lab's group root"
+    ]
+    os.chown(folder, 4242, 0)
+    problems = [str(p) for p in centre.load().problems]
+    assert problems == [
+        f"{folder}:0: refused: the folder must belong to the operator (root), not uid 4242"
+    ]
+
+
+def test_symbolic_links_for_a_lab_folder_or_rule_file_are_refused(centre):
+    elsewhere = centre.root / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.yaml").write_text(
+        f"match: {{}}\ndestination: {centre.nas / 'smith'}\npath: '{PATH}'\n"
+    )
+    (centre.rules / "smith" / "linked.yaml").symlink_to(elsewhere / "x.yaml")
+    (centre.rules / "jones").rmdir()
+    (centre.rules / "jones").symlink_to(elsewhere)
+    ruleset = centre.load()
+    assert ruleset.rules == ()
+    problems = sorted(str(p) for p in ruleset.problems)
+    assert problems == [
+        f"{centre.rules / 'jones'}:0: a lab's folder may not be a symbolic link: refused",
+        f"{centre.rules / 'smith' / 'linked.yaml'}:0: refused: a lab's rule file must be a "
+        "regular file, not a link",
+    ]
+
+
+def test_a_fifo_for_a_rule_file_never_blocks_the_loader(centre):
+    fifo = centre.rules / "smith" / "a.yaml"
+    os.mkfifo(fifo)
+    # Found as a FIFO: refused without opening it.
+    assert "must be a regular file" in str(centre.load().problems[0])
+    # Swapped in after the folder was listed: opened without blocking, refused.
+    result: list[object] = []
+    reader = threading.Thread(
+        target=lambda: result.append(load_rule_file(fifo, centre.labs, "smith"))
+    )
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():
+        with open(fifo, "w"):  # unblock it, then fail
+            pass
+        reader.join()
+        pytest.fail("reading a FIFO rule file blocked")
+    rule, problems = result[0]
+    assert rule is None and "not a regular file" in str(problems[0])
+
+
+def test_a_rule_book_reloads_when_a_lab_folder_becomes_writable_by_everyone(centre):
+    centre.rule("smith/a")
+    book = RuleBook(centre.rules, centre.labs)
+    assert book.refresh() == []
+    assert names(book.ruleset.rules) == ["smith/a"]
+    (centre.rules / "smith").chmod(0o777)
+    problems = book.refresh()
+    assert problems and "writable by everyone" in str(problems[0])
+    assert book.ruleset.rules == ()
+
+
+# --- modes and groups -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, mode, message",
+    [
+        ("file_mode", "6777", "file_mode 6777 is refused"),
+        ("file_mode", "4640", "file_mode 4640 is refused"),
+        ("file_mode", "2640", "file_mode 2640 is refused"),
+        ("file_mode", "0646", "file_mode 0646 is refused"),
+        ("folder_mode", "1777", "folder_mode 1777 is refused"),
+        ("folder_mode", "4750", "folder_mode 4750 is refused"),
+    ],
+)
+def test_check_refuses_dangerous_modes_at_their_line(centre, capsys, key, mode, message):
+    file = centre.rule("smith/a", **{key: mode})
+    status, out = centre.check(capsys)
+    assert status == 1
+    assert f"{file}:4: {message}" in out
+
+
+def test_a_setgid_folder_mode_is_allowed(centre):
+    centre.rule("smith/a", folder_mode="2770", file_mode="0640")
+    [rule] = centre.load().rules
+    assert (rule.folder_mode, rule.file_mode) == (0o2770, 0o640)
+
+
+def test_a_lab_rule_cannot_choose_another_group(tmp_path, capsys):
+    centre = Centre(tmp_path, smith={"group": 0})
+    file = centre.rule("smith/a", group=1)
+    status, out = centre.check(capsys)
+    assert status == 1
+    assert f"{file}:4: refused: a lab's files get the group the config gives it" in out
+    centre.rule("smith/a")
+    [rule] = centre.load().rules
+    assert rule.group == 0  # the lab's group, from the config
