@@ -1,5 +1,5 @@
 """Lab automation through the real daemon: hooks, manifests, permissions,
-precedence, allowed destinations, per-rule completion."""
+precedence, lab bounds, per-rule completion, and state/ kept private."""
 
 from __future__ import annotations
 
@@ -436,3 +436,106 @@ def test_a_failed_hooks_retry_state_is_saved_and_a_restart_does_not_reset_it(tmp
     assert resumed.retries_left == 0 and resumed.next_try == pytest.approx(1181.0)
     restarted.poll()
     assert not restarted.running, "not run again before its time"
+
+
+# --- a lab's hooks are never run by the daemon; state/ is the daemon's alone ----------------
+
+
+def test_a_lab_rules_hook_is_held_for_its_runner_and_the_operators_runs(
+    daemon, tmp_path, stand_ins
+):
+    bin_folder, records = stand_ins
+    smith = tmp_path / "nas" / "smith"
+    smith.mkdir(parents=True)
+    run = daemon(labs={"smith": {"destinations": [str(smith)], "claims": "all"}})
+    lab_rule = run.add_rule(
+        "smith/convert", smith, hooks=[{"command": ["record", "lab", "{study_uid}"]}]
+    )
+    run.add_rule(
+        "archive", tmp_path / "nas", hooks=[{"command": ["record", "operator", "{study_uid}"]}]
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "watcher", "check", "--config", str(run.config_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert f"{lab_rule}: note: its hooks wait for lab smith's runner" in check.stdout
+    run.start(env=environment(bin_folder, records))
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    [held] = run.wait_event("hook_held")
+    assert held["lab"] == "smith" and held["waits_for"] == "dicom-watcher hooks --lab smith"
+    run.wait_event("hook_done")
+    [(argv, _)] = recorded(records, "record")
+    assert argv[0] == "operator"
+    [job] = (run.state / "hooks" / "labs" / "smith").glob("*.json")
+    assert json.loads(job.read_text())["argv"][:2] == ["record", "lab"]
+    assert stat.S_IMODE(job.stat().st_mode) & 0o022 == 0
+
+
+def _forged_job(folder: Path, name: str, records: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    job = folder / f"{name}.json"
+    fields = {"argv": ["record", "forged"], "env": {}, "cwd": str(folder), "timeout": 10}
+    fields |= {"retries_left": 0, "label": "forged", "lab": "x", "study": "1", "id": name}
+    job.write_text(json.dumps(fields))
+    return job
+
+
+def test_a_job_file_others_could_have_written_is_refused_not_run(daemon, lab, stand_ins):
+    bin_folder, records = stand_ins
+    run = daemon()
+    run.add_rule("smith", lab)
+    writable = _forged_job(run.state / "hooks", "writable", records)
+    writable.chmod(0o666)
+    trusted_job = _forged_job(run.state / "hooks", "trusted", records)
+    trusted_job.chmod(0o600)
+    run.start(env=environment(bin_folder, records))
+    [refused] = run.wait_event("hook_job_refused")
+    assert refused["path"] == str(writable) and "writable by others" in refused["reason"]
+    run.wait_event("hook_done")  # the daemon's own job file runs
+    assert [argv for argv, _ in recorded(records, "record")] == [["forged"]]
+    assert writable.exists()  # kept for the operator to look at
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file owned by another user needs root")
+def test_a_job_file_owned_by_another_user_is_refused(daemon, lab, stand_ins):
+    bin_folder, records = stand_ins
+    run = daemon()
+    run.add_rule("smith", lab)
+    job = _forged_job(run.state / "hooks", "foreign", records)
+    job.chmod(0o644)
+    os.chown(job, 4242, 4242)
+    run.start(env=environment(bin_folder, records))
+    [refused] = run.wait_event("hook_job_refused")
+    assert "belongs to uid 4242" in refused["reason"]
+    write_study(StudySpec(series=1, instances=1), run.inbox)
+    run.wait_event("study_placed")
+    assert recorded(records, "record") == []
+
+
+def test_a_state_folder_others_can_write_is_made_private_at_start(daemon, lab):
+    run = daemon()
+    run.add_rule("smith", lab)
+    (run.state / "hooks").mkdir(parents=True)
+    run.state.chmod(0o777)
+    (run.state / "hooks").chmod(0o777)
+    run.start()
+    made = run.wait_event("state_made_private", count=2)
+    assert {line["folder"] for line in made} == {str(run.state), str(run.state / "hooks")}
+    for folder in (run.state, run.state / "hooks", run.state / "retry"):
+        assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0, folder
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a folder owned by another user needs root")
+def test_a_state_folder_owned_by_another_user_stops_the_start(daemon, lab):
+    run = daemon()
+    run.add_rule("smith", lab)
+    run.state.mkdir()
+    os.chown(run.state, 4242, 4242)
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", "run", "--once", "--config", str(run.config_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert f"state folder {run.state} belongs to uid 4242" in result.stderr

@@ -248,6 +248,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"(give labs.{lab.name}.claims, or `claims: all`)"
             )
     for rule in ruleset.rules:
+        if rule.tenant and rule.hooks:
+            print(
+                f"{rule.source}: note: its hooks wait for lab {rule.tenant}'s runner "
+                f"(dicom-watcher hooks --lab {rule.tenant}); the daemon never runs a lab's hooks"
+            )
         if not rule.destination.is_dir():
             print(
                 f"{rule.source}: warning: destination {rule.destination} does not exist now "

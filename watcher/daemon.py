@@ -50,6 +50,7 @@ from watcher.logs import kv
 from watcher.manifest import Entry, manifest_path, write_manifest
 from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place, remove_temporaries
 from watcher.rules import PER_SERIES_COUNT, Route, RuleBook
+from watcher.state import atomic_write, make_private, trusted
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
 
@@ -197,11 +198,22 @@ class Daemon:
         return 0
 
     def _prepare(self) -> None:
-        for folder in (self.config.inbox, self.quarantine_dir, self.unmatched_dir, self.retry_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.config.inbox.mkdir(parents=True, exist_ok=True)
+        for folder in (
+            self.config.state,
+            self.quarantine_dir,
+            self.unmatched_dir,
+            self.retry_dir,
+            self.hooks.folder,
+            self.hooks.failed_folder,
+        ):
+            make_private(folder)
         self.hooks.resume()
         self._clean_interrupted_placement()
         for path in self.retry_dir.glob("*.json"):
+            if trusted(path) is not None:
+                log.error(kv("retry_state_refused", path=path, reason=trusted(path)))
+                continue
             try:
                 saved = json.loads(path.read_text(encoding="utf-8"))
                 self.saved_retries[str(saved["study"])] = saved
@@ -209,6 +221,10 @@ class Daemon:
                 log.warning(kv("retry_state_unreadable", path=path, error=error))
 
     def _clean_interrupted_placement(self) -> None:
+        distrust = trusted(self.journal)
+        if self.journal.exists() and distrust is not None:
+            log.error(kv("journal_refused", path=self.journal, reason=distrust))
+            return
         try:
             folders = json.loads(self.journal.read_text(encoding="utf-8"))["folders"]
         except FileNotFoundError:
@@ -725,7 +741,11 @@ class Daemon:
                 destination=rule.destination,
             )
             for hook in rule.hooks:
-                self.hooks.submit(make_job(hook, values, cwd=progress.folder))
+                job = make_job(hook, values, cwd=progress.folder)
+                if rule.tenant:
+                    self.hooks.hold(job)
+                else:
+                    self.hooks.submit(job)
 
     def _write_manifest(
         self, study: Study, progress: RulePlacement, journal: Journal
@@ -1102,18 +1122,3 @@ def _count_files(folder: Path, suffix: str = "") -> int:
             1 for name in files if name.endswith(suffix) and not name.startswith(TEMP_PREFIX)
         )
     return total
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically and durably (state files only)."""
-    temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}.{path.name}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -7,7 +7,9 @@ made safe (no control characters, never a leading `-` that a program would
 read as an option). The same values are given as `DW_*` environment variables.
 
 Jobs wait in `state/hooks/` until they end, so a restart runs again what was
-pending. A limited number run at once, each in its own session with a
+pending; only files the daemon's own user wrote are taken up. Jobs of a lab's
+rules are never run here: they wait in `state/hooks/labs/<lab>/` for that
+lab's runner. A limited number run at once, each in its own session with a
 timeout (then the whole process group is killed); output goes to the log; a
 failed job is retried a bounded number of times, with a growing wait, and is
 then kept in `state/hooks/failed/` for the operator.
@@ -32,6 +34,7 @@ from pathlib import Path
 from watcher.logs import kv
 from watcher.placement import TEMP_PREFIX
 from watcher.rules import Hook
+from watcher.state import atomic_write, make_private, trusted
 from watcher.template import safe_value
 
 log = logging.getLogger(__name__)
@@ -133,11 +136,19 @@ class HookRunner:
         self.waiting: list[HookJob] = []
         self.running: dict[str, threading.Thread] = {}
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.failed_folder.mkdir(parents=True, exist_ok=True)
+        self.held_folder = folder / "labs"
+        self.failed_folder.mkdir(mode=0o750, parents=True, exist_ok=True)
 
     def resume(self) -> None:
-        """Take up the jobs a previous run left pending."""
+        """Take up the jobs a previous run left pending; a job file that
+        someone else than the daemon's user could have written is refused."""
         for path in sorted(self.folder.glob("*.json")):
+            if path.name.startswith(TEMP_PREFIX):
+                continue
+            distrust = trusted(path)
+            if distrust is not None:
+                log.error(kv("hook_job_refused", path=path, reason=distrust, action="not run"))
+                continue
             try:
                 job = HookJob(**json.loads(path.read_text(encoding="utf-8")))
             except (OSError, ValueError, TypeError) as error:
@@ -149,6 +160,23 @@ class HookRunner:
     def submit(self, job: HookJob) -> None:
         self._save(job)
         self.waiting.append(job)
+
+    def hold(self, job: HookJob) -> Path:
+        """Keep a lab rule's job for that lab's own runner (`dicom-watcher
+        hooks --lab`): the daemon never runs a lab's code as the service user."""
+        folder = self.held_folder / job.lab
+        make_private(folder)
+        self._save(job, folder)
+        log.info(
+            kv(
+                "hook_held",
+                hook=job.label,
+                lab=job.lab,
+                study=job.study,
+                waits_for=f"dicom-watcher hooks --lab {job.lab}",
+            )
+        )
+        return folder / f"{job.id}.json"
 
     def poll(self) -> None:
         """Collect finished jobs, then start waiting ones while slots are free."""
@@ -280,10 +308,7 @@ class HookRunner:
 
     def _save(self, job: HookJob, folder: Path | None = None) -> None:
         folder = folder or self.folder
-        path = folder / f"{job.id}.json"
-        temporary = folder / f"{TEMP_PREFIX}{job.id}.json"
-        temporary.write_text(json.dumps(asdict(job), ensure_ascii=False), encoding="utf-8")
-        os.replace(temporary, path)
+        atomic_write(folder / f"{job.id}.json", json.dumps(asdict(job), ensure_ascii=False))
 
     def _forget(self, job: HookJob) -> None:
         (self.folder / f"{job.id}.json").unlink(missing_ok=True)
