@@ -5,16 +5,20 @@ careless or hostile lab could make, and fails when its protection is gone."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
+from harness import lab_files
 
 from watcher import cli
 from watcher.config import load_config
 from watcher.errors import ConfigError
 from watcher.rules import RuleBook, load_rule_file, load_rules
+from watcher.synthetic import StudySpec, write_study
 
 PATH = "{PatientID}/{SOPInstanceUID}.dcm"
 SMITH_STUDY = {"StudyDescription": "SMITH^MEMORY", "PatientID": "P1", "SOPInstanceUID": "1.2"}
@@ -315,3 +319,50 @@ def test_a_lab_rule_cannot_choose_another_group(tmp_path, capsys):
     centre.rule("smith/a")
     [rule] = centre.load().rules
     assert rule.group == 0  # the lab's group, from the config
+
+
+# --- linear-time matching ------------------------------------------------------------------
+
+
+def test_a_catastrophic_pattern_neither_pins_the_daemon_nor_delays_other_labs(daemon, tmp_path):
+    # Backtracking engines take exponential time on these against a long
+    # value: the loop would never come back, SIGTERM would never be acted on.
+    smith, jones = tmp_path / "nas" / "smith", tmp_path / "nas" / "jones"
+    smith.mkdir(parents=True)
+    jones.mkdir(parents=True)
+    run = daemon(
+        labs={
+            "smith": {"destinations": [str(smith)], "claims": "all"},
+            "jones": {"destinations": [str(jones)], "claims": "all"},
+        }
+    )
+    run.add_rule("smith/uid", smith, match={"StudyInstanceUID": "^([0-9.]+)+x"})
+    run.add_rule("smith/patient", smith, match={"PatientID": "(a+)+$"})
+    run.add_rule("jones/all", jones)
+    uid = "1.2." + ".".join(["1234567"] * 7)  # 60 characters, all of them digits and dots
+    write_study(
+        StudySpec(series=1, instances=2, study_uid=uid, patient_id="a" * 60 + "!"), run.inbox
+    )
+    run.start()
+    run.wait_event("study_placed", timeout=60)
+    assert len(lab_files(jones)) == 2 and lab_files(smith) == []
+    assert run.terminate() == 0
+
+
+def test_check_names_a_pattern_re2_cannot_take_at_its_line_with_a_hint(centre):
+    file = centre.rule("smith/a", match={"StudyDescription": "^(?!JONES)", "PatientID": r"(a)\1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", "check", "--config", str(centre.config_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert (
+        f"{file}:2: bad regular expression for StudyDescription: invalid perl operator: (?! "
+        "(negative look-aheads are not supported" in result.stdout
+    )
+    assert f"{file}:3: bad regular expression for PatientID: invalid escape sequence: \\1" in (
+        result.stdout
+    )
+    # Only the command's own lines: nothing from RE2's logging.
+    assert result.stderr.splitlines() == [f"2 problem(s) in {centre.rules}"]

@@ -61,7 +61,8 @@ class Condition:
     """One `match:` entry: a field and the regular expression searched in it."""
 
     field: str
-    pattern: re.Pattern[str]
+    #: An RE2 pattern (`compile_pattern`): matching takes linear time.
+    pattern: Any
 
     def value_matches(self, values: Mapping[str, str]) -> bool:
         value = template.lookup(values, self.field)
@@ -757,6 +758,36 @@ def _hooks(value: Any, problem: Any) -> tuple[Hook, ...]:
     return tuple(hooks)
 
 
+#: What RE2 leaves out, and what to write instead.
+_RE2_HINTS = (
+    ("invalid perl operator: (?=", "look-aheads are not supported: match the text itself"),
+    ("invalid perl operator: (?!", "negative look-aheads are not supported"),
+    ("invalid perl operator: (?<", "look-behinds are not supported"),
+    ("invalid escape sequence: \\", "back-references (\\1) are not supported"),
+)
+
+
+def compile_pattern(text: str) -> Any:
+    """Compile a rule's pattern with RE2, whose matching is linear in the
+    value's length whatever the pattern (no catastrophic backtracking).
+    Raises ValueError with RE2's reason and, for what RE2 leaves out
+    (look-arounds, back-references), a hint. Nothing goes to stderr."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(text, options)
+    except re2.error as error:
+        reason = error.args[0] if error.args else error
+        message = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        for start, hint in _RE2_HINTS:
+            if message.startswith(start):
+                message = f"{message} ({hint}; patterns are RE2 expressions)"
+                break
+        raise ValueError(message) from None
+
+
 def parse_conditions(
     match: Any, problem: Any, lines: Mapping[str, int] | None = None
 ) -> tuple[Condition, ...]:
@@ -781,8 +812,8 @@ def parse_conditions(
             problem(key, f"match.{keyword} must be a regular expression (a string)")
             continue
         try:
-            compiled = re.compile(str(pattern))
-        except re.error as error:
+            compiled = compile_pattern(str(pattern))
+        except ValueError as error:
             problem(key, f"bad regular expression for {keyword}: {error}")
             continue
         conditions.append(Condition(field=str(keyword), pattern=compiled))
