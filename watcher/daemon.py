@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections import Counter
@@ -48,7 +49,14 @@ from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.hooks import HookRunner, hook_values, make_job
 from watcher.logs import kv
 from watcher.manifest import Entry, manifest_path, write_manifest
-from watcher.placement import TEMP_PREFIX, PathConflict, Placement, place, remove_temporaries
+from watcher.placement import (
+    TEMP_PREFIX,
+    PathConflict,
+    Placement,
+    place,
+    remove_temporaries,
+    sha256_of_fd,
+)
 from watcher.rules import PER_SERIES_COUNT, Route, RuleBook
 from watcher.state import atomic_write, make_private, trusted
 from watcher.studies import Arrivals, Studies, Study
@@ -661,12 +669,16 @@ class Daemon:
         study, started = placing.study, placing.started
         error = None
         for (instance, routes), outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if isinstance(outcome, FileNotFoundError) and not os.path.exists(instance.path):
+            if isinstance(outcome, FileNotFoundError) and not os.path.exists(instance.path):
+                # Placed by a worker that died before it could say so, or
+                # removed by someone else.
+                outcome = _found_placed(instance, routes) or outcome
+                if isinstance(outcome, BaseException):
                     log.warning(kv("source_vanished", path=instance.path))
                     self.studies.remove_path(instance.path)
-                else:
-                    error = error or _describe(outcome)
+                    continue
+            if isinstance(outcome, BaseException):
+                error = error or _describe(outcome)
                 continue
             self.studies.remove_path(instance.path)
             placing.moved_from.add(os.path.dirname(instance.path) or ".")
@@ -1080,6 +1092,32 @@ def _expected_count_reached(study: Study, expected: tuple[int | str, ...]) -> bo
         with contextlib.suppress(ValueError):
             entry[1] = max(entry[1], int(values.get(PER_SERIES_COUNT, "0")))
     return all(needed > 0 and have >= needed for have, needed in series.values())
+
+
+def _found_placed(instance: headers.Instance, routes: list[Route]) -> list[Placement] | None:
+    """The instance's copies, when every route already holds its very bytes
+    (same size and SHA-256) under its name; else None."""
+    if not instance.sha256:
+        return None
+    found = []
+    for route in routes:
+        path = route.rule.destination / route.relative_path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode) or status.st_size != instance.size:
+                return None
+            if sha256_of_fd(fd) != instance.sha256:
+                return None
+        finally:
+            os.close(fd)
+        found.append(
+            Placement(path.parent, path.name, "present", status.st_size, None, instance.sha256)
+        )
+    return found
 
 
 def _describe(error: BaseException) -> str:
