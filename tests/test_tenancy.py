@@ -4,6 +4,7 @@ careless or hostile lab could make, and fails when its protection is gone."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import lab_files
+from harness import lab_files, wait_for
 
 from watcher import cli
 from watcher.config import load_config
 from watcher.errors import ConfigError
+from watcher.placement import TEMP_PREFIX
 from watcher.rules import RuleBook, load_rule_file, load_rules
 from watcher.synthetic import StudySpec, write_study
 
@@ -366,3 +368,131 @@ def test_check_names_a_pattern_re2_cannot_take_at_its_line_with_a_hint(centre):
     )
     # Only the command's own lines: nothing from RE2's logging.
     assert result.stderr.splitlines() == [f"2 problem(s) in {centre.rules}"]
+
+
+# --- the lab's tree is hostile ground --------------------------------------------------------
+
+
+def _two_labs(daemon, tmp_path, smith_destination: Path | None = None):
+    """A daemon with labs smith and jones (each claiming everything); smith's
+    rule writes `{PatientID}/{InstanceNumber}` into `smith_destination`."""
+    smith, jones = tmp_path / "nas" / "smith", tmp_path / "nas" / "jones"
+    smith.mkdir(parents=True, exist_ok=True)
+    jones.mkdir(parents=True, exist_ok=True)
+    run = daemon(
+        labs={
+            "smith": {"destinations": [str(smith)], "claims": "all"},
+            "jones": {"destinations": [str(jones)], "claims": "all"},
+        }
+    )
+    run.add_rule("smith/a", smith_destination or smith, path="{PatientID}/{InstanceNumber:05d}.dcm")
+    return run, smith, jones
+
+
+def test_a_folder_swapped_for_a_link_after_the_rule_loaded_parks_the_study(daemon, tmp_path):
+    smith, jones = tmp_path / "nas" / "smith", tmp_path / "nas" / "jones"
+    (smith / "projects" / "dicom").mkdir(parents=True)
+    run, _, _ = _two_labs(daemon, tmp_path, smith / "projects" / "dicom")
+    run.start()
+    run.wait_event("rules_loaded")
+    # The lab swaps a folder on the way to its destination for a link into
+    # jones's tree, which has the same layout.
+    (jones / "dicom").mkdir()
+    (smith / "projects").rename(smith / "projects.real")
+    (smith / "projects").symlink_to(jones)
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    [parked] = run.wait_event("study_parked")
+    assert "'projects' on the way to it is now a symbolic link" in parked["error"]
+    assert list(jones.rglob("*.dcm")) == []
+    (smith / "projects").unlink()
+    (smith / "projects.real").rename(smith / "projects")
+    run.wait_event("study_resumed", timeout=60)
+    run.wait_event("study_placed")
+    assert len(list((smith / "projects" / "dicom").rglob("*.dcm"))) == 2
+    assert list(jones.rglob("*")) == [jones / "dicom"]
+
+
+def test_links_at_the_manifests_names_never_reach_another_labs_file(daemon, tmp_path):
+    run, smith, jones = _two_labs(daemon, tmp_path)
+    victim = jones / "results.txt"
+    victim.write_text("jones's results\n")
+    victim.chmod(0o600)
+    before = (victim.read_bytes(), victim.stat().st_mode, victim.stat().st_gid)
+    run.start()
+    run.wait_event("rules_loaded")
+    study = smith / "SUBJ01"
+    study.mkdir()
+    # The names a predictable writer would use for its temporary manifest...
+    for pid in range(run.process.pid, run.process.pid + 64):
+        (study / f"{TEMP_PREFIX}{pid}.manifest.json").symlink_to(victim)
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    run.wait_event("manifest_written")
+    assert (victim.read_bytes(), victim.stat().st_mode, victim.stat().st_gid) == before
+    assert json.loads((study / "manifest.json").read_text())["files"] == 2
+    # ... and the manifest's own name: neither read (merged) nor replaced.
+    (study / "manifest.json").unlink()
+    (study / "manifest.json").symlink_to(victim)
+    write_study(
+        StudySpec(series=1, instances=1, study_uid="1.2.3.4.5", patient_id="SUBJ01"), run.inbox
+    )
+    [failed] = run.wait_event("manifest_failed")
+    assert "manifest.json is a symbolic link: left as it is" in failed["error"]
+    assert (study / "manifest.json").is_symlink()
+    assert (victim.read_bytes(), victim.stat().st_mode, victim.stat().st_gid) == before
+
+
+def test_a_fifo_at_the_manifests_name_never_blocks_the_daemon(daemon, tmp_path):
+    run, smith, jones = _two_labs(daemon, tmp_path)
+    run.add_rule("jones/a", jones)
+    run.start()
+    run.wait_event("rules_loaded")
+    (smith / "SUBJ01").mkdir()
+    os.mkfifo(smith / "SUBJ01" / "manifest.json")
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    [failed] = run.wait_event("manifest_failed")
+    assert "manifest.json is not a regular file" in failed["error"]
+    # The daemon goes on: the next study is placed for both labs.
+    write_study(StudySpec(series=1, instances=1, patient_id="SUBJ02"), run.inbox)
+    run.wait_event("study_placed", count=4)
+    assert (smith / "SUBJ02" / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving folders other groups needs root")
+def test_files_linked_from_the_inbox_get_the_setgid_folders_group(daemon, tmp_path):
+    run, smith, _ = _two_labs(daemon, tmp_path)
+    os.chown(smith, -1, 4244)
+    smith.chmod(0o2775)
+    os.chown(run.inbox, -1, 4243)
+    run.inbox.chmod(0o2775)  # storescp's files get the inbox's group
+    write_study(StudySpec(series=1, instances=3), run.inbox)
+    assert {p.stat().st_gid for p in run.inbox.rglob("*") if p.is_file()} == {4243}
+    run.start()
+    run.wait_event("study_placed")
+    placed = list(smith.rglob("*.dcm"))
+    assert len(placed) == 3
+    assert {p.stat().st_gid for p in placed} == {4244}
+    assert all(p.stat().st_nlink == 1 for p in placed)  # linked, then the inbox name removed
+
+
+def test_a_labs_long_quiet_period_and_count_never_delay_another_labs_copies(daemon, tmp_path):
+    run, smith, jones = _two_labs(daemon, tmp_path)
+    run.add_rule("smith/slow", smith / "slow", quiet_seconds=100000000, expected_instances=10**6)
+    (smith / "slow").mkdir()
+    run.add_rule("jones/a", jones)
+    run.start()
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    placed = run.wait_event("study_placed", count=3, timeout=60)  # the config's short quiet
+    assert {line["rule"] for line in placed} == {"smith/a", "smith/slow", "jones/a"}
+    assert len(lab_files(jones)) == 2
+    # A study for smith alone waits as smith's rules say.
+    run.add_rule("jones/a", jones, match={"StudyDescription": "^JONES"})
+    run.wait_event("rules_loaded", count=2)
+    write_study(StudySpec(series=1, instances=1, patient_id="SUBJ02"), run.inbox)
+
+    def waiting() -> list[int]:
+        studies = run.status().get("studies", [])
+        return [int(s["next"].split()[2]) for s in studies if s["patient"] == "SUBJ02"]  # type: ignore[index]
+
+    [left] = wait_for(waiting, 30, "the study for smith alone to be pending")
+    assert left > 1000000
+    assert not (smith / "SUBJ02").exists()

@@ -692,11 +692,18 @@ class Daemon:
 
     def _completion(self, study: Study) -> tuple[float, bool]:
         """A study's quiet period (its rules may set their own; the longest
-        wins) and whether its expected instance count is reached."""
+        wins) and whether its expected instance count is reached.
+
+        A lab's rules set these only for a study that goes to that lab
+        alone: a study shared with others waits as the operator's rules and
+        the config say, so that no lab delays (or hurries) another's copies.
+        """
         ruleset = self.rulebook.ruleset
         if not study.policy or study.policy[0] is not ruleset:
             first = next(iter(study.instances.values()))
             rules = ruleset.matching(study.values(first))
+            if len({rule.tenant for rule in rules}) > 1:
+                rules = [rule for rule in rules if not rule.tenant]
             quiet = max(
                 (r.quiet_seconds for r in rules if r.quiet_seconds is not None),
                 default=self.config.quiet_seconds,
@@ -787,7 +794,7 @@ class Daemon:
                     path=manifest,
                 )
             )
-        except OSError as error:
+        except (OSError, DestinationUnavailable) as error:
             log.error(
                 kv(
                     "manifest_failed",

@@ -158,6 +158,8 @@ def _job(
         link=link,
         digest=rule.manifest if digest is None else digest,
         permissions=Permissions(rule.group, rule.file_mode, rule.folder_mode),
+        anchor=rule.anchor,
+        beneath=rule.beneath,
         known_sha256=instance.sha256,
         known_as_of=(instance.size, instance.mtime_ns),
         source_fd=source_fd,

@@ -2,9 +2,9 @@
 
 `manifest.json` in the study's folder of a lab tree lists every instance
 with its SOPInstanceUID, series, path (relative to the manifest), size and
-SHA-256. It is written after the study's files, atomically (temporary name,
-flush, rename), and brought up to date when late instances arrive, so a
-script that reads it sees only files that are whole.
+SHA-256. It is written after the study's files, atomically (a new temporary
+name, flush, rename), and brought up to date when late instances arrive, so
+a script that reads it sees only files that are whole.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from watcher.placement import TEMP_PREFIX, Permissions, Placement
+from watcher.placement import TEMP_PREFIX, Permissions, Placement, open_beneath, open_root
 from watcher.rules import Rule
 from watcher.template import safe_component
 
@@ -45,6 +47,15 @@ def manifest_path(rule: Rule, relative_path: str, study_uid: str) -> Path:
     return rule.destination / f"manifest_{safe_component(study_uid)}.json"
 
 
+#: An existing manifest larger than this is not read (nor replaced).
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+class ManifestRefused(OSError):
+    """What is at a manifest's name is not a manifest the daemon may read
+    and replace: a link, a FIFO, a folder, a device, or a huge file."""
+
+
 def write_manifest(
     path: Path,
     *,
@@ -58,29 +69,77 @@ def write_manifest(
     replace it atomically. Returns the summary it wrote: all but the list of
     instances.
 
-    Several daemons (receiver nodes) may update one manifest: the merge runs
-    under a lock on the study's folder, so none loses another's entries
-    (where the filesystem has such locks; NFS does not for folders).
+    The study's folder is reached as placement reaches it (from a lab's
+    root, never through a link); the manifest is read and written only
+    through that handle, and only as a regular file. Several daemons
+    (receiver nodes) may update one manifest: the merge runs under a lock on
+    the study's folder, so none loses another's entries (where the
+    filesystem has such locks; NFS does not for folders).
     """
-    with _locked(path.parent):
-        return _merge_and_replace(path, study_uid, rule, patient, entries, clock)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    folder = _open_folder(rule, path.parent)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:  # a share without folder locks: go on unlocked
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
-                raise
-        yield
+        _lock(folder)
+        return _merge_and_replace(folder, path, study_uid, rule, patient, entries, clock)
     finally:
-        os.close(fd)  # closing releases the lock
+        os.close(folder)  # closing releases the lock
+
+
+def _open_folder(rule: Rule, folder: Path) -> int:
+    """A handle on the manifest's folder, below the rule's destination."""
+    root = open_root(rule.destination, rule.anchor, rule.beneath)
+    try:
+        return open_beneath(root, folder.relative_to(rule.destination).parts)
+    finally:
+        os.close(root)
+
+
+def _lock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as error:  # a share without folder locks: go on unlocked
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+            raise
+
+
+def _read_existing(folder: int, name: str) -> dict[str, Any] | None:
+    """The manifest already at `name`, or None; never opens anything but a
+    regular file, never blocks, reads at most `MAX_MANIFEST_BYTES`."""
+    if not _existing(folder, name):
+        return None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(name, flags, dir_fd=folder)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ManifestRefused(errno.EEXIST, f"{name} is not a regular file: left as it is")
+        data = os.read(fd, MAX_MANIFEST_BYTES + 1)
+        while len(data) <= MAX_MANIFEST_BYTES and (more := os.read(fd, 1 << 20)):
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestRefused(errno.EFBIG, f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        previous = json.loads(data)
+    except ValueError:
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
+def _existing(folder: int, name: str) -> bool:
+    """Whether a file is at `name`; raises `ManifestRefused` when what is
+    there is not a regular file."""
+    try:
+        info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise ManifestRefused(errno.EEXIST, f"{name} is {kind}: left as it is, not replaced")
+    return True
 
 
 def _merge_and_replace(
+    folder: int,
     path: Path,
     study_uid: str,
     rule: Rule,
@@ -90,11 +149,11 @@ def _merge_and_replace(
 ) -> dict[str, object]:
     # Per relative path: the instance's line of JSON and its size.
     lines: dict[str, tuple[str, int]] = {}
+    previous = _read_existing(folder, path.name)
     try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        for item in previous.get("instances", []):
+        for item in (previous or {}).get("instances", []):
             lines[str(item["path"])] = (_ENCODE(item), int(item["size"]))
-    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
     prefix = f"{path.parent}/"
     for entry in entries:
@@ -116,7 +175,10 @@ def _merge_and_replace(
     }
     listed = [lines[relative][0] for relative in sorted(lines)]
     _replace(
-        path, _to_json(summary, listed), Permissions(rule.group, rule.file_mode, rule.folder_mode)
+        folder,
+        path.name,
+        _to_json(summary, listed),
+        Permissions(rule.group, rule.file_mode, rule.folder_mode),
     )
     return summary
 
@@ -146,9 +208,12 @@ def _to_json(summary: dict[str, object], listed: list[str]) -> str:
     return f'{_ENCODE(summary)[:-1]}, "instances": [\n  {lines}\n]}}\n'
 
 
-def _replace(path: Path, text: str, permissions: Permissions) -> None:
-    temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}.{path.name}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+def _replace(folder: int, name: str, text: str, permissions: Permissions) -> None:
+    """Write `text` under a new temporary name in the folder (never a name
+    someone else made), then rename it over `name`, durably."""
+    temporary = f"{TEMP_PREFIX}{os.urandom(6).hex()}.{name}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, 0o666, dir_fd=folder)
     try:
         try:
             with open(fd, "w", encoding="utf-8", closefd=False) as handle:
@@ -157,13 +222,11 @@ def _replace(path: Path, text: str, permissions: Permissions) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temporary, path)
+        _existing(folder, name)  # swapped for a link or a FIFO meanwhile: left alone
+        os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
         # A full or failing lab share: leave no partial manifest behind.
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=folder)
         raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    os.fsync(folder)

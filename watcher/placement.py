@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import os
@@ -186,6 +187,10 @@ class Job:
     link: bool = False
     digest: bool = False
     permissions: Permissions = NO_PERMISSIONS
+    #: Where `root` is reached from without following a link (a lab's
+    #: destination: see `open_root`); None: `root` is opened as it is.
+    anchor: Path | None = None
+    beneath: tuple[str, ...] = ()
     #: The source's SHA-256 if already known, and the (size, mtime_ns) it
     #: was taken at: used only while the source still has them.
     known_sha256: str = ""
@@ -417,8 +422,10 @@ class _Batch:
 
     def __init__(self, writeback: bool = False) -> None:
         self.writeback = writeback
-        self.roots: dict[Path, int | DestinationUnavailable] = {}
+        self.roots: dict[tuple[Path, Path | None], int | DestinationUnavailable] = {}
         self.folders: dict[tuple[Path, tuple[str, ...]], tuple[int, Path, int]] = {}
+        #: The group a setgid folder gives what is made in it, by folder handle.
+        self.inherited: dict[int, int | None] = {}
         #: Folders that got new names, by filesystem: flushed at the end.
         self.named: dict[int, dict[int, list[int]]] = {}
         #: Jobs placed as links to their source whose data is flushed with
@@ -432,33 +439,36 @@ class _Batch:
         than before it is named: a linked source, where syncfs can do both."""
         return item.linked_source and _SYNCFS is not None
 
-    def folder(
-        self, root: Path, folders: list[str], permissions: Permissions
-    ) -> tuple[int, Path, int]:
-        """An open handle on the folder (made as needed), its path, its device."""
+    def folder(self, job: Job, folders: list[str]) -> tuple[int, Path, int]:
+        """An open handle on the job's folder (made as needed), its path, its device."""
+        root = job.root
         key = (root, tuple(folders))
         known = self.folders.get(key)
         if known is not None:
             return known
-        if root not in self.roots:
+        opened = self.roots.get((root, job.anchor))
+        if opened is None:
             try:
-                self.roots[root] = os.open(root, DIRECTORY_FLAGS)
-            except OSError as error:
-                self.roots[root] = _unavailable(root, error)
-        root_fd = self.roots[root]
-        if isinstance(root_fd, DestinationUnavailable):
-            raise root_fd
-        fd = _open_folders(root, root_fd, folders, permissions)
-        known = (fd, root.joinpath(*folders), os.fstat(fd).st_dev)
+                opened = open_root(root, job.anchor, job.beneath)
+            except DestinationUnavailable as error:
+                opened = error
+            self.roots[(root, job.anchor)] = opened
+        if isinstance(opened, DestinationUnavailable):
+            raise opened
+        fd = _open_folders(root, opened, folders, job.permissions)
+        status = os.fstat(fd)
+        known = (fd, root.joinpath(*folders), status.st_dev)
         self.folders[key] = known
+        self.inherited[fd] = status.st_gid if status.st_mode & stat.S_ISGID else None
         return known
 
     def write(self, job: Job) -> _Written:
         """Put the job's bytes on its destination's filesystem, unnamed."""
         *folders, name = job.relative.split("/")
-        folder_fd, folder, device = self.folder(job.root, folders, job.permissions)
+        folder_fd, folder, device = self.folder(job, folders)
+        inherited = self.inherited.get(folder_fd)
         if job.link and job.source_fd < 0 and not job.permissions.changes_files and _SYNCFS:
-            item = self._linked_by_name(job, folder_fd, folder, name, device)
+            item = self._linked_by_name(job, folder_fd, folder, name, device, inherited)
             if item is not None:
                 return item
         borrowed = job.source_fd >= 0
@@ -468,11 +478,7 @@ class _Batch:
             known = ""
             if job.digest and job.known_as_of == (status.st_size, status.st_mtime_ns):
                 known = job.known_sha256
-            if job.link and status.st_dev == device:
-                try:
-                    job.permissions.apply_to_file(source)
-                except OSError as error:
-                    raise _classify(job.root, error) from error
+            if job.link and status.st_dev == device and self._may_link(job, source, inherited):
                 sha256 = (known or sha256_of_fd(source)) if job.digest else ""
                 held = os.dup(source) if borrowed else source
                 item = _Written(job, folder_fd, folder, name, status.st_size, sha256, held, device)
@@ -496,8 +502,34 @@ class _Batch:
             if source >= 0 and not borrowed:
                 os.close(source)
 
+    def _may_link(self, job: Job, source: int, inherited: int | None) -> bool:
+        """Give the source the rule's group and modes, so that it can be
+        linked: a setgid folder's group too, which a copy would get from the
+        folder and a link would not (the inbox's group would stay). False
+        when that group cannot be given: the source is copied instead."""
+        permissions = job.permissions
+        if (
+            permissions.group is None
+            and inherited is not None
+            and os.fstat(source).st_gid != inherited
+        ):
+            permissions = dataclasses.replace(permissions, group=inherited)
+        try:
+            permissions.apply_to_file(source)
+        except OSError as error:
+            if permissions is not job.permissions and error.errno == errno.EPERM:
+                return False
+            raise _classify(job.root, error) from error
+        return True
+
     def _linked_by_name(
-        self, job: Job, folder_fd: int, folder: Path, name: str, device: int
+        self,
+        job: Job,
+        folder_fd: int,
+        folder: Path,
+        name: str,
+        device: int,
+        inherited: int | None,
     ) -> _Written | None:
         """A source to link on its own filesystem, looked at without opening
         it (a third of the system calls of a move): None when it must be
@@ -509,6 +541,8 @@ class _Batch:
         unchanged = job.known_as_of == (status.st_size, status.st_mtime_ns)
         if status.st_dev != device or not stat.S_ISREG(status.st_mode):
             return None
+        if inherited is not None and status.st_gid != inherited:
+            return None  # its group must change first (`_may_link`)
         if job.digest and not unchanged:
             return None
         sha256 = job.known_sha256 if job.digest else ""
@@ -662,6 +696,46 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def open_root(root: Path, anchor: Path | None = None, beneath: Sequence[str] = ()) -> int:
+    """An open handle on a destination root. A lab's is reached from its
+    `anchor` one folder at a time, never following a link, at every
+    placement: a folder of the lab's tree that was swapped for a link since
+    the rule was loaded makes the destination unavailable, not a way out.
+    Raises `DestinationUnavailable`."""
+    try:
+        fd = os.open(anchor or root, DIRECTORY_FLAGS)
+    except OSError as error:
+        raise _unavailable(root, error) from error
+    for component in beneath if anchor is not None else ():
+        try:
+            child = os.open(component, DIRECTORY_FLAGS, dir_fd=fd)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise DestinationUnavailable(
+                    str(root),
+                    f"{component!r} on the way to it is now a symbolic link or not a folder "
+                    "(a lab's destination is never reached through a link)",
+                ) from error
+            raise _unavailable(root, error) from error
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def open_beneath(fd: int, folders: Sequence[str]) -> int:
+    """Open each folder below the handle `fd`, never following a link and
+    never creating; returns a new handle (`fd` stays open)."""
+    current = os.dup(fd)
+    for component in folders:
+        try:
+            child = os.open(component, DIRECTORY_FLAGS, dir_fd=current)
+        finally:
+            os.close(current)
+        current = child
+    return current
 
 
 def _open_folders(root: Path, root_fd: int, folders: list[str], permissions: Permissions) -> int:
@@ -826,7 +900,11 @@ def _same_size(existing: os.stat_result, size: int) -> bool:
 
 
 def _same_bytes(source: str, name: str, folder_fd: int) -> bool:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(name, flags, dir_fd=folder_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since it was looked at
+        os.close(fd)
+        return False
     with open(source, "rb", buffering=0) as ours, open(fd, "rb", buffering=0) as theirs:
         while True:
             mine = ours.read(CHUNK)

@@ -110,6 +110,11 @@ class Rule:
     #: A lab rule takes an instance only if one of these also matches;
     #: None: any instance (`claims: all`); (): none.
     claims: tuple[tuple[Condition, ...], ...] | None = None
+    #: A lab rule's placements open this root (the lab's destination that
+    #: holds `destination`, resolved) and go down `beneath` to the
+    #: destination without following a link; None for the operator's rules.
+    anchor: Path | None = None
+    beneath: tuple[str, ...] = ()
 
     @property
     def lab_name(self) -> str:
@@ -422,7 +427,9 @@ def _bound_to_lab(rule: Rule, lab: Lab) -> Rule:
     if not lab.destinations:
         raise _Refused("destination", f"refused: labs.{lab.name} has no destinations")
     target = Path(os.path.realpath(rule.destination))
-    if not any(_inside(target, Path(os.path.realpath(root))) for root in lab.destinations):
+    roots = [Path(os.path.realpath(root)) for root in lab.destinations]
+    anchor = next((root for root in roots if _inside(target, root)), None)
+    if anchor is None:
         listed = ", ".join(str(r) for r in lab.destinations)
         raise _Refused(
             "destination",
@@ -435,7 +442,13 @@ def _bound_to_lab(rule: Rule, lab: Lab) -> Rule:
             f"refused: a lab's files get the group the config gives it (labs.{lab.name}.group)",
         )
     return dataclasses.replace(
-        rule, name=f"{lab.name}/{rule.name}", tenant=lab.name, claims=lab.claims, group=lab.group
+        rule,
+        name=f"{lab.name}/{rule.name}",
+        tenant=lab.name,
+        claims=lab.claims,
+        group=lab.group,
+        anchor=anchor,
+        beneath=target.relative_to(anchor).parts,
     )
 
 
