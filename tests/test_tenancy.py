@@ -5,10 +5,12 @@ careless or hostile lab could make, and fails when its protection is gone."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import threading
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from harness import lab_files, wait_for
 from watcher import cli
 from watcher.config import load_config
 from watcher.errors import ConfigError
+from watcher.hooks import hook_values, substitute
+from watcher.logs import JsonFormatter, KeyValueFormatter, escape, parse_pairs
 from watcher.placement import TEMP_PREFIX
 from watcher.rules import RuleBook, load_rule_file, load_rules
 from watcher.synthetic import StudySpec, write_study
@@ -496,3 +500,82 @@ def test_a_labs_long_quiet_period_and_count_never_delay_another_labs_copies(daem
     [left] = wait_for(waiting, 30, "the study for smith alone to be pending")
     assert left > 1000000
     assert not (smith / "SUBJ02").exists()
+
+
+# --- logs and hook values ------------------------------------------------------------------
+
+# A header value that would clear an operator's terminal and forge a log line.
+HOSTILE_ID = (
+    "P1\x1b[2J\x1b]0;pwned\x07\r\n2026-12-07T00:00:00Z level=ERROR event=forged\u202e\u2028"
+)
+
+
+def _unescaped(text: str) -> list[str]:
+    return sorted(
+        {
+            c
+            for c in text
+            if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u202e\u2028")
+        }
+    )
+
+
+@pytest.mark.parametrize("log_format", ["kv", "json"])
+def test_control_characters_from_headers_never_reach_the_log_raw(daemon, tmp_path, log_format):
+    run = daemon()
+    (tmp_path / "nas").mkdir()
+    run.add_rule("all", tmp_path / "nas", path="{StudyInstanceUID}/{InstanceNumber:05d}.dcm")
+    write_study(StudySpec(series=1, instances=1, patient_id=HOSTILE_ID), run.inbox)
+    run.start("--log-format", log_format)
+    wait_for(lambda: "study_placed" in run.log_path.read_text(), 30, "the study to be placed")
+    assert run.terminate() == 0
+    text = run.log_path.read_text(encoding="utf-8")
+    assert _unescaped(text) == []
+    lines = [line for line in text.splitlines() if "study_placed" in line]
+    assert len(lines) == 1
+    record = (
+        json.loads(lines[0]) if log_format == "json" else parse_pairs(lines[0].split(" ", 2)[2])
+    )
+    assert record["event"] == "study_placed" and record["patient"] == HOSTILE_ID
+    assert (
+        "forged" not in {json.loads(line).get("event") for line in text.splitlines()}
+        if (log_format == "json")
+        else not any(line.startswith("2026-12-07T00:00:00Z") for line in text.splitlines())
+    )
+
+
+def test_values_logged_another_way_are_escaped_by_the_formatters():
+    record = logging.LogRecord("watcher", logging.INFO, __file__, 1, "raw %s", (HOSTILE_ID,), None)
+    for formatter in (KeyValueFormatter(), JsonFormatter()):
+        line = formatter.format(record)
+        assert "\n" not in line and _unescaped(line) == []
+    assert json.loads(JsonFormatter().format(record))["message"] == f"raw {HOSTILE_ID}"
+
+
+@pytest.mark.parametrize("value", ["..", ".", "", "../../etc", "-rf", " .. "])
+def test_a_header_value_never_makes_a_dot_dot_component_in_a_hook_argument(value, tmp_path):
+    values = hook_values(
+        study_folder=tmp_path,
+        lab="smith",
+        rule="smith/a",
+        patient=value,
+        study_uid=value,
+        files=1,
+        manifest=None,
+        destination=tmp_path,
+    )
+    for argument in substitute(
+        ("/data/{patient}/{study_uid}", "{patient}{study_uid}", "{patient}"), values
+    ):
+        assert not set(argument.split("/")) & {".", ".."}, argument
+        assert argument and not argument.startswith("-")
+
+
+def test_every_control_format_and_separator_character_is_escaped():
+    unsafe = [
+        chr(c)
+        for c in range(0x110000)
+        if not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) in ("Cc", "Cf", "Zl", "Zp")
+    ]
+    assert [c for c in unsafe if escape(c) == c] == []
+    assert escape("Müller^Zoë 山田") == "Müller^Zoë 山田"

@@ -35,7 +35,7 @@ from watcher.logs import kv
 from watcher.placement import TEMP_PREFIX
 from watcher.rules import Hook
 from watcher.state import atomic_write, make_private, trusted
-from watcher.template import safe_value
+from watcher.template import safe_component
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,12 @@ def hook_values(
 
 
 def _from_header(value: str) -> str:
-    text = safe_value(value).strip()
-    return "_" + text[1:] if text.startswith("-") else text
+    """One path component: never empty, never `.` or `..`, never an option.
+
+    A value that is never empty and never starts with a dot cannot make a `.`
+    or `..` component however an argument joins it to others.
+    """
+    return safe_component(value)
 
 
 def substitute(command: tuple[str, ...], values: Mapping[str, str]) -> list[str]:
@@ -214,10 +218,10 @@ class HookRunner:
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
         if outcome.status == 0:
+            self._forget(job)
             log.info(
                 kv("hook_done", hook=job.label, lab=job.lab, study=job.study, attempt=job.attempt)
             )
-            self._forget(job)
             return
         if job.retries_left > 0:
             job.retries_left -= 1
@@ -237,6 +241,9 @@ class HookRunner:
                 )
             )
             return
+        # Kept first, then logged: whoever reads the line finds the job file.
+        self._save(job, self.failed_folder)
+        self._forget(job)
         log.error(
             kv(
                 "hook_gave_up",
@@ -249,8 +256,6 @@ class HookRunner:
                 kept=self.failed_folder / f"{job.id}.json",
             )
         )
-        self._save(job, self.failed_folder)
-        self._forget(job)
 
     def _run(self, job: HookJob) -> None:
         log.info(
