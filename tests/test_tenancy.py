@@ -184,6 +184,30 @@ def test_claims_all_takes_any_study(tmp_path):
     assert names(ruleset.matching(JONES_STUDY)) == ["core/all"]
 
 
+def test_a_claim_on_a_field_no_rule_names_is_read_and_holds(daemon, tmp_path):
+    # The daemon reads only the header fields rules need: a claim's fields
+    # are among them, or the claim could never hold.
+    smith = tmp_path / "nas" / "smith"
+    smith.mkdir(parents=True)
+    run = daemon(
+        labs={
+            "smith": {"destinations": [str(smith)], "claims": [{"InstitutionName": "^Princeton"}]}
+        }
+    )
+    run.add_rule("smith/all", smith, path="{PatientID}/{InstanceNumber:05d}.dcm")
+    write_study(StudySpec(series=1, instances=2), run.inbox)
+    write_study(
+        StudySpec(series=1, instances=1, patient_id="SUBJ02", institution="Yale"), run.inbox
+    )
+    run.start()
+    run.wait_event("study_placed")
+    run.wait_event("study_unmatched")
+    assert [p.relative_to(smith).as_posix() for p in lab_files(smith)] == [
+        "SUBJ01/00001.dcm",
+        "SUBJ01/00002.dcm",
+    ]
+
+
 def test_two_labs_destinations_may_not_overlap(tmp_path):
     nas = tmp_path / "nas"
     config = tmp_path / "dicom-watcher.yaml"

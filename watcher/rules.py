@@ -133,7 +133,8 @@ class Rule:
     @property
     def fields(self) -> frozenset[str]:
         extra = {PER_SERIES_COUNT} if self.expected_instances == PER_SERIES_COUNT else set()
-        return self.path.fields | {c.field.split(".")[0] for c in self.match} | extra
+        tested = [*self.match, *(c for claim in self.claims or () for c in claim)]
+        return self.path.fields | {c.field.split(".")[0] for c in tested} | extra
 
     def matches(self, values: Mapping[str, str]) -> bool:
         return all(condition.value_matches(values) for condition in self.match) and (
