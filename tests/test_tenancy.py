@@ -351,6 +351,85 @@ def test_a_lab_rule_cannot_choose_another_group(tmp_path, capsys):
     assert rule.group == 0  # the lab's group, from the config
 
 
+# --- labs can see what they will get --------------------------------------------------------
+
+
+def _preview_centre(centre: Centre) -> Path:
+    """smith: an exclusive catch-all and an MR rule; jones: a catch-all; the
+    operator: an archive of everything. Returns a folder with a study for
+    smith (3 files) and one for nobody's claim (2 files)."""
+    (centre.nas / "smith" / "mr").mkdir()
+    (centre.nas / "archive").mkdir()
+    centre.rule("smith/memory", exclusive=True)
+    centre.rule("smith/mr", centre.nas / "smith" / "mr", match={"Modality": "^MR$"})
+    centre.rule("jones/all")
+    centre.rule("archive", centre.nas / "archive")
+    samples = centre.root / "samples"
+    write_study(StudySpec(series=1, instances=3, patient_id="P1", description="SMITH^Mem"), samples)
+    write_study(StudySpec(series=1, instances=2, patient_id="P2", description="OTHER"), samples)
+    return samples
+
+
+def _study_blocks(out: str) -> dict[str, str]:
+    """The preview's lines per study, by PatientID."""
+    blocks = {}
+    for block in out.split("study ")[1:]:
+        blocks[block.split("patient='")[1].split("'")[0]] = block
+    return blocks
+
+
+@pytest.mark.parametrize("command", ["preview", "check"])
+def test_preview_and_check_show_per_lab_which_rules_and_claims_take_an_instance(
+    centre, capsys, command
+):
+    samples = _preview_centre(centre)
+    status = cli.main([command, "--config", str(centre.config_path), str(samples)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    smiths, nobodys = _study_blocks(out)["P1"], _study_blocks(out)["P2"]
+    nas = centre.nas
+    assert f"  rule archive -> {nas / 'archive'} (3 files)" in smiths
+    assert "  lab smith:\n    claim 1 (StudyDescription ~ ^SMITH\\^) allows 3 file(s)\n" in smiths
+    assert f"    rule smith/memory -> {nas / 'smith'} (3 files)" in smiths
+    assert (
+        "    rule smith/mr: matches 3 file(s), not taken: exclusive rule smith/memory takes them"
+        in (smiths)
+    )
+    assert (
+        "  lab jones:\n    rule jones/all: matches 3 file(s), blocked: no claim of lab jones "
+        "holds (claims: StudyDescription ~ ^JONES\\^)"
+    ) in smiths
+    assert "rule jones/all ->" not in smiths
+    assert f"  rule archive -> {nas / 'archive'} (2 files)" in nobodys
+    assert "rule smith/memory: matches 2 file(s), blocked: no claim of lab smith holds" in nobodys
+    assert "claim 1" not in nobodys and "unmatched" not in nobodys
+    if command == "check":
+        assert (
+            f"lab smith: takes StudyDescription ~ ^SMITH\\^; writes under {nas / 'smith'}; "
+            "rules: smith/memory, smith/mr"
+        ) in out
+
+
+def test_preview_without_the_config_sees_no_labs_and_says_so(centre, capsys):
+    samples = _preview_centre(centre)
+    cli.main(["preview", "--rules", str(centre.rules), str(samples)])
+    captured = capsys.readouterr()
+    assert "lab smith" not in captured.out and "rule smith/" not in captured.out
+    assert f"{centre.rules / 'smith'}: warning:" in captured.out + captured.err
+
+
+def test_check_warns_only_when_the_operators_exclusive_rule_takes_from_a_lab(centre, capsys):
+    centre.rule("smith/memory")
+    centre.rule("archive", centre.nas / "smith")
+    assert "may match" not in centre.check(capsys)[1]
+    centre.rule("archive", centre.nas / "smith", exclusive=True)
+    out = centre.check(capsys)[1]
+    assert (
+        f"{centre.rules / 'smith' / 'memory.yaml'}: warning: the operator's exclusive rule archive "
+        "takes what it and smith/memory both match"
+    ) in out
+
+
 # --- linear-time matching ------------------------------------------------------------------
 
 

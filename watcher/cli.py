@@ -20,7 +20,7 @@ from watcher import __version__, headers, logs, placement
 from watcher.config import load_config
 from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
 from watcher.errors import NotRoutable, WatcherError
-from watcher.rules import RuleSet, load_rules, single_rule
+from watcher.rules import Lab, Rule, RuleSet, describe_claim, load_rules, single_rule
 
 log = logging.getLogger("watcher.cli")
 
@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "preview", parents=[common], help="show what run would do with these files; writes nothing"
     )
     preview.add_argument("sources", nargs="+", metavar="SRC")
-    preview.add_argument("--rules", metavar="DIR", default="rules")
+    preview.add_argument(
+        "--rules", metavar="DIR", help="rules folder (default: the config's, else ./rules)"
+    )
+    preview.add_argument(
+        "--config", metavar="FILE", help="the config's rules folder and its labs and claims"
+    )
     preview.set_defaults(handler=cmd_preview)
 
     run = commands.add_parser(
@@ -130,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rules", metavar="DIR", help="rules folder (default: the config's, else ./rules)"
     )
     check.add_argument("--config", metavar="FILE", help="the config's rules folder and its labs")
+    check.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SRC",
+        help="sample files: show, per lab, which rules and claims take them",
+    )
     check.set_defaults(handler=cmd_check)
     return parser
 
@@ -218,24 +229,28 @@ def _alive(pid: int) -> bool:
 # --- check -------------------------------------------------------------------
 
 
-def rules_or_exit(directory: str) -> RuleSet:
+def rules_and_labs(args: argparse.Namespace) -> tuple[str, dict[str, Lab] | None]:
+    """The rules folder and the labs: --rules, else the config's (with its
+    `labs:`), else ./rules with no labs."""
+    if getattr(args, "config", None) is None:
+        return args.rules or "rules", None
+    config = load_config(args.config)
+    return args.rules or str(config.rules), config.labs
+
+
+def rules_or_exit(directory: str, labs: dict[str, Lab] | None = None) -> RuleSet:
     """Load rules, printing each problem as `file:line: message`; a folder
     with problems is a usage error for one-shot commands."""
-    ruleset = load_rules(directory)
-    for problem in ruleset.problems:
-        print(problem, file=sys.stderr)
+    ruleset = load_rules(directory, labs)
+    for line in (*ruleset.warnings, *ruleset.problems):
+        print(line, file=sys.stderr)
     if ruleset.problems:
         raise WatcherError(f"{len(ruleset.problems)} problem(s) in the rules in {directory}")
     return ruleset
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    labs = None
-    folder = args.rules or "rules"
-    if args.config is not None:
-        config = load_config(args.config)
-        labs = config.labs
-        folder = args.rules or str(config.rules)
+    folder, labs = rules_and_labs(args)
     ruleset = load_rules(folder, labs)
     for problem in ruleset.problems:
         print(problem)
@@ -260,6 +275,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
     for warning in ruleset.overlaps():
         print(warning)
+    for lab in (labs or {}).values():
+        print(lab_summary(lab, [rule for rule in ruleset.rules if rule.tenant == lab.name]))
+    if args.sources:
+        preview(args.sources, ruleset)
     if ruleset.problems:
         print(f"{len(ruleset.problems)} problem(s) in {folder}", file=sys.stderr)
         return EXIT_INCOMPLETE
@@ -268,6 +287,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         + ", ".join(rule.name for rule in ruleset.rules)
     )
     return EXIT_OK
+
+
+def lab_summary(lab: Lab, rules: list[Rule]) -> str:
+    """`lab smith: takes StudyDescription ~ ^SMITH\\^ | ...; writes under ...; rules ...`"""
+    if lab.claims is None:
+        takes = "any study (claims: all)"
+    elif not lab.claims:
+        takes = "nothing (no claims)"
+    else:
+        takes = " | ".join(map(describe_claim, lab.claims))
+    under = ", ".join(map(str, lab.destinations)) or "nowhere (no destinations)"
+    names = ", ".join(rule.name for rule in rules) or "none"
+    return f"lab {lab.name}: takes {takes}; writes under {under}; rules: {names}"
 
 
 # --- sort --------------------------------------------------------------------
@@ -333,11 +365,17 @@ class Progress:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    ruleset = rules_or_exit(args.rules)
+    folder, labs = rules_and_labs(args)
+    ruleset = rules_or_exit(folder, labs)
+    return preview(args.sources, ruleset)
+
+
+def preview(sources: Sequence[str], ruleset: RuleSet) -> int:
+    """Print, per study, what each lab's and the operator's rules would do."""
     tags = headers.tags_for(ruleset.fields)
     studies: dict[str, list[headers.Instance]] = defaultdict(list)
     not_routable: list[tuple[str, str]] = []
-    for path in iter_files(args.sources):
+    for path in iter_files(sources):
         try:
             instance = headers.read_instance(path, tags)
         except NotRoutable as error:
@@ -358,6 +396,43 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class RuleTally:
+    """What one rule did with a study's instances, for the preview."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.paths: dict[str, list[str]] = defaultdict(list)  # by series
+        self.blocked = 0
+        self.passed_over: dict[str, int] = defaultdict(int)  # by the rule that took them
+
+    def lines(self, indent: str) -> list[str]:
+        rule, lines = self.rule, []
+        taken = sum(map(len, self.paths.values()))
+        if taken:
+            lines.append(f"{indent}rule {rule.name} -> {rule.destination} ({taken} files)")
+            for series, paths in self.paths.items():
+                lines.append(f"{indent}  series {series or '?'}: {len(paths)} file(s)")
+                lines.extend(f"{indent}    {path}" for path in sorted(paths)[:2])
+                if len(paths) > 2:
+                    lines.append(f"{indent}    ... and {len(paths) - 2} more")
+        for winner, count in self.passed_over.items():
+            lines.append(
+                f"{indent}rule {rule.name}: matches {count} file(s), not taken: "
+                f"exclusive rule {winner} takes them"
+            )
+        if self.blocked:
+            claims = (
+                " | ".join(map(describe_claim, rule.claims))
+                if rule.claims
+                else "it has none: its rules take nothing"
+            )
+            lines.append(
+                f"{indent}rule {rule.name}: matches {self.blocked} file(s), blocked: no claim of "
+                f"lab {rule.tenant} holds (claims: {claims})"
+            )
+        return lines
+
+
 def print_study_preview(
     study_uid: str, instances: list[headers.Instance], ruleset: RuleSet
 ) -> None:
@@ -367,30 +442,48 @@ def print_study_preview(
         f"date={first.get('StudyDate', '')} description={first.get('StudyDescription', '')!r} "
         f"files={len(instances)}"
     )
-    by_rule: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    tallies: dict[str, RuleTally] = {}
+    claimed: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     unmatched = 0
     for instance in instances:
-        routes = ruleset.route(instance.values)
-        if not routes:
+        values = instance.values
+        series = values.get("SeriesNumber", "") + " " + values.get("SeriesDescription", "")
+        decisions = ruleset.explain(values)
+        if not any(decision.taken for decision in decisions):
             unmatched += 1
-        series = (
-            instance.values.get("SeriesNumber", "")
-            + " "
-            + instance.values.get("SeriesDescription", "")
-        )
-        for route in routes:
-            by_rule[f"{route.rule.name} -> {route.rule.destination}"][series.strip()].append(
-                route.relative_path
-            )
-    for rule, series_paths in by_rule.items():
-        print(f"  rule {rule} ({sum(map(len, series_paths.values()))} files)")
-        for series, paths in series_paths.items():
-            print(f"    series {series or '?'}: {len(paths)} file(s)")
-            for path in sorted(paths)[:2]:
-                print(f"      {path}")
-            if len(paths) > 2:
-                print(f"      ... and {len(paths) - 2} more")
+        allowed: dict[str, int] = {}
+        for decision in decisions:
+            rule = decision.rule
+            tally = tallies.setdefault(rule.name, RuleTally(rule))
+            if decision.claim is None:
+                tally.blocked += 1
+                continue
+            allowed[rule.tenant] = decision.claim
+            if decision.taken:
+                tally.paths[series.strip()].append(rule.path.render(values))
+            elif decision.taken_by is not None:
+                tally.passed_over[decision.taken_by.name] += 1
+        for tenant, claim in allowed.items():
+            claimed[tenant][claim] += 1
+    for tenant in sorted({tally.rule.tenant for tally in tallies.values()}):
+        indent = "  "
+        if tenant:
+            print(f"  lab {tenant}:")
+            indent = "    "
+            some = next(t.rule for t in tallies.values() if t.rule.tenant == tenant)
+            for claim, count in sorted(claimed[tenant].items()):
+                held = (
+                    "claims: all"
+                    if claim < 0
+                    else f"claim {claim + 1} ({describe_claim(some.claims[claim])})"  # type: ignore[index]
+                )
+                print(f"{indent}{held} allows {count} file(s)")
+        for tally in tallies.values():
+            if tally.rule.tenant == tenant:
+                for line in tally.lines(indent):
+                    print(line)
     if unmatched:
         print(
-            f"  unmatched: {unmatched} file(s) (no rule matches; run keeps them in state/unmatched)"
+            f"  unmatched: {unmatched} file(s) "
+            "(no rule takes them; run keeps them in state/unmatched)"
         )

@@ -172,6 +172,24 @@ class Route:
         return type(self), (self.rule, self.relative_path, self.decided_by)
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """How one rule whose `match:` holds fares with one instance."""
+
+    rule: Rule
+    #: The lab's claim that holds (its index; -1: operator rule or `claims:
+    #: all`), or None: no claim of the lab holds, so the rule takes nothing.
+    claim: int | None
+    taken: bool
+    #: The exclusive rule that took the instance instead, if one did.
+    taken_by: Rule | None = None
+
+
+def describe_claim(claim: tuple[Condition, ...]) -> str:
+    """`StudyDescription ~ ^SMITH\\^, Modality ~ MR` (an empty claim holds always)."""
+    return ", ".join(f"{c.field} ~ {c.pattern.pattern}" for c in claim) or "any study"
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """The rules in force. `route` gives every rule's decision for an instance;
@@ -207,6 +225,25 @@ class RuleSet:
             taken.extend(exclusive[:1] if exclusive else own)
         return sorted(taken, key=lambda r: (-r.priority, r.name))
 
+    def explain(self, values: Mapping[str, str]) -> list[Decision]:
+        """Each rule whose own `match:` holds, with the claim that let it take
+        the instance (or none) and whether it took it (for preview and check)."""
+        taken = self.matching(values)
+        by = taken[0] if taken and taken[0].exclusive and not taken[0].tenant else None
+        decisions = []
+        for rule in self.rules:
+            if not all(condition.value_matches(values) for condition in rule.match):
+                continue
+            took = any(rule is other for other in taken)
+            if took or rule.claim_for(values) is None:
+                winner = None
+            else:
+                winner = by or next(
+                    (r for r in taken if r.tenant == rule.tenant and r.exclusive), None
+                )
+            decisions.append(Decision(rule, rule.claim_for(values), took, winner))
+        return decisions
+
     def route(self, values: Mapping[str, str]) -> list[Route]:
         return [
             Route(
@@ -224,8 +261,18 @@ class RuleSet:
             for second in self.rules[index + 1 :]:
                 if _disjoint(first, second):
                     continue
-                if first.tenant and second.tenant and first.tenant != second.tenant:
-                    continue  # two labs' rules each get their own copy, by design
+                if first.tenant != second.tenant:
+                    # Two labs' rules, or a lab's and the operator's: each gets
+                    # its own copy by design, unless the operator's is exclusive.
+                    operator = second if first.tenant else first
+                    if operator.tenant or not operator.exclusive:
+                        continue
+                    lab_rule = first if operator is second else second
+                    warnings.append(
+                        f"{lab_rule.source}: warning: the operator's exclusive rule "
+                        f"{operator.name} takes what it and {lab_rule.name} both match"
+                    )
+                    continue
                 if first.exclusive or second.exclusive:
                     winner = first if first.exclusive else second
                     if first.exclusive and second.exclusive and first.priority == second.priority:
@@ -353,6 +400,8 @@ def _survey_lab(
         )
         if labs:
             found.problems.append(RuleError(str(folder), 0, message))
+        elif labs is None:
+            found.warnings.append(f"{folder}: warning: {message} (--config gives the labs)")
         else:
             found.warnings.append(f"{folder}: warning: {message}")
         return
