@@ -242,6 +242,7 @@ def assert_accounted(
     allowed: Iterable[Path] = (),
     exact: bool = False,
     unique_uids: bool = False,
+    belongs: dict[str, Iterable[Path]] | None = None,
 ) -> dict[str, int]:
     """Every file that entered the inbox (path -> sha256) is, by content, in a
     lab tree, in quarantine or in unmatched (a byte-identical duplicate of
@@ -258,7 +259,9 @@ def assert_accounted(
       bytes of a file that entered: nothing partial, foreign or altered is
       visible there;
     - `unique_uids`: no SOPInstanceUID is placed twice in one lab (even
-      under another name or with other bytes).
+      under another name or with other bytes);
+    - `belongs` (entered path -> the lab trees it belongs to): each placed
+      file is in those trees and in no other.
     """
     labs = list(labs)
     states = [state] if isinstance(state, (str, os.PathLike)) else list(state)
@@ -298,6 +301,14 @@ def assert_accounted(
         for place in where.get(digest, ()):
             key = place if place in ("quarantine", "unmatched") else "placed"
             counts[key] = counts.get(key, 0) + 1
+    for path, trees in (belongs or {}).items():
+        digest = entered[path]
+        found = {
+            place for place in where.get(digest, ()) if place not in ("quarantine", "unmatched")
+        }
+        wanted = {str(tree) for tree in trees}
+        if digest not in left:
+            assert found == wanted, f"{path} is in {sorted(found)}, belongs in {sorted(wanted)}"
     counts["distinct_contents"] = len(entered_hashes)
     counts["lab_files"] = lab_file_count
     if root is not None:

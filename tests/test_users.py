@@ -123,8 +123,11 @@ def test_the_daemon_runs_as_the_service_user_and_the_tree_is_the_labs(centre, ac
     jones = accounts.members["jones"]
     centre.lab_rule("smith", "memory")
     centre.lab_rule("jones", "vision")
-    entered = centre.receive(StudySpec(series=1, instances=3, description="SMITH^Memory"))
-    entered |= centre.receive(StudySpec(series=1, instances=2, description="JONES^Vision"))
+    for_smith = centre.receive(StudySpec(series=1, instances=3, description="SMITH^Memory"))
+    for_jones = centre.receive(StudySpec(series=1, instances=2, description="JONES^Vision"))
+    entered = for_smith | for_jones
+    belongs = {p: [centre.nas / "smith"] for p in for_smith}
+    belongs |= {p: [centre.nas / "jones"] for p in for_jones}
     before = paths_under(centre.root)
     centre.start()
     centre.wait_event("study_placed", count=2)
@@ -148,6 +151,7 @@ def test_the_daemon_runs_as_the_service_user_and_the_tree_is_the_labs(centre, ac
         before=before,
         exact=True,
         unique_uids=True,
+        belongs=belongs,
     )
     assert counts["placed"] == 5 and counts["still_in_inbox"] == 0
     assert len(lab_files(centre.nas / "jones")) == 2
@@ -177,9 +181,12 @@ def test_a_lab_member_cannot_take_another_labs_studies_or_run_code_as_the_servic
             }
         ],
     )
-    entered = centre.receive(StudySpec(series=1, instances=3, description="SMITH^Memory"))
-    entered |= centre.receive(StudySpec(series=1, instances=2, description="JONES^Vision"))
-    entered |= centre.receive(StudySpec(series=1, instances=1, description="CORE^Phantom"))
+    for_smith = centre.receive(StudySpec(series=1, instances=3, description="SMITH^Memory"))
+    for_jones = centre.receive(StudySpec(series=1, instances=2, description="JONES^Vision"))
+    for_nobody = centre.receive(StudySpec(series=1, instances=1, description="CORE^Phantom"))
+    entered = for_smith | for_jones | for_nobody
+    belongs = {p: [centre.nas / "smith"] for p in for_smith}
+    belongs |= {p: [jones_tree] for p in for_jones} | {p: [] for p in for_nobody}
     before = paths_under(centre.root)
     centre.start()
     centre.wait_event("study_unmatched")
@@ -201,6 +208,7 @@ def test_a_lab_member_cannot_take_another_labs_studies_or_run_code_as_the_servic
         root=centre.root,
         before=before,
         exact=True,
+        belongs=belongs,
     )
     assert counts["unmatched"] == 1
     assert len(lab_files(jones_tree)) == 2, "jones gets its own study, and only it"
@@ -244,6 +252,7 @@ def test_links_and_fifos_a_member_plants_in_its_tree_never_reach_another_lab(cen
         smith.run(["ln", "-s", str(victim), str(subject / f"{TEMP_PREFIX}{pid}.manifest.json")])
     assert smith.run(["mkfifo", str(subject / "manifest.json")]).returncode == 0
     entered = centre.receive(StudySpec(series=1, instances=2, description="SMITH^Memory"))
+    belongs = {p: [smith_tree / "real"] for p in entered}
     before = paths_under(centre.root)
     centre.start()
     [failed] = centre.wait_event("manifest_failed")
@@ -265,7 +274,9 @@ def test_links_and_fifos_a_member_plants_in_its_tree_never_reach_another_lab(cen
     [parked] = centre.wait_event("study_parked")
     assert "'projects' on the way to it is now a symbolic link" in parked["error"]
     # The daemon goes on for jones.
-    entered |= centre.receive(StudySpec(series=1, instances=1, description="JONES^Vision"))
+    for_jones = centre.receive(StudySpec(series=1, instances=1, description="JONES^Vision"))
+    entered |= for_jones
+    belongs |= {p: [jones_tree / "SUBJ01"] for p in for_jones}
     wait_for(lambda: len(centre.logs("study_placed")) >= 2, 30, "jones's study to be placed")
     assert (victim.read_bytes(), victim.stat().st_mode, victim.stat().st_gid) == untouched
     assert sorted(p.name for p in jones_tree.iterdir()) == ["SUBJ01", "projects", "results.txt"]
@@ -283,6 +294,7 @@ def test_links_and_fifos_a_member_plants_in_its_tree_never_reach_another_lab(cen
         root=centre.root,
         before=before | paths_under(smith_tree),
         allowed=[smith_tree],
+        belongs=belongs,
     )
     assert counts["still_in_inbox"] == 2, "the parked study waits in the inbox"
 
