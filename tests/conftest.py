@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -16,6 +17,15 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
+from accounts import (
+    LABS,
+    Accounts,
+    Centre,
+    install_for_everyone,
+    make_accounts,
+    remove_accounts,
+    shared_folder,
+)
 from harness import DaemonProcess
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -161,3 +171,29 @@ def lab(tmp_path: Path) -> Path:
     folder = tmp_path / "nas" / "smithlab"
     folder.mkdir(parents=True)
     return folder
+
+
+# --- real accounts (tests/accounts.py) ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def accounts() -> Iterator[Accounts]:
+    made = make_accounts(LABS)
+    yield made
+    remove_accounts(made)
+
+
+@pytest.fixture(scope="session")
+def service_python(accounts: Accounts) -> Iterator[Path]:
+    folder = shared_folder("dw-install-")
+    yield install_for_everyone(folder)
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
+def centre(accounts: Accounts, service_python: Path) -> Iterator[Centre]:
+    root = shared_folder("dw-centre-")
+    made = Centre(root, accounts, service_python)
+    yield made
+    made.close()
+    shutil.rmtree(root)

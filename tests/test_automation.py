@@ -18,7 +18,7 @@ import pytest
 import yaml
 from harness import DaemonProcess, FakeClock, lab_files, skip_or_fail, wait_for
 
-from watcher.hooks import HookRunner, make_job
+from watcher.hooks import DaemonStore, HookRunner, make_job
 from watcher.manifest import Entry, manifest_path, write_manifest
 from watcher.placement import Placement
 from watcher.rules import Hook, single_rule
@@ -413,10 +413,14 @@ def test_a_hook_pending_at_a_crash_runs_after_the_restart(daemon, lab, stand_ins
 def test_a_failed_hooks_retry_state_is_saved_and_a_restart_does_not_reset_it(tmp_path):
     clock = FakeClock(1000.0)
     folder = tmp_path / "state" / "hooks"
-    runner = HookRunner(folder, concurrency=1, retry_seconds=60, clock=clock)
+    (folder / "failed").mkdir(parents=True)
+    store = DaemonStore(folder)
+    runner = HookRunner(store, concurrency=1, retry_seconds=60, clock=clock)
     hook = Hook(command=("sh", "-c", "exit 3"), timeout=10, retries=2, name="fails")
     values = {"lab": "smith", "study_uid": "1.2.3", "study_folder": str(tmp_path)}
-    runner.submit(make_job(hook, values, cwd=tmp_path))
+    job = make_job(hook, values, cwd=tmp_path)
+    store.submit(job)
+    runner.add(job)
     runner.poll()
     runner.wait(10)  # the first attempt fails
     [saved] = folder.glob("*.json")
@@ -430,8 +434,9 @@ def test_a_failed_hooks_retry_state_is_saved_and_a_restart_does_not_reset_it(tmp
     assert job["retries_left"] == 0 and job["attempt"] == 2
     assert job["next_try"] == pytest.approx(1061.0 + 120.0)
 
-    restarted = HookRunner(folder, concurrency=1, retry_seconds=60, clock=clock)
-    restarted.resume()
+    restarted = HookRunner(DaemonStore(folder), concurrency=1, retry_seconds=60, clock=clock)
+    for pending in restarted.store.resume():  # type: ignore[attr-defined]
+        restarted.add(pending)
     [resumed] = restarted.waiting
     assert resumed.retries_left == 0 and resumed.next_try == pytest.approx(1181.0)
     restarted.poll()
@@ -459,7 +464,9 @@ def test_a_lab_rules_hook_is_held_for_its_runner_and_the_operators_runs(
         capture_output=True,
         text=True,
     )
-    assert f"{lab_rule}: note: its hooks wait for lab smith's runner" in check.stdout
+    assert (
+        f"{lab_rule}: warning: its hooks never run: labs.smith.hook_user is not set" in check.stdout
+    )
     run.start(env=environment(bin_folder, records))
     write_study(StudySpec(series=1, instances=2), run.inbox)
     [held] = run.wait_event("hook_held")
@@ -467,7 +474,7 @@ def test_a_lab_rules_hook_is_held_for_its_runner_and_the_operators_runs(
     run.wait_event("hook_done")
     [(argv, _)] = recorded(records, "record")
     assert argv[0] == "operator"
-    [job] = (run.state / "hooks" / "labs" / "smith").glob("*.json")
+    [job] = (run.state / "hooks" / "labs" / "smith" / "jobs").glob("*.json")
     assert json.loads(job.read_text())["argv"][:2] == ["record", "lab"]
     assert stat.S_IMODE(job.stat().st_mode) & 0o022 == 0
 

@@ -8,114 +8,16 @@ belong to."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import yaml
-from accounts import Accounts, install_for_everyone, make_accounts, remove_accounts, shared_folder
-from harness import DaemonProcess, assert_accounted, lab_files, paths_under, snapshot, wait_for
+from harness import assert_accounted, lab_files, paths_under, wait_for
 
 from watcher.placement import TEMP_PREFIX
-from watcher.synthetic import StudySpec, write_study
+from watcher.synthetic import StudySpec
 
 LABS = ["smith", "jones"]
 PATH = "{PatientID}/{SeriesNumber:03d}/{InstanceNumber:05d}.dcm"
-
-
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    made = make_accounts(LABS)
-    yield made
-    remove_accounts(made)
-
-
-@pytest.fixture(scope="module")
-def service_python(accounts: Accounts) -> Iterator[Path]:
-    folder = shared_folder("dw-install-")
-    yield install_for_everyone(folder)
-    shutil.rmtree(folder)
-
-
-class Centre(DaemonProcess):
-    """A centre laid out as the operator's documentation says, under a folder
-    every user may traverse: rules/ and config owned by root, rules/<lab>/
-    root:<lab> 2775, nas/<lab>/ root:<lab> 2770, inbox and state/ the
-    service user's alone. `start` runs the daemon as the service user."""
-
-    def __init__(self, root: Path, accounts: Accounts, python: Path) -> None:
-        self.accounts, self.python = accounts, python
-        self.nas = root / "nas"
-        labs = {}
-        for lab, gid in accounts.labs.items():
-            tree = self.nas / lab
-            tree.mkdir(parents=True)
-            os.chown(tree, 0, gid)
-            tree.chmod(0o2770)
-            labs[lab] = {
-                "destinations": [str(tree)],
-                "claims": [{"StudyDescription": f"^{lab.upper()}\\^"}],
-                "group": f"dwtest-{lab}",
-            }
-        super().__init__(root, labs=labs)
-        self.rules.chmod(0o755)
-        for lab, gid in accounts.labs.items():
-            folder = self.rules / lab
-            folder.mkdir()
-            os.chown(folder, 0, gid)
-            folder.chmod(0o2775)
-        self.inbox.chmod(0o750)
-        self.state.mkdir()
-        self.state.chmod(0o750)
-        service = accounts.service
-        for folder in (self.inbox, self.state):
-            os.chown(folder, service.uid, service.gid)
-        self.config_path.chmod(0o644)
-        self.log_path.touch()  # (root's; the daemon writes it through the descriptor it gets)
-
-    def receive(self, spec: StudySpec) -> dict[str, str]:
-        """Write a study into the inbox as the receiver (the service user) would."""
-        folder = self.root / "incoming"
-        write_study(spec, folder)
-        entered = snapshot(folder)
-        for path in folder.iterdir():
-            os.chown(path, self.accounts.service.uid, self.accounts.service.gid)
-            path.chmod(0o640)
-            os.rename(path, self.inbox / path.name)
-        folder.rmdir()
-        return {str(self.inbox / Path(p).name): h for p, h in entered.items()}
-
-    def lab_rule(self, tenant: str, name: str, **keys: object) -> Path:
-        """rules/<tenant>/<name>.yaml, written by the lab's member."""
-        rule = {"match": {}, "destination": str(self.nas / tenant), "path": PATH, **keys}
-        file = self.rules / tenant / f"{name}.yaml"
-        member = self.accounts.members[tenant]
-        result = member.write(file, yaml.safe_dump(rule, sort_keys=False))
-        assert result.returncode == 0, result.stderr
-        return file
-
-    def start(self, *args: str, env: dict[str, str] | None = None) -> Centre:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        self.process = self.accounts.service.popen(
-            [str(self.python), "-m", "watcher", "run", "--config", str(self.config_path)]
-            + ["--log-format", "json", *args],
-            stdout=log,
-            stderr=log,
-            cwd=self.root,
-        )
-        log.close()
-        return self
-
-
-@pytest.fixture
-def centre(accounts: Accounts, service_python: Path) -> Iterator[Centre]:
-    root = shared_folder("dw-centre-")
-    made = Centre(root, accounts, service_python)
-    yield made
-    made.close()
-    shutil.rmtree(root)
 
 
 def test_the_daemon_runs_as_the_service_user_and_the_tree_is_the_labs(centre, accounts):
@@ -196,7 +98,7 @@ def test_a_lab_member_cannot_take_another_labs_studies_or_run_code_as_the_servic
     [problem] = [p["problem"] for p in centre.logs("rule_problem")]
     assert problem.startswith(f"{grab}:4: lab: jones in a rule of lab smith's folder")
     assert not pwned.exists() and not (centre.nas / "smith" / "who").exists()
-    held = list((centre.state / "hooks" / "labs" / "smith").glob("*.json"))
+    held = list((centre.state / "hooks" / "labs" / "smith" / "jobs").glob("*.json"))
     assert len(held) == 1
     placed_for = {line["rule"] for line in centre.logs("study_placed")}
     assert placed_for == {"smith/hook", "jones/vision"}
@@ -220,7 +122,7 @@ def test_a_lab_member_cannot_forge_a_job_or_touch_the_state_or_another_labs_rule
     centre.wait_event("started")
     for target in (
         centre.state / "hooks" / "forged.json",
-        centre.state / "hooks" / "labs" / "smith" / "forged.json",
+        centre.state / "hooks" / "labs" / "smith" / "jobs" / "forged.json",
         centre.state / "retry" / "forged.json",
         centre.rules / "jones" / "mine.yaml",
         centre.rules / "mine.yaml",
@@ -228,7 +130,10 @@ def test_a_lab_member_cannot_forge_a_job_or_touch_the_state_or_another_labs_rule
         result = smith.write(target, "{}")
         assert result.returncode != 0 and "Permission denied" in result.stderr, target
         assert not target.exists()
-    assert oct(centre.state.stat().st_mode & 0o7777) == "0o750"
+    # Others may pass through state/ (to reach a lab's jobs) but not list it.
+    assert centre.state.stat().st_mode & 0o077 == 0o051
+    listing = smith.run(["ls", str(centre.state)])
+    assert listing.returncode != 0 and "Permission denied" in listing.stderr
     assert centre.terminate() == 0
 
 

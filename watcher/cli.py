@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet-seconds", type=float, metavar="N", help="override quiet_seconds")
     run.set_defaults(handler=cmd_run)
 
+    hooks = commands.add_parser(
+        "hooks",
+        parents=[common],
+        help="run one lab's hook jobs, as that lab's hook_user (never root or the service user)",
+    )
+    hooks.add_argument("--lab", required=True, metavar="NAME", help="the lab (a key of labs:)")
+    hooks.add_argument(
+        "--config", metavar="FILE", help="YAML config (default: ./dicom-watcher.yaml if present)"
+    )
+    hooks.add_argument(
+        "--once", action="store_true", help="run what is waiting (and its retries), then exit"
+    )
+    hooks.set_defaults(handler=cmd_hooks)
+
     status = commands.add_parser("status", parents=[common], help="what the daemon is doing")
     status.add_argument("--config", metavar="FILE")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -161,6 +175,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return Daemon(config, once=args.once, stop=stop, quiet_override=args.quiet_seconds).run()
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from watcher.labrunner import run_lab_hooks
+
+    config = load_config(args.config)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info(logs.kv("stopping", signal=signal.Signals(signum).name))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return run_lab_hooks(config, args.lab, once=args.once, stop=stop)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -204,6 +233,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {held['path']}  not quarantined ({held['reason']}): {held['error']} "
             f"(attempts {held['attempts']}, next try in {held['next_try_in']} s)"
         )
+    hooks = status.get("hooks") or {}
+    operator = hooks.get("operator") or {}
+    if any(operator.values()):
+        print(
+            f"hooks (operator's, in the daemon): waiting {operator.get('waiting', 0)}, "
+            f"running {operator.get('running', 0)}, kept failed {operator.get('failed', 0)}"
+        )
+    for lab, jobs in (hooks.get("labs") or {}).items():
+        seen = jobs.get("runner_seen")
+        runner = jobs.get("runner")
+        if seen:
+            runner = f"{runner}, seen {time.time() - float(seen):.0f} s ago"
+        line = (
+            f"hooks of lab {lab}: waiting {jobs['waiting']}, running {jobs['running']}, "
+            f"failed {jobs['failed']}; runner ({jobs.get('hook_user') or 'no hook_user'}): {runner}"
+        )
+        if jobs.get("problem"):
+            line += f"; {jobs['problem']}"
+        print(line)
     last = status.get("last_placement") or {}
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("time", 0))))
@@ -264,10 +312,18 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
     for rule in ruleset.rules:
         if rule.tenant and rule.hooks:
-            print(
-                f"{rule.source}: note: its hooks wait for lab {rule.tenant}'s runner "
-                f"(dicom-watcher hooks --lab {rule.tenant}); the daemon never runs a lab's hooks"
-            )
+            hook_user = (labs or {})[rule.tenant].hook_user
+            if hook_user:
+                print(
+                    f"{rule.source}: note: its hooks run as {hook_user} by lab {rule.tenant}'s "
+                    f"runner (dicom-watcher hooks --lab {rule.tenant}), not by the daemon"
+                )
+            else:
+                print(
+                    f"{rule.source}: warning: its hooks never run: labs.{rule.tenant}.hook_user "
+                    "is not set (a lab's hooks run under its own account, by `dicom-watcher "
+                    f"hooks --lab {rule.tenant}`; the daemon never runs them)"
+                )
         if not rule.destination.is_dir():
             print(
                 f"{rule.source}: warning: destination {rule.destination} does not exist now "

@@ -46,9 +46,10 @@ from watcher.engine import (
     remove_source,
 )
 from watcher.errors import DestinationUnavailable, NotRoutable
-from watcher.hooks import HookRunner, hook_values, make_job
+from watcher.hooks import DaemonStore, HookJob, HookRunner, hook_values, make_job
+from watcher.labjobs import Dispatch
 from watcher.logs import kv
-from watcher.manifest import Entry, manifest_path, write_manifest
+from watcher.manifest import Entry, manifest_path, update_hooks, write_manifest
 from watcher.placement import (
     TEMP_PREFIX,
     PathConflict,
@@ -78,6 +79,8 @@ READ_CHUNK = 256
 #: Files ready at once from which the daemon reads them on every core.
 DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
+#: How often the labs' runners' results are taken up.
+HOOK_SYNC_SECONDS = 1.0
 
 
 def _place_moving(batch: Batch, retry: RetryPolicy) -> PlaceOutcomes:
@@ -132,12 +135,18 @@ class Daemon:
         self.unmatched_dir = config.state / "unmatched"
         self.retry_dir = config.state / "retry"
         self.journal = config.state / "placing.json"
+        self.hook_store = DaemonStore(config.state / "hooks", on_change=self._hook_changed)
         self.hooks = HookRunner(
-            config.state / "hooks",
+            self.hook_store,
             concurrency=config.hook_concurrency,
             retry_seconds=config.hook_retry_seconds,
             clock=clock,
         )
+        #: Lab rules' jobs go to the labs' own runners (`dicom-watcher hooks`).
+        self.lab_jobs = Dispatch(
+            config.state, config.labs or {}, self.hook_store.failed_folder, self._hook_changed
+        )
+        self._next_hook_sync = 0.0
         self.saved_retries: dict[str, dict[str, object]] = {}
         #: `run --once`: worker processes forked at its first large burst,
         #: which read headers and place batches until it ends.
@@ -212,11 +221,14 @@ class Daemon:
             self.quarantine_dir,
             self.unmatched_dir,
             self.retry_dir,
-            self.hooks.folder,
-            self.hooks.failed_folder,
+            self.hook_store.folder,
+            self.hook_store.failed_folder,
         ):
             make_private(folder)
-        self.hooks.resume()
+        for job in self.hook_store.resume():
+            self.hooks.add(job)
+            log.info(kv("hook_resumed", hook=job.label, lab=job.lab, study=job.study))
+        self.lab_jobs.prepare()
         self._clean_interrupted_placement()
         for path in self.retry_dir.glob("*.json"):
             if trusted(path) is not None:
@@ -280,6 +292,9 @@ class Daemon:
         if due and not self.stop.is_set():
             self.place_studies(due)
         self.hooks.poll()
+        if now >= self._next_hook_sync:
+            self._next_hook_sync = now + HOOK_SYNC_SECONDS
+            self.lab_jobs.sync()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
             self._next_rescan = 0.0
@@ -760,11 +775,38 @@ class Daemon:
                 destination=rule.destination,
             )
             for hook in rule.hooks:
-                job = make_job(hook, values, cwd=progress.folder)
-                if rule.tenant:
-                    self.hooks.hold(job)
-                else:
-                    self.hooks.submit(job)
+                job = make_job(hook, values, cwd=progress.folder, now=self.clock())
+                try:
+                    if rule.tenant:
+                        self.lab_jobs.post(job)
+                    else:
+                        self.hook_store.submit(job)
+                        self.hooks.add(job)
+                except OSError as error:
+                    log.error(
+                        kv(
+                            "hook_not_queued",
+                            hook=job.label,
+                            lab=job.lab,
+                            study=study.uid,
+                            error=error,
+                        )
+                    )
+
+    def _hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
+        """A hook job's new state goes into its study's manifest."""
+        if not job.manifest:
+            return
+        rule = next((r for r in self.rulebook.ruleset.rules if r.name == job.rule), None)
+        if rule is None:
+            log.warning(
+                kv("hook_state_unrecorded", hook=job.label, study=job.study, reason="rule gone")
+            )
+            return
+        try:
+            update_hooks(Path(job.manifest), rule=rule, records=[record])
+        except (OSError, DestinationUnavailable) as error:
+            log.warning(kv("hook_state_unrecorded", hook=job.label, study=job.study, error=error))
 
     def _write_manifest(
         self, study: Study, progress: RulePlacement, journal: Journal
@@ -999,6 +1041,14 @@ class Daemon:
             "placed_files": self.counts.placed_files,
             "placed_studies": self.counts.placed_studies,
             "last_placement": self.counts.last_placement,
+            "hooks": {
+                "operator": {
+                    "waiting": len(self.hooks.waiting),
+                    "running": len(self.hooks.running),
+                    "failed": _count_files(self.hook_store.failed_folder),
+                },
+                "labs": self.lab_jobs.summary(now),
+            },
         }
         try:
             atomic_write(self.state / "status.json", json.dumps(status, indent=1))

@@ -27,14 +27,16 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from watcher.logs import kv
 from watcher.placement import TEMP_PREFIX
 from watcher.rules import Hook
-from watcher.state import atomic_write, make_private, trusted
+from watcher.state import atomic_write, trusted
 from watcher.template import safe_component
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,13 @@ class HookJob:
     attempt: int = 0
     next_try: float = 0.0
     id: str = field(default_factory=lambda: secrets.token_hex(6))
+    #: The rule that made it and its study's manifest (which records its state).
+    rule: str = ""
+    manifest: str = ""
+    queued: float = 0.0
 
 
-def make_job(hook: Hook, values: Mapping[str, str], cwd: Path) -> HookJob:
+def make_job(hook: Hook, values: Mapping[str, str], cwd: Path, now: float = 0.0) -> HookJob:
     env = {f"DW_{key.upper()}": value for key, value in values.items()}
     return HookJob(
         argv=substitute(hook.command, values),
@@ -111,6 +117,9 @@ def make_job(hook: Hook, values: Mapping[str, str], cwd: Path) -> HookJob:
         label=hook.label,
         lab=values["lab"],
         study=values["study_uid"],
+        rule=values.get("rule", ""),
+        manifest=values.get("manifest", ""),
+        queued=now,
     )
 
 
@@ -121,31 +130,83 @@ class Outcome:
     reason: str
 
 
-class HookRunner:
-    """Runs hook jobs in the background; `poll` is called from the daemon loop."""
+class JobStore(Protocol):
+    """Where a runner keeps what it does with its jobs, so that a restart
+    takes up what was pending and others can see the results."""
 
-    def __init__(
-        self,
-        folder: Path,
-        *,
-        concurrency: int = 2,
-        retry_seconds: float = 60.0,
-        clock: Callable[[], float],
-    ) -> None:
+    def running(self, job: HookJob, pid: int) -> None: ...
+    def retrying(self, job: HookJob, outcome: Outcome) -> None: ...
+    def done(self, job: HookJob, outcome: Outcome) -> None: ...
+    def gave_up(self, job: HookJob, outcome: Outcome) -> Path | None: ...
+
+
+def _when(seconds: float | None) -> str | None:
+    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def hook_record(
+    job: HookJob,
+    state: str,
+    *,
+    attempts: int,
+    exit_status: int | None = None,
+    reason: str = "",
+    started: float | None = None,
+    finished: float | None = None,
+) -> dict[str, object]:
+    """A hook job as the study's manifest lists it."""
+    return {
+        "id": job.id,
+        "hook": job.label,
+        "rule": job.rule,
+        "state": state,
+        "exit_status": exit_status,
+        "attempts": attempts,
+        "reason": reason,
+        "queued": _when(job.queued or None),
+        "started": _when(started),
+        "finished": _when(finished),
+    }
+
+
+#: Told of each change of a job's state, with its manifest record.
+OnChange = Callable[["HookJob", dict[str, object]], None]
+
+
+class DaemonStore:
+    """The daemon's own jobs (operator rules): one file each in state/hooks/
+    while pending, kept in state/hooks/failed/ when given up."""
+
+    def __init__(self, folder: Path, on_change: OnChange | None = None) -> None:
         self.folder = folder
         self.failed_folder = folder / "failed"
-        self.concurrency = max(1, concurrency)
-        self.retry_seconds = retry_seconds
-        self.clock = clock
-        self.waiting: list[HookJob] = []
-        self.running: dict[str, threading.Thread] = {}
-        self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.held_folder = folder / "labs"
-        self.failed_folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.on_change: OnChange = on_change or (lambda job, record: None)
+        self._started: dict[str, float] = {}
 
-    def resume(self) -> None:
-        """Take up the jobs a previous run left pending; a job file that
-        someone else than the daemon's user could have written is refused."""
+    def submit(self, job: HookJob) -> None:
+        self._save(job)
+        self.on_change(job, hook_record(job, "pending", attempts=job.attempt))
+
+    def _told(self, job: HookJob, state: str, outcome: Outcome | None = None) -> None:
+        started = self._started.get(job.id)
+        if outcome is None:
+            record = hook_record(job, state, attempts=job.attempt, started=started)
+        else:
+            record = hook_record(
+                job,
+                state,
+                attempts=job.attempt,
+                exit_status=outcome.status,
+                reason=outcome.reason,
+                started=started,
+                finished=time.time(),
+            )
+        self.on_change(job, record)
+
+    def resume(self) -> list[HookJob]:
+        """The jobs a previous run left pending; a job file that someone else
+        than the daemon's user could have written is refused."""
+        jobs = []
         for path in sorted(self.folder.glob("*.json")):
             if path.name.startswith(TEMP_PREFIX):
                 continue
@@ -154,33 +215,64 @@ class HookRunner:
                 log.error(kv("hook_job_refused", path=path, reason=distrust, action="not run"))
                 continue
             try:
-                job = HookJob(**json.loads(path.read_text(encoding="utf-8")))
+                jobs.append(HookJob(**json.loads(path.read_text(encoding="utf-8"))))
             except (OSError, ValueError, TypeError) as error:
                 log.warning(kv("hook_job_unreadable", path=path, error=error))
-                continue
-            self.waiting.append(job)
-            log.info(kv("hook_resumed", hook=job.label, lab=job.lab, study=job.study))
+        return jobs
 
-    def submit(self, job: HookJob) -> None:
+    def running(self, job: HookJob, pid: int) -> None:
+        self._started[job.id] = time.time()
         self._save(job)
+        self._told(job, "running")
+
+    def retrying(self, job: HookJob, outcome: Outcome) -> None:
+        self._save(job)
+        self._told(job, "failed", outcome)
+
+    def done(self, job: HookJob, outcome: Outcome) -> None:
+        (self.folder / f"{job.id}.json").unlink(missing_ok=True)
+        self._told(job, "done", outcome)
+        self._started.pop(job.id, None)
+
+    def gave_up(self, job: HookJob, outcome: Outcome) -> Path:
+        self._save(job, self.failed_folder)
+        (self.folder / f"{job.id}.json").unlink(missing_ok=True)
+        self._told(job, "gave_up", outcome)
+        self._started.pop(job.id, None)
+        return self.failed_folder / f"{job.id}.json"
+
+    def _save(self, job: HookJob, folder: Path | None = None) -> None:
+        folder = folder or self.folder
+        atomic_write(folder / f"{job.id}.json", json.dumps(asdict(job), ensure_ascii=False))
+
+
+class HookRunner:
+    """Runs hook jobs in the background, at most `concurrency` at once;
+    `poll` is called from the owner's loop. The daemon runs its operator
+    rules' jobs with it, a lab's runner (`dicom-watcher hooks`) that lab's."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        concurrency: int = 2,
+        retry_seconds: float = 60.0,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.concurrency = max(1, concurrency)
+        self.retry_seconds = retry_seconds
+        self.clock = clock
+        self.waiting: list[HookJob] = []
+        self.running: dict[str, threading.Thread] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+
+    def add(self, job: HookJob) -> None:
         self.waiting.append(job)
 
-    def hold(self, job: HookJob) -> Path:
-        """Keep a lab rule's job for that lab's own runner (`dicom-watcher
-        hooks --lab`): the daemon never runs a lab's code as the service user."""
-        folder = self.held_folder / job.lab
-        make_private(folder)
-        self._save(job, folder)
-        log.info(
-            kv(
-                "hook_held",
-                hook=job.label,
-                lab=job.lab,
-                study=job.study,
-                waits_for=f"dicom-watcher hooks --lab {job.lab}",
-            )
-        )
-        return folder / f"{job.id}.json"
+    def known(self, job_id: str) -> bool:
+        return job_id in self.running or any(job.id == job_id for job in self.waiting)
 
     def poll(self) -> None:
         """Collect finished jobs, then start waiting ones while slots are free."""
@@ -190,6 +282,7 @@ class HookRunner:
             except queue.Empty:
                 break
             self.running.pop(outcome.job.id, None)
+            self.processes.pop(outcome.job.id, None)
             self._finish(outcome)
         now = self.clock()
         for job in sorted(self.waiting, key=lambda j: j.next_try):
@@ -215,10 +308,33 @@ class HookRunner:
             thread.join(timeout)
         self.poll()
 
+    def terminate(self) -> None:
+        """End the running jobs' process groups (a runner that stops); their
+        jobs stay marked running, so the next start runs them again."""
+        for process in list(self.processes.values()):
+            _kill_group(process)
+        for thread in list(self.running.values()):
+            thread.join(KILL_GRACE_SECONDS)
+        self.running.clear()
+
     def _finish(self, outcome: Outcome) -> None:
+        try:
+            self._record(outcome)
+        except OSError as error:  # where results are kept is full, read-only, or taken
+            log.error(
+                kv(
+                    "hook_state_unsaved",
+                    hook=outcome.job.label,
+                    lab=outcome.job.lab,
+                    study=outcome.job.study,
+                    error=error,
+                )
+            )
+
+    def _record(self, outcome: Outcome) -> None:
         job = outcome.job
         if outcome.status == 0:
-            self._forget(job)
+            self.store.done(job, outcome)
             log.info(
                 kv("hook_done", hook=job.label, lab=job.lab, study=job.study, attempt=job.attempt)
             )
@@ -226,7 +342,7 @@ class HookRunner:
         if job.retries_left > 0:
             job.retries_left -= 1
             job.next_try = self.clock() + self.retry_seconds * 2 ** (job.attempt - 1)
-            self._save(job)
+            self.store.retrying(job, outcome)
             self.waiting.append(job)
             log.warning(
                 kv(
@@ -242,8 +358,7 @@ class HookRunner:
             )
             return
         # Kept first, then logged: whoever reads the line finds the job file.
-        self._save(job, self.failed_folder)
-        self._forget(job)
+        kept = self.store.gave_up(job, outcome)
         log.error(
             kv(
                 "hook_gave_up",
@@ -253,7 +368,7 @@ class HookRunner:
                 status=outcome.status,
                 reason=outcome.reason,
                 attempts=job.attempt,
-                kept=self.failed_folder / f"{job.id}.json",
+                kept=kept or "",
             )
         )
 
@@ -281,6 +396,11 @@ class HookRunner:
         except OSError as error:
             self.done.put(Outcome(job, None, f"cannot start: {error.strerror or error}"))
             return
+        self.processes[job.id] = process
+        try:
+            self.store.running(job, process.pid)
+        except OSError as error:  # its state cannot be kept: the job still runs
+            log.warning(kv("hook_state_unsaved", hook=job.label, study=job.study, error=error))
         try:
             output, _ = process.communicate(timeout=job.timeout)
             status, reason = process.returncode, f"exit status {process.returncode}"
@@ -310,13 +430,6 @@ class HookRunner:
             log.info(
                 kv("hook_output", hook=job.label, study=job.study, line=line[:OUTPUT_LINE_LENGTH])
             )
-
-    def _save(self, job: HookJob, folder: Path | None = None) -> None:
-        folder = folder or self.folder
-        atomic_write(folder / f"{job.id}.json", json.dumps(asdict(job), ensure_ascii=False))
-
-    def _forget(self, job: HookJob) -> None:
-        (self.folder / f"{job.id}.json").unlink(missing_ok=True)
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

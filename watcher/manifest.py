@@ -4,7 +4,9 @@
 with its SOPInstanceUID, series, path (relative to the manifest), size and
 SHA-256. It is written after the study's files, atomically (a new temporary
 name, flush, rename), and brought up to date when late instances arrive, so
-a script that reads it sees only files that are whole.
+a script that reads it sees only files that are whole. Its `hooks` list has
+each hook job of the study: state (pending, running, failed, done, gave_up),
+exit status, attempts and times.
 """
 
 from __future__ import annotations
@@ -84,6 +86,31 @@ def write_manifest(
         os.close(folder)  # closing releases the lock
 
 
+def update_hooks(path: Path, *, rule: Rule, records: Iterable[dict[str, object]]) -> bool:
+    """Bring the `hooks` list of an existing manifest up to date with
+    `records` (by job id), so a lab script sees whether its conversion ran.
+    False when there is no manifest at `path` to update."""
+    folder = _open_folder(rule, path.parent)
+    try:
+        _lock(folder)
+        previous = _read_existing(folder, path.name)
+        if previous is None:
+            return False
+        _merge_and_replace(
+            folder,
+            path,
+            str(previous.get("study_instance_uid", "")),
+            rule,
+            str(previous.get("patient_id", "")),
+            (),
+            None,
+            list(records),
+        )
+        return True
+    finally:
+        os.close(folder)
+
+
 def _open_folder(rule: Rule, folder: Path) -> int:
     """A handle on the manifest's folder, below the rule's destination."""
     root = open_root(rule.destination, rule.anchor, rule.beneath)
@@ -146,6 +173,7 @@ def _merge_and_replace(
     patient: str,
     entries: Iterable[Entry],
     clock: float | None,
+    hook_records: list[dict[str, object]] | None = None,
 ) -> dict[str, object]:
     # Per relative path: the instance's line of JSON and its size.
     lines: dict[str, tuple[str, int]] = {}
@@ -155,6 +183,13 @@ def _merge_and_replace(
             lines[str(item["path"])] = (_ENCODE(item), int(item["size"]))
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
+    hooks: dict[str, dict[str, object]] = {}
+    earlier = (previous or {}).get("hooks", [])
+    for record in earlier if isinstance(earlier, list) else []:
+        if isinstance(record, dict) and "id" in record:
+            hooks[str(record["id"])] = record
+    for record in hook_records or ():
+        hooks[str(record["id"])] = {**hooks.get(str(record["id"]), {}), **record}
     prefix = f"{path.parent}/"
     for entry in entries:
         placement = entry.placement
@@ -173,6 +208,8 @@ def _merge_and_replace(
         "files": len(lines),
         "bytes": sum(size for _, size in lines.values()),
     }
+    if hooks:
+        summary["hooks"] = list(hooks.values())
     listed = [lines[relative][0] for relative in sorted(lines)]
     _replace(
         folder,

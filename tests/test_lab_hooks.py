@@ -1,0 +1,234 @@
+"""A lab's hooks under the lab's own account: the daemon (the service user)
+posts each job for the lab's runner (`dicom-watcher hooks --lab`, run as the
+lab's hook user), which runs it and records the result for the daemon to
+put in the study's manifest. Real accounts, made by the fixtures (root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+from harness import REPO, lab_files, skip_or_fail, wait_for
+
+from watcher.synthetic import StudySpec
+
+SMITH = StudySpec(series=1, instances=2, description="SMITH^Memory")
+
+
+def manifest_hooks(tree: Path) -> list[dict[str, object]]:
+    [manifest] = tree.rglob("manifest.json")
+    return json.loads(manifest.read_text())["hooks"]
+
+
+def wait_hook_state(tree: Path, state: str, timeout: float = 30.0) -> list[dict[str, object]]:
+    def states() -> list[dict[str, object]] | None:
+        try:
+            hooks = manifest_hooks(tree)
+        except (ValueError, KeyError, OSError):
+            return None
+        return hooks if hooks and all(h["state"] == state for h in hooks) else None
+
+    return wait_for(states, timeout, f"every hook of the manifest in {tree} to be {state}")  # type: ignore[return-value]
+
+
+def test_a_labs_hook_runs_as_its_hook_user_and_the_manifest_shows_it(centre, accounts):
+    smith = centre.nas / "smith"
+    centre.lab_rule(
+        "smith",
+        "whoami",
+        hooks=[
+            {"name": "whoami", "command": ["/bin/sh", "-c", "id -un > whoami", "{study_folder}"]}
+        ],
+    )
+    centre.receive(SMITH)
+    centre.start()
+    centre.wait_event("hook_held")
+    [pending] = manifest_hooks(smith)
+    assert pending["state"] == "pending" and pending["hook"] == "whoami"
+    centre.start_runner("smith")
+    [done] = wait_hook_state(smith, "done")
+    assert done["exit_status"] == 0 and done["attempts"] == 1
+    assert done["started"] and done["finished"]
+    [who] = smith.rglob("whoami")
+    assert who.read_text().strip() == accounts.hook_users["smith"].name
+    centre.wait_event("hook_result")
+    assert not list((centre.state / "hooks" / "labs" / "smith" / "jobs").iterdir())
+    # status: per lab, what waits and whether the runner lives.
+    status = wait_for(lambda: centre.status().get("hooks"), 10, "hooks in the status")
+    lab = status["labs"]["smith"]  # type: ignore[index]
+    assert lab["runner"] == "alive" and lab["waiting"] == 0 and lab["failed"] == 0
+
+
+def test_a_labs_hook_cannot_write_another_labs_tree_or_the_state(centre, accounts):
+    smith, jones = centre.nas / "smith", centre.nas / "jones"
+    targets = [jones / "pwned", centre.state / "pwned", centre.state / "hooks" / "pwned"]
+    centre.lab_rule(
+        "smith",
+        "reach",
+        hooks=[
+            {
+                "name": "reach",
+                "command": ["/bin/sh", "-c", 'for t; do touch "$t" || exit 7; done', "sh"]
+                + [str(t) for t in targets],
+                "retries": 0,
+            }
+        ],
+    )
+    centre.receive(SMITH)
+    centre.start()
+    centre.start_runner("smith")
+    [gave_up] = wait_hook_state(smith, "gave_up")
+    assert gave_up["exit_status"] == 7
+    output = " ".join(line["line"] for line in centre.runner_logs("smith", "hook_output"))
+    assert "Permission denied" in output
+    assert not any(t.exists() for t in targets)
+    [kept] = (centre.state / "hooks" / "failed").glob("*.json")
+    assert json.loads(kept.read_text())["result"]["state"] == "gave_up"
+    status = wait_for(lambda: centre.status()["hooks"]["labs"]["smith"]["failed"], 10, "failed")  # type: ignore[index]
+    assert status == 1
+
+
+def test_forged_or_edited_jobs_and_results_are_refused_and_reported(centre, accounts):
+    smith = centre.nas / "smith"
+    centre.lab_rule("smith", "ok", hooks=[{"name": "ok", "command": ["/bin/true"]}])
+    centre.start()
+    centre.wait_event("started")
+    mailbox = centre.state / "hooks" / "labs" / "smith"
+    # No one but the daemon may write the jobs folder: not another lab, not the lab.
+    for account in (
+        accounts.members["jones"],
+        accounts.members["smith"],
+        accounts.hook_users["smith"],
+    ):
+        denied = account.write(mailbox / "jobs" / "forged.json", "{}")
+        assert denied.returncode != 0, account.name
+    # A job file that got there anyway (a wrong owner, or writable by its
+    # group) is refused by the runner and reported, never run.
+    marker = smith / "forged-ran"
+    forged = {
+        "argv": ["/bin/sh", "-c", f"touch {marker}"], "env": {}, "cwd": str(smith),
+        "timeout": 10, "retries_left": 0, "label": "forged", "lab": "smith", "study": "1",
+    }  # fmt: skip
+    foreign = mailbox / "jobs" / "aaaaaaaaaaaa.json"
+    foreign.write_text(json.dumps({**forged, "id": "aaaaaaaaaaaa"}))
+    os.chown(foreign, accounts.members["jones"].uid, accounts.labs["smith"])
+    foreign.chmod(0o640)
+    edited = mailbox / "jobs" / "bbbbbbbbbbbb.json"
+    edited.write_text(json.dumps({**forged, "id": "bbbbbbbbbbbb"}))
+    os.chown(edited, accounts.service.uid, accounts.labs["smith"])
+    edited.chmod(0o660)
+    centre.start_runner("smith")
+    refused = centre.wait_runner_event("smith", "hook_job_refused", count=2)
+    reasons = {Path(r["path"]).name: r["reason"] for r in refused}
+    assert f"belongs to uid {accounts.members['jones'].uid}" in reasons[foreign.name]
+    assert "writable by others" in reasons[edited.name]
+    # The lab's members cannot even read the jobs (they pass through the hook
+    # user's own group), nor write a result; one that got there anyway is
+    # refused by the daemon: the manifest shows the runner's own.
+    centre.receive(SMITH)
+    centre.wait_event("hook_held")
+    member = accounts.members["smith"]
+    assert member.run(["ls", str(mailbox / "jobs")]).returncode != 0
+    [job_id] = [
+        p.stem
+        for p in (mailbox / "jobs").glob("*.json")
+        if p.stem not in ("aaaaaaaaaaaa", "bbbbbbbbbbbb")
+    ]
+    forged_result = {"id": job_id, "state": "done", "attempts": 1, "exit_status": 0}
+    assert member.write(mailbox / "results" / "x.json", "{}").returncode != 0
+    planted = mailbox / "results" / "cccccccccccc.json"
+    planted.write_text(json.dumps({**forged_result, "id": "cccccccccccc"}))
+    os.chown(planted, member.uid, accounts.hook_users["smith"].gid)
+    [done] = wait_hook_state(smith, "done")
+    assert done["id"] == job_id and done["started"], "the runner's result"
+    [refused] = centre.wait_event("hook_result_refused")
+    assert refused["path"] == str(planted) and f"belongs to uid {member.uid}" in refused["reason"]
+    assert not marker.exists()
+
+
+def test_a_runner_killed_mid_job_runs_it_once_more_to_completion(centre, accounts):
+    smith = centre.nas / "smith"
+    script = "sleep 3; echo ran >> count"
+    centre.lab_rule("smith", "slow", hooks=[{"name": "slow", "command": ["/bin/sh", "-c", script]}])
+    centre.receive(SMITH)
+    centre.start()
+    runner = centre.start_runner("smith")
+    centre.wait_runner_event("smith", "hook_started")
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(10)
+    centre.start_runner("smith")
+    [interrupted] = centre.wait_runner_event("smith", "hook_interrupted")
+    assert interrupted["leftover_ended"] == "True"  # the killed runner's hook
+    [done] = wait_hook_state(smith, "done")
+    time.sleep(4)  # what the first attempt would still have written
+    [count] = smith.rglob("count")
+    assert count.read_text() == "ran\n"
+    assert done["attempts"] == 1
+
+
+def test_jobs_pending_across_a_daemon_restart_are_not_lost(centre, accounts):
+    smith = centre.nas / "smith"
+    centre.lab_rule(
+        "smith", "mark", hooks=[{"name": "mark", "command": ["/bin/sh", "-c", "touch marked"]}]
+    )
+    centre.receive(SMITH)
+    centre.start()
+    centre.wait_event("hook_held")
+    assert centre.terminate() == 0
+    centre.start()
+    centre.wait_event("started", count=2)
+    centre.start_runner("smith")
+    wait_hook_state(smith, "done")
+    assert len(list(smith.rglob("marked"))) == 1
+    assert len([p for p in lab_files(smith) if p.suffix == ".dcm"]) == 2
+
+
+def test_the_runner_refuses_root_the_service_user_and_other_accounts(centre, accounts):
+    centre.start()
+    centre.wait_event("started")
+    command = [str(centre.python), "-m", "watcher", "hooks", "--lab", "smith"]
+    command += ["--config", str(centre.config_path), "--once"]
+    as_root = subprocess.run(command, capture_output=True, text=True)
+    assert as_root.returncode != 0 and "refusing to run lab smith's hooks as root" in as_root.stderr
+    as_service = accounts.service.run(command)
+    assert "refusing to run lab smith's hooks as the service user" in as_service.stderr
+    as_other = accounts.hook_users["jones"].run(command)
+    assert as_other.returncode != 0
+    assert "lab smith's hooks run as dwtest-smith-hooks" in as_other.stderr or (
+        "cannot reach" in as_other.stderr
+    )
+
+
+# --- the automation examples, under a lab's runner -------------------------------------------
+
+
+def _example(name: str, tree: Path, **changes: object) -> dict[str, object]:
+    rule = yaml.safe_load((REPO / "rules" / "automation" / name).read_text())
+    rule.pop("lab", None)
+    rule.pop("group", None)
+    rule["destination"] = str(tree)
+    return {**rule, **changes}
+
+
+def test_the_dcm2niix_example_converts_under_the_runner(centre, accounts):
+    if shutil.which("dcm2niix") is None:
+        skip_or_fail("dcm2niix is not installed (Debian package dcm2niix)")
+    smith = centre.nas / "smith"
+    rule = _example("dcm2niix.yaml", smith, match={"Modality": "^MR$"})
+    centre.lab_rule("smith", "nifti", **{k: v for k, v in rule.items() if k != "name"})
+    centre.receive(
+        StudySpec(series=1, instances=3, description="SMITH^Memory", rows=16, columns=16)
+    )
+    centre.start()
+    centre.start_runner("smith")
+    [done] = wait_hook_state(smith, "done", timeout=60)
+    assert done["hook"] == "dcm2niix"
+    converted = list(smith.rglob("*.nii.gz"))
+    assert converted and all(p.stat().st_uid == accounts.hook_users["smith"].uid for p in converted)
+    assert list(smith.rglob("*.json"))
