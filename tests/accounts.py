@@ -60,13 +60,9 @@ class Account:
         )
 
     def popen(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("env", ENVIRONMENT)
         return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-            argv,
-            user=self.uid,
-            group=self.gid,
-            extra_groups=list(self.groups),
-            env=ENVIRONMENT,
-            **kwargs,
+            argv, user=self.uid, group=self.gid, extra_groups=list(self.groups), **kwargs
         )
 
     def write(self, path: Path, text: str) -> subprocess.CompletedProcess[str]:
@@ -263,9 +259,11 @@ class Centre(DaemonProcess):
         log.close()
         return self
 
-    def start_runner(self, lab: str, *args: str) -> subprocess.Popen[bytes]:
+    def start_runner(
+        self, lab: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """`dicom-watcher hooks --lab` as the lab's hook user, logging JSON
-        into runner-<lab>.log."""
+        into runner-<lab>.log; `env` adds to its minimal environment."""
         log = open(self.root / f"runner-{lab}.log", "ab")  # noqa: SIM115 - closed below
         process = self.accounts.hook_users[lab].popen(
             [str(self.python), "-m", "watcher", "hooks", "--lab", lab]
@@ -274,6 +272,7 @@ class Centre(DaemonProcess):
             stderr=log,
             cwd=self.root,
             umask=0o007,
+            env={**ENVIRONMENT, **(env or {})},
         )
         log.close()
         self.runners.append(process)

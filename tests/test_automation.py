@@ -110,6 +110,15 @@ def test_slurm_example_submits_with_study_folder_and_manifest(daemon, lab, stand
     assert env["DW_FILES"] == "3" and env["DW_LAB"] == "smithlab"
     manifest = json.loads(Path(args[-1]).read_text())
     assert manifest["files"] == 3, "the manifest is complete when the hook runs"
+    # The operator's hook, run by the daemon, is recorded in the manifest too.
+    [hook] = manifest["hooks"]
+    assert (hook["hook"], hook["state"], hook["exit_status"], hook["attempts"]) == (
+        "sbatch",
+        "done",
+        0,
+        1,
+    )
+    assert hook["queued"] and hook["started"] and hook["finished"]
 
 
 def test_bids_example_layout_permissions_and_count_completion(daemon, tmp_path):
@@ -131,7 +140,7 @@ def test_bids_example_layout_permissions_and_count_completion(daemon, tmp_path):
     run.wait_event("study_complete_by_count", timeout=20)
     run.wait_event("study_placed")
     session = bids / "sourcedata" / "sub-042" / "ses-20261125"
-    placed = lab_files(bids)
+    placed = [p for p in lab_files(bids) if p.suffix == ".dcm"]
     assert len(placed) == 6
     assert sorted(p.name for p in session.iterdir() if p.is_dir()) == [
         "001-T1_MPRAGE",

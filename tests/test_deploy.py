@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 SYSTEMD = ROOT / "systemd"
 UNITS = ("storescp.service", "dicom-watcher.service")
+#: The lab runner's template unit, verified as one of its instances.
+HOOKS_UNIT = "dicom-watcher-hooks@.service"
+HOOKS_INSTANCE = "dicom-watcher-hooks@smithlab.service"
 
 #: Where the units expect the installed programs (see "Installing as services" in README.md).
 INSTALLED_STORESCP_SH = "/opt/dicom-watcher/scripts/storescp.sh"
@@ -94,6 +97,14 @@ def install_units(folder: Path, storescp_sh: str | None = None) -> dict[str, Pat
         text = re.sub(rf"^ExecStart={re.escape(installed)}", f"ExecStart={here}", text, flags=re.M)
         copies[name] = folder / name
         copies[name].write_text(text, encoding="utf-8")
+    text = (SYSTEMD / HOOKS_UNIT).read_text(encoding="utf-8")
+    (start,) = values(text, "ExecStart")
+    assert start.split()[0] == INSTALLED_DICOM_WATCHER, f"{HOOKS_UNIT}: ExecStart="
+    text = text.replace(
+        f"ExecStart={INSTALLED_DICOM_WATCHER}", f"ExecStart={dicom_watcher_command()}"
+    )
+    copies[HOOKS_UNIT] = folder / HOOKS_INSTANCE
+    copies[HOOKS_UNIT].write_text(text, encoding="utf-8")
     return copies
 
 
@@ -154,7 +165,7 @@ def test_verify_check_catches_mistakes(tmp_path: Path) -> None:
 
 
 def test_units_hardening_exposure_is_low(tmp_path: Path) -> None:
-    """systemd-analyze security rates both units "OK" (exposure below 3.0 of 10)."""
+    """systemd-analyze security rates every unit "OK" (exposure below 3.0 of 10)."""
     analyze = require_tool("systemd-analyze", "systemd")
     units = install_units(tmp_path)
     result = subprocess.run(
@@ -173,7 +184,7 @@ def test_units_hardening_exposure_is_low(tmp_path: Path) -> None:
     )
     overall = [line for line in result.stdout.splitlines() if "Overall exposure" in line]
     assert result.returncode == 0, "\n".join(overall) or result.stdout + result.stderr
-    assert len(overall) == 2, result.stdout + result.stderr
+    assert len(overall) == len(units), result.stdout + result.stderr
 
 
 def test_units_settings() -> None:
@@ -208,6 +219,25 @@ def test_units_settings() -> None:
     assert values(watcher, "KillSignal") == ["SIGTERM"]
     writable = " ".join(values(watcher, "ReadWritePaths")).split()
     assert {"/srv/dicom-watcher/state", "-/nas"} <= set(writable)
+
+
+def test_the_hooks_unit_runs_one_labs_runner_as_its_account_and_writes_only_its_tree() -> None:
+    text = (SYSTEMD / HOOKS_UNIT).read_text(encoding="utf-8")
+    assert values(text, "ExecStart") == [
+        f"{INSTALLED_DICOM_WATCHER} hooks --lab %i --config /etc/dicom-watcher/config.yaml"
+    ]
+    assert values(text, "User") == ["dw-%i"]
+    assert values(text, "Group") == [], "the hook user's own group, as the daemon expects"
+    writable = " ".join(values(text, "ReadWritePaths")).split()
+    assert writable == ["-/nas/%i", "/srv/dicom-watcher/state/hooks/labs/%i/results"]
+    for key, expected in [
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "true"),
+        ("KillMode", "control-group"),
+        ("Restart", "on-failure"),
+        ("UMask", "0007"),
+    ]:
+        assert values(text, key) == [expected], f"{HOOKS_UNIT}: {key}="
 
 
 # -- example config ------------------------------------------------------------

@@ -232,3 +232,53 @@ def test_the_dcm2niix_example_converts_under_the_runner(centre, accounts):
     converted = list(smith.rglob("*.nii.gz"))
     assert converted and all(p.stat().st_uid == accounts.hook_users["smith"].uid for p in converted)
     assert list(smith.rglob("*.json"))
+
+
+def test_the_bids_example_fills_rawdata_under_the_runner(centre, accounts):
+    if shutil.which("dcm2niix") is None:
+        skip_or_fail("dcm2niix is not installed (Debian package dcm2niix)")
+    jones = centre.nas / "jones"
+    rule = _example("bids-sourcedata.yaml", jones, match={"StudyDescription": "^JONES"})
+    rule.pop("expected_instances")
+    centre.lab_rule("jones", "bids", **{k: v for k, v in rule.items() if k != "name"})
+    spec = StudySpec(patient_id="042", description="JONES^Motor", series=2, instances=3)
+    centre.receive(spec)
+    centre.start()
+    centre.start_runner("jones")
+    [done] = wait_hook_state(jones, "done", timeout=60)
+    assert done["hook"] == "bids-rawdata" and done["exit_status"] == 0
+    session = jones / "rawdata" / "sub-042" / "ses-20261125"
+    assert sorted(p.name for p in session.glob("*.nii.gz")) == [
+        "T1_MPRAGE_1.nii.gz",
+        "rfMRI_REST_2.nii.gz",
+    ]
+    assert (session / "T1_MPRAGE_1.json").is_file()
+
+
+def test_the_slurm_example_submits_as_the_labs_account(centre, accounts):
+    smith = centre.nas / "smith"
+    # A stand-in sbatch that records who submitted what.
+    bin_folder = centre.root / "bin"
+    bin_folder.mkdir()
+    sbatch = bin_folder / "sbatch"
+    sbatch.write_text(
+        '#!/bin/sh\n{ id -un; printf "%s\\n" "$@"; } > "$DW_STUDY_FOLDER/sbatch.args"\n'
+    )
+    sbatch.chmod(0o755)
+    rule = _example("slurm.yaml", smith, quiet_seconds=0.5)
+    centre.lab_rule("smith", "cluster", **{k: v for k, v in rule.items() if k != "name"})
+    centre.receive(StudySpec(patient_id="S7", series=1, instances=3, description="SMITH^Memory"))
+    centre.start()
+    centre.start_runner("smith", env={"PATH": f"{bin_folder}:/usr/bin:/bin"})
+    [done] = wait_hook_state(smith, "done")
+    assert done["hook"] == "sbatch"
+    [args] = smith.rglob("sbatch.args")
+    study = args.parent
+    assert args.read_text().splitlines() == [
+        accounts.hook_users["smith"].name,
+        "--job-name=dw-smith-S7",
+        "--output=/nas/smithlab/logs/%j.out",
+        "/nas/smithlab/code/preprocess.sbatch",
+        str(study),
+        str(study / "manifest.json"),
+    ]

@@ -6,13 +6,16 @@ code nor split into extra arguments; values that come from a header are also
 made safe (no control characters, never a leading `-` that a program would
 read as an option). The same values are given as `DW_*` environment variables.
 
-Jobs wait in `state/hooks/` until they end, so a restart runs again what was
-pending; only files the daemon's own user wrote are taken up. Jobs of a lab's
-rules are never run here: they wait in `state/hooks/labs/<lab>/` for that
-lab's runner. A limited number run at once, each in its own session with a
-timeout (then the whole process group is killed); output goes to the log; a
-failed job is retried a bounded number of times, with a growing wait, and is
-then kept in `state/hooks/failed/` for the operator.
+`HookRunner` runs jobs, at most a number at once, each in its own session
+with a timeout (then the whole process group is killed), output to the log;
+a failed job is retried a bounded number of times with a doubling wait. Where
+it keeps their progress is its store's business: the daemon runs its
+operator rules' jobs with `DaemonStore` (a file each in `state/hooks/` while
+pending, so a restart runs them again, and `state/hooks/failed/` once given
+up; only files the daemon's own user wrote are taken up), a lab's runner
+(`watcher.labrunner`) runs that lab's with the results store of
+`watcher.labjobs`. Every change of a job's state is told to the daemon's
+`on_change`, which records it in the study's manifest.
 """
 
 from __future__ import annotations
