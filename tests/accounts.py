@@ -81,6 +81,8 @@ class Accounts:
     the account its hooks run under (in the lab's group too)."""
 
     service: Account
+    #: An operator: a member of the service user's group (reads the status).
+    operator: Account
     labs: dict[str, int] = field(default_factory=dict)
     members: dict[str, Account] = field(default_factory=dict)
     hook_users: dict[str, Account] = field(default_factory=dict)
@@ -129,7 +131,10 @@ def make_accounts(labs: list[str]) -> Accounts:
     for name in (*groups, *hook_groups):
         _group(name)
     _group(f"{PREFIX}service")
-    accounts = Accounts(_user(f"{PREFIX}svc", f"{PREFIX}service", groups + hook_groups))
+    accounts = Accounts(
+        _user(f"{PREFIX}svc", f"{PREFIX}service", groups + hook_groups),
+        _user(f"{PREFIX}operator", f"{PREFIX}service", []),
+    )
     for lab, group, hook_group in zip(labs, groups, hook_groups, strict=True):
         accounts.labs[lab] = grp.getgrnam(group).gr_gid
         accounts.members[lab] = _user(f"{PREFIX}{lab}-member", group, [])
@@ -144,7 +149,8 @@ def remove_accounts(accounts: Accounts) -> None:
     for gid in gids:
         with contextlib.suppress(KeyError):
             names.append(grp.getgrgid(gid).gr_name)
-    for account in (accounts.service, *accounts.members.values(), *accounts.hook_users.values()):
+    everyone = [accounts.service, accounts.operator, *accounts.members.values()]
+    for account in everyone + list(accounts.hook_users.values()):
         subprocess.run(["userdel", account.name], check=False, capture_output=True)
     for name in names:
         subprocess.run(["groupdel", name], check=False, capture_output=True)

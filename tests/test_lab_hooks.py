@@ -100,11 +100,13 @@ def test_forged_or_edited_jobs_and_results_are_refused_and_reported(centre, acco
     centre.start()
     centre.wait_event("started")
     mailbox = centre.state / "hooks" / "labs" / "smith"
-    # No one but the daemon may write the jobs folder: not another lab, not the lab.
+    # No one but the daemon may write the jobs folder: not another lab, not
+    # the lab, not a member of the service user's group.
     for account in (
         accounts.members["jones"],
         accounts.members["smith"],
         accounts.hook_users["smith"],
+        accounts.operator,
     ):
         denied = account.write(mailbox / "jobs" / "forged.json", "{}")
         assert denied.returncode != 0, account.name
@@ -119,14 +121,19 @@ def test_forged_or_edited_jobs_and_results_are_refused_and_reported(centre, acco
     foreign.write_text(json.dumps({**forged, "id": "aaaaaaaaaaaa"}))
     os.chown(foreign, accounts.members["jones"].uid, accounts.labs["smith"])
     foreign.chmod(0o640)
+    by_operator = mailbox / "jobs" / "dddddddddddd.json"
+    by_operator.write_text(json.dumps({**forged, "id": "dddddddddddd"}))
+    os.chown(by_operator, accounts.operator.uid, accounts.service.gid)
+    by_operator.chmod(0o644)
     edited = mailbox / "jobs" / "bbbbbbbbbbbb.json"
     edited.write_text(json.dumps({**forged, "id": "bbbbbbbbbbbb"}))
     os.chown(edited, accounts.service.uid, accounts.labs["smith"])
     edited.chmod(0o660)
     centre.start_runner("smith")
-    refused = centre.wait_runner_event("smith", "hook_job_refused", count=2)
+    refused = centre.wait_runner_event("smith", "hook_job_refused", count=3)
     reasons = {Path(r["path"]).name: r["reason"] for r in refused}
     assert f"belongs to uid {accounts.members['jones'].uid}" in reasons[foreign.name]
+    assert f"belongs to uid {accounts.operator.uid}" in reasons[by_operator.name]
     assert "writable by others" in reasons[edited.name]
     # The lab's members cannot even read the jobs (they pass through the hook
     # user's own group), nor write a result; one that got there anyway is
@@ -138,7 +145,7 @@ def test_forged_or_edited_jobs_and_results_are_refused_and_reported(centre, acco
     [job_id] = [
         p.stem
         for p in (mailbox / "jobs").glob("*.json")
-        if p.stem not in ("aaaaaaaaaaaa", "bbbbbbbbbbbb")
+        if p.stem not in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "dddddddddddd")
     ]
     forged_result = {"id": job_id, "state": "done", "attempts": 1, "exit_status": 0}
     assert member.write(mailbox / "results" / "x.json", "{}").returncode != 0

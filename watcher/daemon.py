@@ -1045,7 +1045,8 @@ class Daemon:
                 "operator": {
                     "waiting": len(self.hooks.waiting),
                     "running": len(self.hooks.running),
-                    "failed": _count_files(self.hook_store.failed_folder),
+                    "failed": _count_files(self.hook_store.failed_folder)
+                    - sum(self.lab_jobs.gave_up.values()),
                 },
                 "labs": self.lab_jobs.summary(now),
             },

@@ -376,16 +376,6 @@ class HookRunner:
         )
 
     def _run(self, job: HookJob) -> None:
-        log.info(
-            kv(
-                "hook_started",
-                hook=job.label,
-                lab=job.lab,
-                study=job.study,
-                attempt=job.attempt,
-                argv=json.dumps(job.argv, ensure_ascii=False),
-            )
-        )
         try:
             process = subprocess.Popen(
                 job.argv,
@@ -401,9 +391,21 @@ class HookRunner:
             return
         self.processes[job.id] = process
         try:
+            # Recorded with its process group before anything else, so that a
+            # runner restarted after a crash can end what this one started.
             self.store.running(job, process.pid)
         except OSError as error:  # its state cannot be kept: the job still runs
             log.warning(kv("hook_state_unsaved", hook=job.label, study=job.study, error=error))
+        log.info(
+            kv(
+                "hook_started",
+                hook=job.label,
+                lab=job.lab,
+                study=job.study,
+                attempt=job.attempt,
+                argv=json.dumps(job.argv, ensure_ascii=False),
+            )
+        )
         try:
             output, _ = process.communicate(timeout=job.timeout)
             status, reason = process.returncode, f"exit status {process.returncode}"

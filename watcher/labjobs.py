@@ -116,11 +116,16 @@ def prepare(mailbox: Mailbox, group: int | None) -> None:
     for folder in (mailbox.state, mailbox.state / "hooks", mailbox.folder.parent):
         make_private(folder)
         os.chmod(folder, 0o711 if folder != mailbox.state else 0o751)
-    for folder, mode in ((mailbox.folder, 0o750), (mailbox.jobs, JOBS_MODE)):
-        make_private(folder)
-        _group_and_mode(folder, group, mode)
+    # All made first, so that jobs can be posted (and wait) even when the
+    # group cannot be given yet.
+    make_private(mailbox.jobs)
     mailbox.results.mkdir(exist_ok=True)
-    _group_and_mode(mailbox.results, group, RESULTS_MODE)
+    for folder, mode in (
+        (mailbox.folder, 0o750),
+        (mailbox.jobs, JOBS_MODE),
+        (mailbox.results, RESULTS_MODE),
+    ):
+        _group_and_mode(folder, group, mode)
 
 
 def _group_and_mode(folder: Path, group: int | None, mode: int) -> None:

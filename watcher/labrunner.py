@@ -151,7 +151,9 @@ def _take_new(
 ) -> None:
     """Queue the posted jobs not queued yet, with what an earlier run of
     this runner recorded of them."""
-    for job_id in pending_jobs(mailbox):
+    posted = pending_jobs(mailbox)
+    settled.intersection_update(posted)  # the daemon removed the others
+    for job_id in posted:
         if job_id in settled or runner.known(job_id):
             continue
         result = store.load(job_id)
