@@ -43,6 +43,8 @@ dcmtk_installed() {
 dcmtk_installed || missing+=(dcmtk)
 command -v systemd-analyze >/dev/null || missing+=(systemd)   # verifies the units in tests
 command -v dcm2niix >/dev/null || missing+=(dcm2niix)         # the conversion hook example
+command -v sshfs >/dev/null || missing+=(sshfs)               # a real network share in tests
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)            #   served by a private sshd
 [ -x /usr/bin/time ] || missing+=(time)                        # peak memory in scripts/bench
 if ((${#missing[@]})); then
     apt_install "${missing[@]}" \

@@ -1,0 +1,167 @@
+"""A real network share for the tests: sshfs (FUSE) over a private sshd on
+loopback, with key authentication and a port of its own, and the ways a
+file server fails: frozen (its sftp-server stopped: every operation on the
+mount waits), killed (the mount answers ENOTCONN), and mounted again.
+
+Needs root (sshd, FUSE mounts) and Debian's sshfs and openssh-server; a
+missing one skips on a workstation and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from harness import free_port, listening, skip_or_fail, wait_for
+
+SSHD = "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+
+
+def require_share_tools() -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("a private sshd and FUSE mounts need root")
+    for tool in ("sshfs", "ssh-keygen", "fusermount"):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"{tool} is not installed (Debian packages sshfs, openssh-client)")
+    for program in (SSHD, SFTP_SERVER):
+        if not os.path.exists(program):
+            skip_or_fail(f"{program} is missing (Debian package openssh-server)")
+    if not os.path.exists("/dev/fuse"):
+        skip_or_fail("/dev/fuse is missing: this machine cannot mount FUSE file systems")
+
+
+class Share:
+    """`export` on the "server" side, mounted at `mount` through sshfs."""
+
+    def __init__(self, root: Path) -> None:
+        require_share_tools()
+        self.root = root
+        self.export = root / "export"
+        self.mount = root / "mount"
+        self.keys = root / "keys"
+        for folder in (self.export, self.mount, self.keys):
+            folder.mkdir(parents=True)
+        self.keys.chmod(0o700)
+        self.port = free_port()
+        for name in ("host", "client"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.keys / name)],
+                check=True,
+            )
+        (self.keys / "authorized_keys").write_text((self.keys / "client.pub").read_text())
+        self.config = root / "sshd_config"
+        self.config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {self.keys / 'host'}",
+                    f"AuthorizedKeysFile {self.keys / 'authorized_keys'}",
+                    f"PidFile {root / 'sshd.pid'}",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    f"Subsystem sftp {SFTP_SERVER}",
+                    "",
+                ]
+            )
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
+        self.sshd = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "sshd.log", "ab"),  # noqa: SIM115 - closed with the process
+        )
+        wait_for(lambda: listening(self.port), 10, f"sshd on port {self.port}")
+        self.mounted = False
+        self.attach()
+
+    def attach(self) -> None:
+        """Mount the export (again)."""
+        subprocess.run(
+            [
+                "sshfs",
+                f"root@127.0.0.1:{self.export}",
+                str(self.mount),
+                "-p",
+                str(self.port),
+                "-o",
+                f"IdentityFile={self.keys / 'client'},StrictHostKeyChecking=no,"
+                "UserKnownHostsFile=/dev/null,BatchMode=yes,LogLevel=ERROR",
+            ],
+            check=True,
+            timeout=30,
+        )
+        self.mounted = True
+        wait_for(lambda: os.path.ismount(self.mount), 10, f"{self.mount} to be mounted")
+
+    def detach(self) -> None:
+        """Unmount, lazily (the mount may be dead)."""
+        if self.mounted:
+            subprocess.run(["fusermount", "-u", "-z", str(self.mount)], check=False)
+            self.mounted = False
+
+    def sftp_servers(self) -> list[int]:
+        """The pids of the sftp-server processes serving this share."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+                parent = _parent_chain(int(entry))
+            except OSError:
+                continue
+            if command.endswith(b"sftp-server") and self.sshd.pid in parent:
+                pids.append(int(entry))
+        return pids
+
+    def _signal_servers(self, signum: int) -> None:
+        servers = self.sftp_servers()
+        assert servers, "no sftp-server serves the share"
+        for pid in servers:
+            os.kill(pid, signum)
+
+    def freeze(self) -> None:
+        """The file server stops answering: every operation on the mount waits."""
+        self._signal_servers(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_servers(signal.SIGCONT)
+
+    def kill_server(self) -> None:
+        """The file server goes away: the mount answers ENOTCONN."""
+        self._signal_servers(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.stat(self.mount / ".")
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for pid in self.sftp_servers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.detach()
+        self.sshd.terminate()
+        self.sshd.wait(10)
+
+
+def _parent_chain(pid: int) -> set[int]:
+    """`pid`'s ancestors."""
+    chain = set()
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.add(pid)
+    return chain
