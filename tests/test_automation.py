@@ -476,6 +476,20 @@ def test_a_lab_rules_hook_is_held_for_its_runner_and_the_operators_runs(
     assert (
         f"{lab_rule}: warning: its hooks never run: labs.smith.hook_user is not set" in check.stdout
     )
+    config = yaml.safe_load(run.config_path.read_text())
+    config["labs"]["smith"]["hook_user"] = "no-such-account-here"
+    run.config_path.write_text(yaml.safe_dump(config))
+    check = subprocess.run(
+        [sys.executable, "-m", "watcher", "check", "--config", str(run.config_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert "labs.smith.hook_user no-such-account-here is no account on this machine" in (
+        check.stdout
+    )
+    assert f"{lab_rule}: note: its hooks run as no-such-account-here by lab smith's runner" in (
+        check.stdout
+    )
     run.start(env=environment(bin_folder, records))
     write_study(StudySpec(series=1, instances=2), run.inbox)
     [held] = run.wait_event("hook_held")

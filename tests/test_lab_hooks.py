@@ -63,6 +63,15 @@ def test_a_labs_hook_runs_as_its_hook_user_and_the_manifest_shows_it(centre, acc
     status = wait_for(lambda: centre.status().get("hooks"), 10, "hooks in the status")
     lab = status["labs"]["smith"]  # type: ignore[index]
     assert lab["runner"] == "alive" and lab["waiting"] == 0 and lab["failed"] == 0
+    shown = subprocess.run(
+        [str(centre.python), "-m", "watcher", "status", "--config", str(centre.config_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        "hooks of lab smith: waiting 0, running 0, failed 0; runner (dwtest-smith-hooks): alive"
+        in shown.stdout
+    )
 
 
 def test_a_labs_hook_cannot_write_another_labs_tree_or_the_state(centre, accounts):

@@ -305,6 +305,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in ruleset.warnings:
         print(warning)
     for lab in (labs or {}).values():
+        if lab.hook_user and not _account_exists(lab.hook_user):
+            print(
+                f"{args.config}: warning: labs.{lab.name}.hook_user {lab.hook_user} is no "
+                "account on this machine: the lab's hooks wait until it exists and its runner runs"
+            )
         if lab.claims == ():
             print(
                 f"{args.config}: warning: lab {lab.name} has no claims: its rules take nothing "
@@ -343,6 +348,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         + ", ".join(rule.name for rule in ruleset.rules)
     )
     return EXIT_OK
+
+
+def _account_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def lab_summary(lab: Lab, rules: list[Rule]) -> str:
