@@ -233,6 +233,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {held['path']}  not quarantined ({held['reason']}): {held['error']} "
             f"(attempts {held['attempts']}, next try in {held['next_try_in']} s)"
         )
+    for destination in status.get("destinations", []):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(destination["since"])))
+        line = f"destination {destination['destination']}: {destination['state']} since {since}"
+        if destination.get("reason"):
+            line += f" ({destination['reason']})"
+        print(line)
     hooks = status.get("hooks") or {}
     operator = hooks.get("operator") or {}
     if any(operator.values()):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from watcher import headers
 from watcher.config import Config
+from watcher.destinations import Destinations
 from watcher.engine import (
     BATCH,
     POOL_THRESHOLD,
@@ -147,6 +148,7 @@ class Daemon:
             config.state, config.labs or {}, self.hook_store.failed_folder, self._hook_changed
         )
         self._next_hook_sync = 0.0
+        self.destinations = Destinations(clock)
         self.saved_retries: dict[str, dict[str, object]] = {}
         #: `run --once`: worker processes forked at its first large burst,
         #: which read headers and place batches until it ends.
@@ -485,6 +487,7 @@ class Daemon:
                     action="every study is kept in state/unmatched until a rule file appears",
                 )
             )
+        self.destinations.known(str(rule.destination) for rule in ruleset.rules)
         fields = tuple(sorted(set(headers.BASE_FIELDS) | ruleset.fields))
         self.tags = headers.tags_for(fields)
         self._digest = any(rule.manifest for rule in ruleset.rules)
@@ -692,9 +695,13 @@ class Daemon:
                     log.warning(kv("source_vanished", path=instance.path))
                     self.studies.remove_path(instance.path)
                     continue
+            if isinstance(outcome, DestinationUnavailable):
+                self.destinations.unavailable(outcome.destination, outcome.reason)
             if isinstance(outcome, BaseException):
                 error = error or _describe(outcome)
                 continue
+            for route in routes:
+                self.destinations.healthy(str(route.rule.destination))
             self.studies.remove_path(instance.path)
             placing.moved_from.add(os.path.dirname(instance.path) or ".")
             for route, placement in zip(routes, outcome, strict=True):
@@ -1041,6 +1048,7 @@ class Daemon:
             "placed_files": self.counts.placed_files,
             "placed_studies": self.counts.placed_studies,
             "last_placement": self.counts.last_placement,
+            "destinations": self.destinations.snapshot(),
             "hooks": {
                 "operator": {
                     "waiting": len(self.hooks.waiting),
