@@ -19,6 +19,7 @@ import yaml
 from harness import DaemonProcess, FakeClock, lab_files, skip_or_fail, wait_for
 
 from watcher.hooks import DaemonStore, HookRunner, make_job
+from watcher.labjobs import Mailbox, Result, finish, post, prepare
 from watcher.manifest import Entry, manifest_path, write_manifest
 from watcher.placement import Placement
 from watcher.rules import Hook, single_rule
@@ -569,3 +570,41 @@ def test_a_state_folder_owned_by_another_user_stops_the_start(daemon, lab):
     )
     assert result.returncode == 2
     assert f"state folder {run.state} belongs to uid 4242" in result.stderr
+
+
+def test_finishing_a_job_never_opens_what_the_hook_user_left_at_its_results_name(tmp_path):
+    mailbox = Mailbox(tmp_path / "state", "smith")
+    prepare(mailbox, None)
+    (mailbox.state / "hooks" / "failed").mkdir()
+    hook = Hook(command=("/bin/true",), name="ok")
+    job = make_job(hook, {"lab": "smith", "study_uid": "1.2.3"}, cwd=tmp_path)
+    post(mailbox, job)
+    result = Result(id=job.id, state="gave_up", attempts=1, exit_status=1)
+    where = mailbox.results / f"{job.id}.json"
+    os.mkfifo(where)  # would block a reader: never opened
+    finish(mailbox, job, result, mailbox.state / "hooks" / "failed")
+    kept = json.loads((mailbox.state / "hooks" / "failed" / f"{job.id}.json").read_text())
+    assert kept["result"]["state"] == "gave_up" and not where.exists()
+    job2 = make_job(hook, {"lab": "smith", "study_uid": "1.2.4"}, cwd=tmp_path)
+    post(mailbox, job2)
+    (mailbox.results / f"{job2.id}.json").mkdir()  # cannot be unlinked: reported, not raised
+    finish(mailbox, job2, Result(id=job2.id, state="done"), None)
+    assert not (mailbox.jobs / f"{job2.id}.json").exists()
+
+
+def test_a_link_at_a_labs_results_folder_is_refused_and_what_it_points_at_untouched(
+    daemon, tmp_path
+):
+    smith = tmp_path / "nas" / "smith"
+    smith.mkdir(parents=True)
+    run = daemon(labs={"smith": {"destinations": [str(smith)], "claims": "all"}})
+    failed = run.state / "hooks" / "failed"
+    failed.mkdir(parents=True, mode=0o750)
+    lab = run.state / "hooks" / "labs" / "smith"
+    lab.mkdir(parents=True, mode=0o750)
+    (lab / "results").symlink_to(failed)
+    run.start()
+    [refused] = run.wait_event("lab_jobs_unavailable")
+    assert "must be a folder, not a link" in refused["error"]
+    assert stat.S_IMODE(failed.stat().st_mode) == 0o750
+    assert run.terminate() == 0

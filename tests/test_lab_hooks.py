@@ -298,3 +298,87 @@ def test_the_slurm_example_submits_as_the_labs_account(centre, accounts):
         str(study),
         str(study / "manifest.json"),
     ]
+
+
+# --- what a lab can put in its runner's results or its tree does not reach the daemon --------
+
+
+def _posted(centre, lab: str) -> str:
+    """The id of the one job posted for `lab`."""
+    jobs = centre.state / "hooks" / "labs" / lab / "jobs"
+    [job] = wait_for(lambda: list(jobs.glob("*.json")), 30, f"a job for {lab}")  # type: ignore[misc]
+    return job.stem
+
+
+def test_crafted_results_are_refused_and_never_stop_the_daemon(centre, accounts):
+    smith, jones = centre.nas / "smith", centre.nas / "jones"
+    centre.lab_rule("smith", "mark", hooks=[{"name": "mark", "command": ["/bin/true"]}])
+    centre.lab_rule("jones", "mark", hooks=[{"name": "mark", "command": ["/bin/true"]}])
+    centre.receive(SMITH)
+    centre.start()
+    smith_job = _posted(centre, "smith")
+    hook_user = accounts.hook_users["smith"]
+    results = centre.state / "hooks" / "labs" / "smith" / "results"
+    crafted = {
+        "nested": "[" * 100000 + "]" * 100000,
+        "string-times": json.dumps({"id": smith_job, "state": "done", "started": "x"}),
+        "huge-times": json.dumps({"id": smith_job, "state": "done", "finished": 1e300}),
+        "odd-state": json.dumps({"id": smith_job, "state": "owned", "attempts": 1}),
+    }
+    for text in crafted.values():
+        assert hook_user.write(results / f"{smith_job}.json", text).returncode == 0
+        time.sleep(1.5)  # a hook sync or two
+    assert hook_user.write(results / "runner.json", crafted["nested"]).returncode == 0
+    # Another lab's job id in this lab's results changes nothing of that lab's.
+    centre.receive(StudySpec(series=1, instances=1, patient_id="SUBJ02", description="JONES^X"))
+    jones_job = _posted(centre, "jones")
+    forged = json.dumps({"id": jones_job, "state": "done", "attempts": 1, "exit_status": 0})
+    assert hook_user.write(results / f"{jones_job}.json", forged).returncode == 0
+    time.sleep(2.5)
+    assert centre.process is not None and centre.process.poll() is None, "the daemon runs on"
+    assert centre.logs("hook_result_refused"), "the crafted results are reported"
+    assert not centre.logs("hook_result")
+    assert manifest_hooks(smith)[0]["state"] == "pending"
+    assert manifest_hooks(jones)[0]["state"] == "pending"
+    assert wait_for(lambda: centre.status().get("hooks"), 10)
+
+
+def test_a_lock_a_lab_holds_on_its_study_folder_never_stalls_the_daemon(centre, accounts):
+    smith, jones = centre.nas / "smith", centre.nas / "jones"
+    centre.lab_rule("smith", "mark", hooks=[{"name": "mark", "command": ["/bin/true"]}])
+    centre.lab_rule("jones", "vision")
+    centre.receive(SMITH)
+    centre.start()
+    centre.wait_event("hook_held")
+    [study] = [p.parent for p in smith.rglob("manifest.json")]
+    holder = accounts.members["smith"].popen(["flock", "-s", str(study), "sleep", "15"])
+    try:
+        time.sleep(0.5)
+        centre.start_runner("smith")
+        [unrecorded] = centre.wait_event("hook_state_unrecorded")
+        assert "stayed locked by another process" in unrecorded["error"]
+        # Meanwhile the daemon goes on: another lab's study is placed.
+        centre.receive(StudySpec(series=1, instances=1, patient_id="SUBJ02", description="JONES^X"))
+        centre.wait_event("study_placed", count=2)
+        assert manifest_hooks(smith)[0]["state"] == "pending"
+    finally:
+        holder.wait(30)
+    wait_hook_state(smith, "done")  # written once the lab lets go
+    assert len(lab_files(jones)) == 1
+
+
+def test_check_warns_when_a_hook_users_group_is_shared(centre, accounts, capsys):
+    from watcher import cli
+
+    cli.main(["check", "--config", str(centre.config_path)])
+    assert "is shared with" not in capsys.readouterr().out
+    config = yaml.safe_load(centre.config_path.read_text())
+    # The lab member's own group is the lab's: every member is in it.
+    config["labs"]["smith"]["hook_user"] = accounts.members["smith"].name
+    centre.config_path.write_text(yaml.safe_dump(config))
+    cli.main(["check", "--config", str(centre.config_path)])
+    out = capsys.readouterr().out
+    assert (
+        f"the group of labs.smith.hook_user {accounts.members['smith'].name} is shared with "
+        f"{accounts.hook_users['smith'].name}"
+    ) in out

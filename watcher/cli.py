@@ -305,6 +305,7 @@ def rules_or_exit(directory: str, labs: dict[str, Lab] | None = None) -> RuleSet
 
 def cmd_check(args: argparse.Namespace) -> int:
     folder, labs = rules_and_labs(args)
+    state = load_config(args.config).state if args.config else None
     ruleset = load_rules(folder, labs)
     for problem in ruleset.problems:
         print(problem)
@@ -316,6 +317,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"{args.config}: warning: labs.{lab.name}.hook_user {lab.hook_user} is no "
                 "account on this machine: the lab's hooks wait until it exists and its runner runs"
             )
+        elif lab.hook_user:
+            shared = _sharing_group(lab.hook_user, service=_owner(state))
+            if shared:
+                print(
+                    f"{args.config}: warning: the group of labs.{lab.name}.hook_user "
+                    f"{lab.hook_user} is shared with {', '.join(shared)}: they can read the "
+                    "lab's jobs and block its results (give the hook user a group of its own, "
+                    "shared with the service user only)"
+                )
         if lab.claims == ():
             print(
                 f"{args.config}: warning: lab {lab.name} has no claims: its rules take nothing "
@@ -354,6 +364,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         + ", ".join(rule.name for rule in ruleset.rules)
     )
     return EXIT_OK
+
+
+def _owner(folder: Path | None) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(folder.stat().st_uid).pw_name if folder else None
+    except (OSError, KeyError):
+        return None
+
+
+def _sharing_group(hook_user: str, service: str | None) -> list[str]:
+    """Accounts other than `hook_user` and the service user in the hook
+    user's own group (through which jobs and results pass)."""
+    import grp
+    import pwd
+
+    gid = pwd.getpwnam(hook_user).pw_gid
+    try:
+        members = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        return []
+    members |= {entry.pw_name for entry in pwd.getpwall() if entry.pw_gid == gid}
+    return sorted(members - {hook_user, service, "root"})
 
 
 def _account_exists(name: str) -> bool:

@@ -82,6 +82,8 @@ DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
 #: How often the labs' runners' results are taken up.
 HOOK_SYNC_SECONDS = 1.0
+#: How many hook syncs a hook state waits for its manifest before it is dropped.
+HOOK_RECORD_TRIES = 60
 
 
 def _place_moving(batch: Batch, retry: RetryPolicy) -> PlaceOutcomes:
@@ -148,6 +150,8 @@ class Daemon:
             config.state, config.labs or {}, self.hook_store.failed_folder, self._hook_changed
         )
         self._next_hook_sync = 0.0
+        #: Hook states not written into their manifests yet, with the tries so far.
+        self._hook_backlog: dict[tuple[str, str], tuple[HookJob, dict[str, object], int]] = {}
         self.destinations = Destinations(clock)
         self.saved_retries: dict[str, dict[str, object]] = {}
         #: `run --once`: worker processes forked at its first large burst,
@@ -297,6 +301,7 @@ class Daemon:
         if now >= self._next_hook_sync:
             self._next_hook_sync = now + HOOK_SYNC_SECONDS
             self.lab_jobs.sync()
+            self._retry_hook_records()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
             self._next_rescan = 0.0
@@ -801,19 +806,50 @@ class Daemon:
                     )
 
     def _hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
-        """A hook job's new state goes into its study's manifest."""
+        """A hook job's new state goes into its study's manifest; one that
+        cannot be written now is tried again at the next hook sync."""
+        if not self._record_hook(job, record):
+            self._hook_backlog[(job.lab, job.id)] = (job, record, 0)
+
+    def _retry_hook_records(self) -> None:
+        for key, (job, record, tries) in list(self._hook_backlog.items()):
+            if self._record_hook(job, record, quiet=True):
+                del self._hook_backlog[key]
+            elif tries + 1 >= HOOK_RECORD_TRIES:
+                del self._hook_backlog[key]
+                log.error(
+                    kv("hook_state_dropped", hook=job.label, study=job.study, state=record["state"])
+                )
+            else:
+                self._hook_backlog[key] = (job, record, tries + 1)
+
+    def _record_hook(self, job: HookJob, record: dict[str, object], quiet: bool = False) -> bool:
+        """Write `record` into the job's manifest; False if it could not be."""
         if not job.manifest:
-            return
+            return True
         rule = next((r for r in self.rulebook.ruleset.rules if r.name == job.rule), None)
         if rule is None:
             log.warning(
                 kv("hook_state_unrecorded", hook=job.label, study=job.study, reason="rule gone")
             )
-            return
+            return True
         try:
             update_hooks(Path(job.manifest), rule=rule, records=[record])
-        except (OSError, DestinationUnavailable) as error:
+        except ValueError as error:  # the rule's destination moved since the job was made
             log.warning(kv("hook_state_unrecorded", hook=job.label, study=job.study, error=error))
+        except (OSError, DestinationUnavailable) as error:
+            if not quiet:
+                log.warning(
+                    kv(
+                        "hook_state_unrecorded",
+                        hook=job.label,
+                        study=job.study,
+                        error=error,
+                        action="tried again",
+                    )
+                )
+            return False
+        return True
 
     def _write_manifest(
         self, study: Study, progress: RulePlacement, journal: Journal

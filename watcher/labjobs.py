@@ -52,6 +52,8 @@ MAX_FILE_BYTES = 1 << 20
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 30.0
 FINAL = ("done", "gave_up")
+#: `_read_trusted`'s reason when there is no file.
+MISSING = "no such file"
 
 
 @dataclass
@@ -111,15 +113,16 @@ def hook_group(lab_group: int | None, hook_user: str | None) -> int | None:
 
 def prepare(mailbox: Mailbox, group: int | None) -> None:
     """Make the lab's folders with their owners and modes (the daemon, at
-    start and before posting). state/ and the folders down to the lab's
-    become passable (0711) so the runner can reach its own."""
+    start). state/ and the folders down to the lab's become passable (0751,
+    0711) so the runner can reach its own; each folder is made on its own
+    (never with looser parents), and a link where one should be is refused."""
     for folder in (mailbox.state, mailbox.state / "hooks", mailbox.folder.parent):
         make_private(folder)
-        os.chmod(folder, 0o711 if folder != mailbox.state else 0o751)
+        _group_and_mode(folder, None, 0o711 if folder != mailbox.state else 0o751)
     # All made first, so that jobs can be posted (and wait) even when the
     # group cannot be given yet.
-    make_private(mailbox.jobs)
-    mailbox.results.mkdir(exist_ok=True)
+    for folder in (mailbox.folder, mailbox.jobs, mailbox.results):
+        make_private(folder)
     for folder, mode in (
         (mailbox.folder, 0o750),
         (mailbox.jobs, JOBS_MODE),
@@ -129,17 +132,22 @@ def prepare(mailbox: Mailbox, group: int | None) -> None:
 
 
 def _group_and_mode(folder: Path, group: int | None, mode: int) -> None:
-    info = os.lstat(folder)
-    if group is not None and info.st_gid != group:
-        try:
-            os.chown(folder, -1, group)
-        except PermissionError as error:
-            raise ConfigError(
-                f"cannot give {folder} the group {_group_name(group)}: the service user must "
-                "be a member of the lab's hook user's group"
-            ) from error
-    if stat.S_IMODE(info.st_mode) != mode:
-        os.chmod(folder, mode)
+    """Give `folder` (never a link) `group` and `mode`, through a handle."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if group is not None and info.st_gid != group:
+            try:
+                os.fchown(fd, -1, group)
+            except PermissionError as error:
+                raise ConfigError(
+                    f"cannot give {folder} the group {_group_name(group)}: the service user "
+                    "must be a member of the lab's hook user's group"
+                ) from error
+        if stat.S_IMODE(info.st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def post(mailbox: Mailbox, job: HookJob) -> Path:
@@ -149,33 +157,69 @@ def post(mailbox: Mailbox, job: HookJob) -> Path:
     return path
 
 
-def read_results(mailbox: Mailbox, hook_uid: int | None, refused: set[str]) -> dict[str, Result]:
-    """The runner's results by job id. A file the lab's hook user did not
-    write (or that others could have changed) is refused and reported once;
-    `refused` remembers which were."""
+def read_results(
+    mailbox: Mailbox, job_ids: list[str], hook_uid: int | None, refused: set[str]
+) -> dict[str, Result]:
+    """The runner's results of the posted jobs `job_ids`. Nothing else in
+    results/ is opened. A file the lab's hook user did not write (or that
+    others could change), or that is no valid result, is refused and
+    reported once; `refused` remembers which were."""
     results: dict[str, Result] = {}
-    try:
-        names = os.listdir(mailbox.results)
-    except OSError:
-        return results
-    for name in names:
-        if not name.endswith(".json") or name.startswith(TEMP_PREFIX) or name == "runner.json":
-            continue
-        path = mailbox.results / name
+    for job_id in job_ids:
+        path = mailbox.results / f"{job_id}.json"
         data, distrust = _read_trusted(path, hook_uid)
-        if distrust is not None:
-            if name not in refused:
-                refused.add(name)
-                log.error(kv("hook_result_refused", lab=mailbox.lab, path=path, reason=distrust))
+        if distrust == MISSING:
             continue
-        try:
-            result = Result(**json.loads(data))
-        except (ValueError, TypeError) as error:
-            log.warning(kv("hook_result_unreadable", lab=mailbox.lab, path=path, error=error))
+        result = None if distrust is not None else parse_result(data, job_id)
+        if result is None:
+            if job_id not in refused:
+                refused.add(job_id)
+                log.error(
+                    kv(
+                        "hook_result_refused",
+                        lab=mailbox.lab,
+                        path=path,
+                        reason=distrust or "not a valid result of this job",
+                    )
+                )
             continue
-        if f"{result.id}.json" == name:
-            results[result.id] = result
+        refused.discard(job_id)
+        results[job_id] = result
     return results
+
+
+#: Longest `reason` a result may carry (it goes into manifests and logs).
+MAX_REASON = 1000
+#: Times a result may give: from 2000 to 2200.
+TIMES = (946684800.0, 7258118400.0)
+
+
+def parse_result(data: bytes, job_id: str) -> Result | None:
+    """A runner's result, if `data` is one for `job_id` with fields of the
+    right kinds and sizes; else None (never raises)."""
+    try:
+        fields = json.loads(data)
+        if not isinstance(fields, dict) or fields.get("id") != job_id:
+            return None
+        result = Result(**fields)
+    except Exception:  # noqa: BLE001 - anything a hostile file can make the parser raise
+        return None
+    if result.state not in ("running", "failed", "done", "gave_up"):
+        return None
+    for count in (result.attempts, result.retries_left):
+        if type(count) is not int or not 0 <= count < 1 << 20:
+            return None
+    for code in (result.exit_status, result.pid, result.pid_started):
+        if code is not None and (type(code) is not int or abs(code) >= 1 << 62):
+            return None
+    for moment in (result.started, result.finished, result.next_try or None):
+        if moment is not None and (
+            type(moment) not in (int, float) or not TIMES[0] <= moment <= TIMES[1]
+        ):
+            return None
+    if not isinstance(result.reason, str) or len(result.reason) > MAX_REASON:
+        return None
+    return result
 
 
 def pending_jobs(mailbox: Mailbox) -> list[str]:
@@ -199,7 +243,7 @@ def load_job(mailbox: Mailbox, job_id: str, owner: int | None = None) -> HookJob
         return None
     try:
         job = HookJob(**json.loads(data))
-    except (ValueError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001 - anything a bad file can make the parser raise
         log.error(kv("hook_job_refused", lab=mailbox.lab, path=path, reason=f"unreadable: {error}"))
         return None
     if job.id != job_id or job.lab != mailbox.lab:
@@ -208,17 +252,19 @@ def load_job(mailbox: Mailbox, job_id: str, owner: int | None = None) -> HookJob
     return job
 
 
-def finish(mailbox: Mailbox, job_id: str, failed_folder: Path | None) -> None:
+def finish(mailbox: Mailbox, job: HookJob, result: Result, failed_folder: Path | None) -> None:
     """Remove a finished job and its result; a job given up is kept in
-    `failed_folder` (with its result) for the operator."""
-    job_path = mailbox.jobs / f"{job_id}.json"
+    `failed_folder`, with the result as it was checked, for the operator."""
     if failed_folder is not None:
-        with contextlib.suppress(OSError):
-            data = json.loads(job_path.read_text(encoding="utf-8"))
-            result = json.loads((mailbox.results / f"{job_id}.json").read_text(encoding="utf-8"))
-            atomic_write(failed_folder / f"{job_id}.json", json.dumps({**data, "result": result}))
-    job_path.unlink(missing_ok=True)
-    (mailbox.results / f"{job_id}.json").unlink(missing_ok=True)
+        kept = {**asdict(job), "result": asdict(result)}
+        atomic_write(failed_folder / f"{job.id}.json", json.dumps(kept, ensure_ascii=False))
+    for path in (mailbox.jobs / f"{job.id}.json", mailbox.results / f"{job.id}.json"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # (a folder put there by the hook user)
+            log.warning(kv("hook_file_left", lab=mailbox.lab, path=path, error=error))
 
 
 def runner_seen(mailbox: Mailbox, hook_uid: int | None) -> float | None:
@@ -227,9 +273,12 @@ def runner_seen(mailbox: Mailbox, hook_uid: int | None) -> float | None:
     if distrust is not None:
         return None
     try:
-        return float(json.loads(data)["updated"])
-    except (ValueError, KeyError, TypeError):
+        updated = json.loads(data)["updated"]
+    except Exception:  # noqa: BLE001 - anything a hostile file can make the parser raise
         return None
+    if type(updated) not in (int, float) or not TIMES[0] <= updated <= TIMES[1]:
+        return None
+    return float(updated)
 
 
 def _read_trusted(path: Path, owner: int | None) -> tuple[bytes, str | None]:
@@ -237,6 +286,8 @@ def _read_trusted(path: Path, owner: int | None) -> tuple[bytes, str | None]:
     else may write; else why not. Never follows a link, never blocks."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b"", MISSING
     except OSError as error:
         return b"", error.strerror or str(error)
     try:
@@ -274,8 +325,10 @@ class Dispatch:
         self.mailboxes = {name: Mailbox(state, name) for name in labs}
         self.hook_uids = {name: _uid(lab.hook_user) for name, lab in labs.items()}
         self.usable: dict[str, str | None] = {}
-        self.jobs: dict[str, HookJob] = {}
-        self.seen: dict[str, tuple[str, int]] = {}
+        # By (lab, job id): an id alone could name another lab's job.
+        self.jobs: dict[tuple[str, str], HookJob] = {}
+        self.seen: dict[tuple[str, str], tuple[str, int]] = {}
+        self.posted: dict[str, list[str]] = {name: [] for name in labs}
         self.refused: dict[str, set[str]] = {name: set() for name in labs}
         self.gave_up: dict[str, int] = dict.fromkeys(labs, 0)
         self.latest: dict[str, dict[str, Result]] = {name: {} for name in labs}
@@ -299,7 +352,7 @@ class Dispatch:
     def post(self, job: HookJob) -> None:
         mailbox = self.mailboxes[job.lab]
         post(mailbox, job)
-        self.jobs[job.id] = job
+        self.jobs[(job.lab, job.id)] = job
         self.on_change(job, hook_record(job, "pending", attempts=0))
         log.info(
             kv(
@@ -313,49 +366,59 @@ class Dispatch:
 
     def sync(self) -> None:
         """Take up the runners' results: a change goes to the manifest, a
-        final one also removes the job (a job given up is kept)."""
+        final one also removes the job (a job given up is kept). A lab whose
+        files cannot be taken up is reported; the others go on."""
         for name, mailbox in self.mailboxes.items():
             if self.usable.get(name) is not None:
                 continue
-            results = read_results(mailbox, self.hook_uids[name], self.refused[name])
-            self.latest[name] = results
-            for job_id, result in results.items():
-                if self.seen.get(job_id) == (result.state, result.attempts):
-                    continue
-                job = self.jobs.get(job_id) or load_job(mailbox, job_id)
-                if job is None:
-                    continue
-                self.jobs[job_id] = job
-                self.seen[job_id] = (result.state, result.attempts)
-                self.on_change(
+            try:
+                self._sync_lab(name, mailbox)
+            except Exception as error:  # noqa: BLE001 - one lab never stops the loop
+                log.error(kv("hook_results_failed", lab=name, error=repr(error)))
+
+    def _sync_lab(self, name: str, mailbox: Mailbox) -> None:
+        posted = pending_jobs(mailbox)
+        self.posted[name] = posted
+        results = read_results(mailbox, posted, self.hook_uids[name], self.refused[name])
+        self.latest[name] = results
+        for job_id, result in results.items():
+            key = (name, job_id)
+            if self.seen.get(key) == (result.state, result.attempts):
+                continue
+            job = self.jobs.get(key) or load_job(mailbox, job_id)
+            if job is None or job.lab != name:
+                continue
+            self.jobs[key] = job
+            self.seen[key] = (result.state, result.attempts)
+            self.on_change(
+                job,
+                hook_record(
                     job,
-                    hook_record(
-                        job,
-                        result.state,
-                        attempts=result.attempts,
-                        exit_status=result.exit_status,
-                        reason=result.reason,
-                        started=result.started,
-                        finished=result.finished,
-                    ),
+                    result.state,
+                    attempts=result.attempts,
+                    exit_status=result.exit_status,
+                    reason=result.reason,
+                    started=result.started,
+                    finished=result.finished,
+                ),
+            )
+            log.info(
+                kv(
+                    "hook_result",
+                    hook=job.label,
+                    lab=name,
+                    study=job.study,
+                    state=result.state,
+                    exit_status=result.exit_status,
+                    attempts=result.attempts,
                 )
-                log.info(
-                    kv(
-                        "hook_result",
-                        hook=job.label,
-                        lab=name,
-                        study=job.study,
-                        state=result.state,
-                        exit_status=result.exit_status,
-                        attempts=result.attempts,
-                    )
-                )
-                if result.state in FINAL:
-                    gave_up = result.state == "gave_up"
-                    finish(mailbox, job_id, self.failed_folder if gave_up else None)
-                    self.gave_up[name] += gave_up
-                    self.jobs.pop(job_id, None)
-                    self.seen.pop(job_id, None)
+            )
+            if result.state in FINAL:
+                gave_up = result.state == "gave_up"
+                finish(mailbox, job, result, self.failed_folder if gave_up else None)
+                self.gave_up[name] += gave_up
+                self.jobs.pop(key, None)
+                self.seen.pop(key, None)
 
     def summary(self, now: float) -> dict[str, dict[str, object]]:
         """Per lab: jobs waiting, running and failed, and whether its runner lives."""

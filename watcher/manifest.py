@@ -49,8 +49,9 @@ def manifest_path(rule: Rule, relative_path: str, study_uid: str) -> Path:
     return rule.destination / f"manifest_{safe_component(study_uid)}.json"
 
 
-#: An existing manifest larger than this is not read (nor replaced).
-MAX_MANIFEST_BYTES = 256 << 20
+#: An existing manifest larger than this is not read (nor replaced): about
+#: 150,000 instances; parsing takes some 20 times its size in memory.
+MAX_MANIFEST_BYTES = 32 << 20
 
 
 class ManifestRefused(OSError):
@@ -89,10 +90,11 @@ def write_manifest(
 def update_hooks(path: Path, *, rule: Rule, records: Iterable[dict[str, object]]) -> bool:
     """Bring the `hooks` list of an existing manifest up to date with
     `records` (by job id), so a lab script sees whether its conversion ran.
-    False when there is no manifest at `path` to update."""
+    False when there is no manifest at `path` to update. Raises
+    `ManifestRefused` at once when the folder is locked (try again later)."""
     folder = _open_folder(rule, path.parent)
     try:
-        _lock(folder)
+        _lock(folder, wait=0.0)
         previous = _read_existing(folder, path.name)
         if previous is None:
             return False
@@ -120,12 +122,29 @@ def _open_folder(rule: Rule, folder: Path) -> int:
         os.close(root)
 
 
-def _lock(fd: int) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as error:  # a share without folder locks: go on unlocked
-        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
-            raise
+#: How long a manifest waits for its folder's lock: another daemon holds it
+#: for a moment; whoever holds it longer (a lab's process) makes the write
+#: fail, to be tried again, instead of stalling the daemon.
+LOCK_WAIT_SECONDS = 2.0
+
+
+def _lock(fd: int, wait: float = LOCK_WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise ManifestRefused(
+                    errno.EWOULDBLOCK,
+                    f"the study's folder stayed locked by another process for {wait:.0f} s",
+                ) from None
+            time.sleep(0.02)
+        except OSError as error:  # a share without folder locks: go on unlocked
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                raise
+            return
 
 
 def _read_existing(folder: int, name: str) -> dict[str, Any] | None:
@@ -147,7 +166,7 @@ def _read_existing(folder: int, name: str) -> dict[str, Any] | None:
         raise ManifestRefused(errno.EFBIG, f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         previous = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # not a manifest (a lab may have put anything there)
         return None
     return previous if isinstance(previous, dict) else None
 
