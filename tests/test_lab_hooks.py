@@ -119,6 +119,22 @@ def test_forged_or_edited_jobs_and_results_are_refused_and_reported(centre, acco
     ):
         denied = account.write(mailbox / "jobs" / "forged.json", "{}")
         assert denied.returncode != 0, account.name
+    # The lab's members cannot even read the jobs (they pass through the hook
+    # user's own group), nor write a result; one that got there anyway is
+    # refused by the daemon, and the manifest keeps the job's own state.
+    centre.receive(SMITH)
+    centre.wait_event("hook_held")
+    member = accounts.members["smith"]
+    assert member.run(["ls", str(mailbox / "jobs")]).returncode != 0
+    [job_id] = [p.stem for p in (mailbox / "jobs").glob("*.json")]
+    assert member.write(mailbox / "results" / f"{job_id}.json", "{}").returncode != 0
+    planted = mailbox / "results" / f"{job_id}.json"
+    planted.write_text(json.dumps({"id": job_id, "state": "done", "attempts": 1, "exit_status": 0}))
+    os.chown(planted, member.uid, accounts.hook_users["smith"].gid)
+    [refused] = centre.wait_event("hook_result_refused")
+    assert refused["path"] == str(planted) and f"belongs to uid {member.uid}" in refused["reason"]
+    assert manifest_hooks(smith)[0]["state"] == "pending"
+    planted.unlink()
     # A job file that got there anyway (a wrong owner, or writable by its
     # group) is refused by the runner and reported, never run.
     marker = smith / "forged-ran"
@@ -139,32 +155,13 @@ def test_forged_or_edited_jobs_and_results_are_refused_and_reported(centre, acco
     os.chown(edited, accounts.service.uid, accounts.labs["smith"])
     edited.chmod(0o660)
     centre.start_runner("smith")
-    refused = centre.wait_runner_event("smith", "hook_job_refused", count=3)
-    reasons = {Path(r["path"]).name: r["reason"] for r in refused}
+    refused_jobs = centre.wait_runner_event("smith", "hook_job_refused", count=3)
+    reasons = {Path(r["path"]).name: r["reason"] for r in refused_jobs}
     assert f"belongs to uid {accounts.members['jones'].uid}" in reasons[foreign.name]
     assert f"belongs to uid {accounts.operator.uid}" in reasons[by_operator.name]
     assert "writable by others" in reasons[edited.name]
-    # The lab's members cannot even read the jobs (they pass through the hook
-    # user's own group), nor write a result; one that got there anyway is
-    # refused by the daemon: the manifest shows the runner's own.
-    centre.receive(SMITH)
-    centre.wait_event("hook_held")
-    member = accounts.members["smith"]
-    assert member.run(["ls", str(mailbox / "jobs")]).returncode != 0
-    [job_id] = [
-        p.stem
-        for p in (mailbox / "jobs").glob("*.json")
-        if p.stem not in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "dddddddddddd")
-    ]
-    forged_result = {"id": job_id, "state": "done", "attempts": 1, "exit_status": 0}
-    assert member.write(mailbox / "results" / "x.json", "{}").returncode != 0
-    planted = mailbox / "results" / "cccccccccccc.json"
-    planted.write_text(json.dumps({**forged_result, "id": "cccccccccccc"}))
-    os.chown(planted, member.uid, accounts.hook_users["smith"].gid)
     [done] = wait_hook_state(smith, "done")
     assert done["id"] == job_id and done["started"], "the runner's result"
-    [refused] = centre.wait_event("hook_result_refused")
-    assert refused["path"] == str(planted) and f"belongs to uid {member.uid}" in refused["reason"]
     assert not marker.exists()
 
 
