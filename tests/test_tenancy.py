@@ -634,6 +634,7 @@ def test_control_characters_from_headers_never_reach_the_log_raw(daemon, tmp_pat
     assert run.terminate() == 0
     text = run.log_path.read_text(encoding="utf-8")
     assert _unescaped(text) == []
+    assert "escape sequence" not in text, "pydicom's own warnings stay out of the log"
     lines = [line for line in text.splitlines() if "study_placed" in line]
     assert len(lines) == 1
     record = (

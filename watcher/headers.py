@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import struct
 import zlib
@@ -98,6 +99,10 @@ def configure_pydicom() -> ModuleType:
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    # Importing pydicom.config sets its logger to WARNING: odd-but-readable
+    # values would each get a bare line in the daemon's log. What matters
+    # reaches the log through NotRoutable.
+    logging.getLogger("pydicom").setLevel(max(logging.getLogger("pydicom").level, logging.ERROR))
     return pydicom
 
 
