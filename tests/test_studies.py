@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -842,3 +843,26 @@ def test_a_bad_file_that_cannot_leave_the_inbox_is_tried_again_later_and_once_en
     # (the two daemons' clocks put their copies under two dates)
     reasons = list((daemon.state / "quarantine").rglob("*.reason.txt"))
     assert reasons and all("not a DICOM file" in r.read_text() for r in reasons)
+
+
+def test_temporaries_that_cannot_be_removed_are_told_once_not_at_every_retry(tmp_path, caplog):
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("an undeletable file needs root and chattr (e2fsprogs)")
+    caplog.set_level(logging.INFO)
+    config = in_process_daemon(tmp_path, FakeClock())[0].config
+    folder = tmp_path / "lab" / "P1"
+    folder.mkdir(parents=True)
+    stuck = folder / f"{TEMP_PREFIX}a1b2c3.1.dcm"
+    stuck.write_bytes(b"half")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable files")
+    try:
+        (config.state / "placing.json").write_text(json.dumps({"folders": [str(folder)]}))
+        daemon = Daemon(config, stop=threading.Event())
+        daemon._prepare()
+        for _ in range(3):  # the retries of a study parked on that folder
+            daemon._clean_interrupted_placement()
+        [cleaned] = logged(caplog, "cleaned_interrupted_placement")
+        assert "folders_left=1" in cleaned
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)

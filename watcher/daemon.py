@@ -150,6 +150,8 @@ class Daemon:
             config.state, config.labs or {}, self.hook_store.failed_folder, self._hook_changed
         )
         self._next_hook_sync = 0.0
+        #: The folders with temporary files a cleaning could not remove, as last told.
+        self._left_told: set[str] = set()
         #: Hook states not written into their manifests yet, with the tries so far.
         self._hook_backlog: dict[tuple[str, str], tuple[HookJob, dict[str, object], int]] = {}
         self.destinations = Destinations(clock)
@@ -260,7 +262,10 @@ class Daemon:
             folders = []
         removed = sum(remove_temporaries(Path(folder)) for folder in folders)
         left = [folder for folder in folders if _has_temporaries(Path(folder))]
-        if removed or left:
+        # Said when something was removed, or when what is left changes (not
+        # again at every retry of a study parked on a read-only share).
+        if removed or (left and set(left) != self._left_told):
+            self._left_told = set(left)
             log.info(
                 kv(
                     "cleaned_interrupted_placement",
