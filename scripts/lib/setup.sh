@@ -45,6 +45,9 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)   # verifies the uni
 command -v dcm2niix >/dev/null || missing+=(dcm2niix)         # the conversion hook example
 command -v sshfs >/dev/null || missing+=(sshfs)               # a real network share in tests
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)            #   served by a private sshd
+# The tests that run dicom-watcher as other users install it into a venv of
+# Debian's python3 (this machine's default python3 may be private to root).
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ -x /usr/bin/time ] || missing+=(time)                        # peak memory in scripts/bench
 if ((${#missing[@]})); then
     apt_install "${missing[@]}" \
