@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import unicodedata
 from pathlib import Path
 
@@ -19,10 +20,10 @@ from harness import lab_files, wait_for
 
 from watcher import cli
 from watcher.config import load_config
-from watcher.errors import ConfigError
+from watcher.errors import ConfigError, DestinationUnavailable
 from watcher.hooks import hook_values, substitute
 from watcher.logs import JsonFormatter, KeyValueFormatter, escape, parse_pairs
-from watcher.placement import TEMP_PREFIX
+from watcher.placement import TEMP_PREFIX, open_root
 from watcher.rules import RuleBook, load_rule_file, load_rules
 from watcher.synthetic import StudySpec, write_study
 
@@ -683,3 +684,53 @@ def test_every_control_format_and_separator_character_is_escaped():
     ]
     assert [c for c in unsafe if escape(c) == c] == []
     assert escape("Müller^Zoë 山田") == "Müller^Zoë 山田"
+
+
+# --- what a lab can do to its root and its rule files ------------------------------------------
+
+
+def test_a_lab_that_swaps_its_root_for_a_link_reaches_no_other_tree(tmp_path):
+    # smith may write only under nas/smith/dicom, but owns nas/smith: it can
+    # put a link to jones's tree in place of its root.
+    centre = Centre(tmp_path, smith={"destinations": [str(tmp_path / "nas" / "smith" / "dicom")]})
+    root = centre.nas / "smith" / "dicom"
+    root.mkdir()
+    (centre.nas / "jones" / "dicom").mkdir()
+    centre.rule("smith/a", root)
+    labs = centre.labs  # as the daemon loaded them at its start
+    [rule] = load_rules(centre.rules, labs).rules
+    root.rename(centre.nas / "smith" / "was-dicom")
+    root.symlink_to(centre.nas / "jones" / "dicom")
+    # A placement of the rule loaded before goes nowhere...
+    with pytest.raises(DestinationUnavailable, match="'dicom' on the way to it is now a symbolic"):
+        open_root(rule.destination, rule.anchor, rule.beneath)
+    # ... and the rule loaded again after the swap is refused.
+    reloaded = load_rules(centre.rules, labs)
+    assert reloaded.rules == ()
+    assert "is outside labs.smith.destinations" in str(reloaded.problems[0])
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("match: {}\ndescription: " + "[" * 5000 + "]" * 5000 + "\n", 2, "nested more than 16"),
+        (
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+            + "name: *a8\n",
+            1,
+            "YAML anchors and aliases (&name, *name) are not allowed",
+        ),
+    ],
+    ids=["deeply-nested", "alias-bomb"],
+)
+def test_a_rule_file_built_to_exhaust_the_parser_is_refused_at_once(centre, text, line, message):
+    file = centre.rules / "smith" / "bomb.yaml"
+    file.write_text(text)
+    centre.rule("smith/fine")
+    started = time.monotonic()
+    ruleset = centre.load()
+    assert time.monotonic() - started < 30  # (a guard against a hang, not a timing target)
+    assert [rule.name for rule in ruleset.rules] == ["smith/fine"]
+    [problem] = ruleset.problems
+    assert str(problem).startswith(f"{file}:{line}: {message}")

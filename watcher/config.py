@@ -210,8 +210,13 @@ def _absolute(config: Config, base: Path) -> Config:
     paths: dict[str, Any] = {key: base / getattr(config, key) for key in PATH_KEYS}
     if config.labs is not None:
         paths["labs"] = {
+            # Resolved now, once: placements go down from these without
+            # following a link, whatever a lab puts in their place later.
             name: dataclasses.replace(
-                lab, destinations=tuple(base / root for root in lab.destinations)
+                lab,
+                destinations=tuple(
+                    Path(os.path.realpath(base / root)) for root in lab.destinations
+                ),
             )
             for name, lab in config.labs.items()
         }

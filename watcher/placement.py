@@ -704,11 +704,20 @@ def open_root(root: Path, anchor: Path | None = None, beneath: Sequence[str] = (
     placement: a folder of the lab's tree that was swapped for a link since
     the rule was loaded makes the destination unavailable, not a way out.
     Raises `DestinationUnavailable`."""
+    if anchor is None:
+        try:
+            return os.open(root, DIRECTORY_FLAGS)
+        except OSError as error:
+            raise _unavailable(root, error) from error
+    # The anchor (resolved when the config loaded) is reached from / too,
+    # one folder at a time: a link put in place of it or of a folder above
+    # it makes the destination unavailable.
+    parts = anchor.parts
     try:
-        fd = os.open(anchor or root, DIRECTORY_FLAGS)
+        fd = os.open(parts[0], DIRECTORY_FLAGS)
     except OSError as error:
         raise _unavailable(root, error) from error
-    for component in beneath if anchor is not None else ():
+    for component in (*parts[1:], *beneath):
         try:
             child = os.open(component, DIRECTORY_FLAGS, dir_fd=fd)
         except OSError as error:

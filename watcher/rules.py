@@ -147,7 +147,7 @@ class Lab:
     """What the operator's config lets one lab do (`labs.<name>`)."""
 
     name: str
-    #: Roots the lab's rules may write under.
+    #: Roots the lab's rules may write under, resolved when the config loads.
     destinations: tuple[Path, ...] = ()
     #: `match:`-style maps, any of which must hold for the lab's rules to
     #: take an instance; None is `claims: all`; () takes nothing.
@@ -477,7 +477,9 @@ def _bound_to_lab(rule: Rule, lab: Lab) -> Rule:
     if not lab.destinations:
         raise _Refused("destination", f"refused: labs.{lab.name} has no destinations")
     target = Path(os.path.realpath(rule.destination))
-    roots = [Path(os.path.realpath(root)) for root in lab.destinations]
+    # The roots as resolved when the config was loaded: a link the lab puts
+    # in place of its root (or a folder above it) since cannot move them.
+    roots = list(lab.destinations)
     anchor = next((root for root in roots if _inside(target, root)), None)
     if anchor is None:
         listed = ", ".join(str(r) for r in lab.destinations)
@@ -576,9 +578,14 @@ def load_rule_file(
     except (OSError, UnicodeDecodeError, ValueError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         return None, [RuleError(source, 0, f"cannot read: {reason}")]
+    shape = _unsafe_shape(text)
+    if shape is not None:
+        return None, [RuleError(source, shape[0], shape[1])]
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except (RecursionError, MemoryError):  # (refused above; kept as the last guard)
+        return None, [RuleError(source, 1, "not valid YAML: too deeply nested")]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         reason = getattr(error, "problem", None) or str(error)
@@ -601,6 +608,37 @@ def load_rule_file(
     return rule, problems
 
 
+#: A rule is a flat mapping with a few small maps and lists in it.
+MAX_NESTING = 16
+
+
+def _unsafe_shape(text: str) -> tuple[int, str] | None:
+    """(line, why) when `text` uses YAML aliases (an alias bomb costs memory
+    exponential in its size) or nests deeper than `MAX_NESTING` (the parser
+    recurses per level); None otherwise, or when it is not valid YAML at all
+    (which the parser then reports). Looks at the event stream only."""
+    import yaml
+
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1 if event.start_mark is not None else 1
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                return (
+                    line,
+                    "YAML anchors and aliases (&name, *name) are not allowed in rule files",
+                )
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_NESTING:
+                    return line, f"nested more than {MAX_NESTING} levels deep"
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return None
+    return None
+
+
 def _duplicate_name(path: Path, name: str) -> RuleError:
     """A rule name already taken, reported at the file's `name:` line (line 1
     when the name is the file's stem)."""
@@ -608,7 +646,8 @@ def _duplicate_name(path: Path, name: str) -> RuleError:
 
     line = 1
     try:
-        node = yaml.compose(read_rule_text(path, None), Loader=yaml.SafeLoader)
+        text = read_rule_text(path, None)
+        node = None if _unsafe_shape(text) else yaml.compose(text, Loader=yaml.SafeLoader)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         node = None
     if isinstance(node, yaml.MappingNode):
