@@ -734,3 +734,25 @@ def test_a_rule_file_built_to_exhaust_the_parser_is_refused_at_once(centre, text
     assert [rule.name for rule in ruleset.rules] == ["smith/fine"]
     [problem] = ruleset.problems
     assert str(problem).startswith(f"{file}:{line}: {message}")
+
+
+def test_a_labs_long_quiet_period_holds_no_copy_of_a_study_another_lab_takes_later_instances_of(
+    daemon, tmp_path
+):
+    # The study's first instances are MR, which smith alone takes (with a
+    # quiet period of years); its later CT instances are jones's too. Which
+    # labs share a study comes from all its instances, not the first.
+    run, smith, jones = _two_labs(daemon, tmp_path)
+    run.add_rule("smith/slow", smith / "slow", quiet_seconds=100000000, expected_instances=10**6)
+    (smith / "slow").mkdir()
+    run.add_rule("jones/ct", jones, match={"Modality": "^CT$"})
+    run.start()
+    run.wait_event("started")
+    uid = "1.2.826.0.1.3680043.10.1389.77"
+    write_study(StudySpec(series=1, instances=2, study_uid=uid), run.inbox)
+    wait_for(lambda: run.status().get("studies"), 30, "the MR instances to be read")
+    ct = StudySpec(series=1, instances=2, study_uid=uid, extra={"Modality": "CT"})
+    write_study(ct, run.inbox / "ct")
+    placed = run.wait_event("study_placed", count=3, timeout=60)  # the config's short quiet
+    assert {line["rule"] for line in placed} == {"smith/a", "smith/slow", "jones/ct"}
+    assert len(lab_files(jones)) == 2

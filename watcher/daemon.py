@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from watcher import headers
 from watcher.config import Config
@@ -729,26 +729,38 @@ class Daemon:
         A lab's rules set these only for a study that goes to that lab
         alone: a study shared with others waits as the operator's rules and
         the config say, so that no lab delays (or hurries) another's copies.
+        Which labs share it is known from every instance that arrived (each
+        matched once), not from the first alone.
         """
         ruleset = self.rulebook.ruleset
-        if not study.policy or study.policy[0] is not ruleset:
-            first = next(iter(study.instances.values()))
-            rules = ruleset.matching(study.values(first))
+        policy = study.policy
+        if not isinstance(policy, Completion) or policy.ruleset is not ruleset:
+            policy = study.policy = Completion(ruleset)
+        if policy.arrival != study.last_arrival:
+            policy.arrival = study.last_arrival
+            for path, pending in study.instances.items():
+                if path in policy.seen:
+                    continue
+                policy.seen.add(path)
+                for rule in ruleset.matching(study.values(pending)):
+                    if rule.name not in policy.matched:
+                        policy.matched[rule.name] = rule
+                        policy.quiet = None  # worked out again below
+        if policy.quiet is None:
+            rules = list(policy.matched.values())
             if len({rule.tenant for rule in rules}) > 1:
                 rules = [rule for rule in rules if not rule.tenant]
             quiet = max(
                 (r.quiet_seconds for r in rules if r.quiet_seconds is not None),
                 default=self.config.quiet_seconds,
             )
-            if self.quiet_override is not None:
-                quiet = self.quiet_override
-            expected = tuple(r.expected_instances for r in rules if r.expected_instances)
-            study.policy = (ruleset, quiet, expected, -1, False)
-        _, quiet, expected, counted, complete = study.policy
-        if expected and counted != len(study.instances):
-            complete = _expected_count_reached(study, expected)
-            study.policy = (ruleset, quiet, expected, len(study.instances), complete)
-        return quiet, complete
+            policy.quiet = quiet if self.quiet_override is None else self.quiet_override
+            policy.expected = tuple(r.expected_instances for r in rules if r.expected_instances)
+            policy.counted, policy.complete = -1, False
+        if policy.expected and policy.counted != len(study.instances):
+            policy.complete = _expected_count_reached(study, policy.expected)
+            policy.counted = len(study.instances)
+        return policy.quiet, policy.complete
 
     def _finish_rule(self, study: Study, progress: RulePlacement, journal: Journal) -> None:
         """A study (or a late addition to it) is placed for one rule: its
@@ -1050,7 +1062,12 @@ class Daemon:
             if study.parked_since is not None:
                 step = f"parked: next try in {max(study.next_try - now, 0):.0f} s"
             else:
-                quiet = study.policy[1] if study.policy else self.config.quiet_seconds
+                policy = study.policy
+                quiet = (
+                    policy.quiet
+                    if isinstance(policy, Completion) and policy.quiet is not None
+                    else self.config.quiet_seconds
+                )
                 left = max(quiet - (now - study.last_arrival), 0)
                 step = f"complete in {left:.0f} s"
             studies.append(
@@ -1104,6 +1121,22 @@ class Daemon:
             atomic_write(self.state / "status.json", json.dumps(status, indent=1))
         except OSError as error:
             log.warning(kv("status_write_failed", error=error.strerror or error))
+
+
+@dataclass
+class Completion:
+    """How a study completes, worked out for one version of the rules: the
+    rules its instances matched so far, and what they make of it."""
+
+    ruleset: object
+    matched: dict[str, Any] = field(default_factory=dict)
+    #: The instances matched already, and the arrival time that was seen.
+    seen: set[str] = field(default_factory=set)
+    arrival: float | None = None
+    quiet: float | None = None
+    expected: tuple[int | str, ...] = ()
+    counted: int = -1
+    complete: bool = False
 
 
 class Journal:

@@ -148,8 +148,8 @@ class Study:
     patient: str = ""
     #: Per rule name, what was placed so far (kept across parked retries).
     progress: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: Cached completion policy: (rules version, quiet seconds, checker).
-    policy: tuple[Any, ...] = ()
+    #: How it completes, as the daemon worked it out (`daemon.Completion`).
+    policy: Any = None
     attempts: int = 0
     next_try: float = 0.0
     last_error: str = ""
