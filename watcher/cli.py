@@ -162,10 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --- run and status ----------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from watcher.daemon import Daemon  # with watchdog: imported only to run
-
-    config = load_config(args.config).with_overrides(quiet_seconds=args.quiet_seconds)
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT set (logged), for a command's loop."""
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -174,6 +172,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from watcher.daemon import Daemon  # with watchdog: imported only to run
+
+    config = load_config(args.config).with_overrides(quiet_seconds=args.quiet_seconds)
+    stop = stop_on_signals()
     return Daemon(config, once=args.once, stop=stop, quiet_override=args.quiet_seconds).run()
 
 
@@ -181,15 +187,7 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     from watcher.labrunner import run_lab_hooks
 
     config = load_config(args.config)
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info(logs.kv("stopping", signal=signal.Signals(signum).name))
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return run_lab_hooks(config, args.lab, once=args.once, stop=stop)
+    return run_lab_hooks(config, args.lab, once=args.once, stop=stop_on_signals())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

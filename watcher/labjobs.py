@@ -353,6 +353,7 @@ class Dispatch:
         mailbox = self.mailboxes[job.lab]
         post(mailbox, job)
         self.jobs[(job.lab, job.id)] = job
+        self.posted[job.lab].append(job.id)
         self.on_change(job, hook_record(job, "pending", attempts=0))
         log.info(
             kv(
@@ -369,16 +370,16 @@ class Dispatch:
         final one also removes the job (a job given up is kept). A lab whose
         files cannot be taken up is reported; the others go on."""
         for name, mailbox in self.mailboxes.items():
+            self.posted[name] = pending_jobs(mailbox)
             if self.usable.get(name) is not None:
-                continue
+                continue  # its jobs wait (and are counted)
             try:
                 self._sync_lab(name, mailbox)
             except Exception as error:  # noqa: BLE001 - one lab never stops the loop
                 log.error(kv("hook_results_failed", lab=name, error=repr(error)))
 
     def _sync_lab(self, name: str, mailbox: Mailbox) -> None:
-        posted = pending_jobs(mailbox)
-        self.posted[name] = posted
+        posted = self.posted[name]
         results = read_results(mailbox, posted, self.hook_uids[name], self.refused[name])
         self.latest[name] = results
         for job_id, result in results.items():
@@ -417,6 +418,7 @@ class Dispatch:
                 gave_up = result.state == "gave_up"
                 finish(mailbox, job, result, self.failed_folder if gave_up else None)
                 self.gave_up[name] += gave_up
+                self.posted[name].remove(job_id)
                 self.jobs.pop(key, None)
                 self.seen.pop(key, None)
 
@@ -424,7 +426,7 @@ class Dispatch:
         """Per lab: jobs waiting, running and failed, and whether its runner lives."""
         labs: dict[str, dict[str, object]] = {}
         for name, mailbox in self.mailboxes.items():
-            posted = pending_jobs(mailbox)
+            posted = self.posted[name]  # as the last sync (every second) listed them
             if not posted and not self.gave_up[name] and not self.labs[name].hook_user:
                 continue
             latest = self.latest.get(name, {})
@@ -474,12 +476,7 @@ class ResultStore:
 
     def load(self, job_id: str) -> Result | None:
         data, distrust = _read_trusted(self.mailbox.results / f"{job_id}.json", os.geteuid())
-        if distrust is not None:
-            return None
-        try:
-            return Result(**json.loads(data))
-        except (ValueError, TypeError):
-            return None
+        return None if distrust is not None else parse_result(data, job_id)
 
     def running(self, job: HookJob, pid: int) -> None:
         self._write(
