@@ -17,7 +17,14 @@ from support import files_under, sha256, tree
 
 from watcher import placement
 from watcher.errors import DestinationUnavailable
-from watcher.placement import TEMP_PREFIX, PathConflict, place, remove_temporaries
+from watcher.placement import (
+    TEMP_PREFIX,
+    Folder,
+    PathConflict,
+    place,
+    remove_temporaries,
+)
+from watcher.placement import temporaries as temporaries_in
 from watcher.template import MAX_COMPONENT_BYTES
 
 RELATIVE = "SUBJ01/20261125_SMITH^Memory/001_T1_MPRAGE/00001.dcm"
@@ -248,13 +255,28 @@ def test_remove_temporaries_removes_only_leftover_temporary_files(root):
     keep.write_bytes(b"placed")
     (folder / f"{TEMP_PREFIX}a-folder").mkdir()
     (folder / f"{TEMP_PREFIX}link").symlink_to(keep)
-    assert remove_temporaries(folder) == 2
+    fd = Folder(root, ("P",)).open()
+    try:
+        assert sorted(temporaries_in(fd)) == sorted(path.name for path in leftovers)
+        assert remove_temporaries(fd) == 2
+        assert remove_temporaries(fd) == 0
+    finally:
+        os.close(fd)
     assert sorted(os.listdir(folder)) == sorted(
         ["00001.dcm", f"{TEMP_PREFIX}a-folder", f"{TEMP_PREFIX}link"]
     )
     assert keep.read_bytes() == b"placed"
-    assert remove_temporaries(folder) == 0
-    assert remove_temporaries(root / "missing") == 0
+
+
+def test_a_folder_is_reached_without_following_a_link_below_its_root(root):
+    (root / "real" / "P").mkdir(parents=True)
+    (root / "link").symlink_to(root / "real")
+    os.close(Folder(root, ("real", "P")).open())
+    with pytest.raises(OSError) as raised:
+        Folder(root, ("link", "P")).open()
+    assert raised.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    with pytest.raises(DestinationUnavailable):
+        Folder(root / "link", ("P",), root, ("link",)).open()
 
 
 def test_link_on_one_filesystem_gives_identical_bytes(root, source):

@@ -27,10 +27,10 @@ from pydicom.uid import generate_uid
 from watcher import daemon as daemon_module
 from watcher import engine as engine_module
 from watcher import headers
-from watcher.daemon import Daemon
+from watcher.daemon import Daemon, write_journal
 from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
 from watcher.inbox import InboxWatcher
-from watcher.placement import TEMP_PREFIX
+from watcher.placement import TEMP_PREFIX, Folder
 from watcher.studies import COUNT_GRACE_SECONDS, Arrivals, Studies
 from watcher.synthetic import UID_ROOT, StudySpec, make_dataset, write_dataset, write_study
 
@@ -309,7 +309,7 @@ def test_a_start_after_a_crash_removes_the_temporary_files_its_journal_lists(tmp
         (folder / f"{TEMP_PREFIX}a1b2c3.2.dcm").write_bytes(b"half")
     (listed / f"{TEMP_PREFIX}d4e5f6.manifest.json").write_text("{")
     journal = config.state / "placing.json"
-    journal.write_text(json.dumps({"folders": [str(listed), str(lab / "gone")]}))
+    write_journal(journal, {Folder(lab, ("P1", "1")), Folder(lab, ("gone",))})
 
     Daemon(config, stop=threading.Event())._prepare()
 
@@ -318,6 +318,40 @@ def test_a_start_after_a_crash_removes_the_temporary_files_its_journal_lists(tmp
     assert not journal.exists()
     [cleaned] = logged(caplog, "cleaned_interrupted_placement")
     assert "temporary_files=2 " in cleaned and "folders_left=0" in cleaned
+
+
+def test_an_older_journal_of_bare_paths_is_cleaned_too(tmp_path):
+    config = in_process_daemon(tmp_path, FakeClock())[0].config
+    folder = tmp_path / "lab" / "P1"
+    folder.mkdir()
+    (folder / f"{TEMP_PREFIX}a1b2c3.2.dcm").write_bytes(b"half")
+    journal = config.state / "placing.json"
+    journal.write_text(json.dumps({"folders": [str(folder)]}))
+
+    Daemon(config, stop=threading.Event())._prepare()
+
+    assert list(folder.iterdir()) == []
+    assert not journal.exists()
+
+
+def test_crash_cleanup_does_not_follow_a_link_a_lab_put_in_place_of_a_journaled_folder(tmp_path):
+    # Lab smith's placement crashed, leaving its folder P1 in the journal.
+    # Before the restart smith replaces P1 with a link into jones's tree,
+    # where jones's own program keeps files whose names start like ours.
+    config = in_process_daemon(tmp_path, FakeClock())[0].config
+    smith, jones = tmp_path / "nas" / "smith", tmp_path / "nas" / "jones"
+    (jones / "P1").mkdir(parents=True)
+    smith.mkdir(parents=True)
+    theirs = jones / "P1" / f"{TEMP_PREFIX}work.dcm"
+    theirs.write_bytes(b"jones's")
+    (smith / "P1").symlink_to(jones / "P1")
+    journal = config.state / "placing.json"
+    write_journal(journal, {Folder(smith, ("P1",), smith), Folder(smith, ("P1",))})
+
+    Daemon(config, stop=threading.Event())._prepare()
+
+    assert theirs.read_bytes() == b"jones's"
+    assert not journal.exists(), "a folder now reached through a link is dropped"
 
 
 def test_an_empty_inbox_folder_is_kept_until_empty_folder_seconds_passed(tmp_path):
@@ -496,7 +530,9 @@ def write_three_two_batch_studies(inbox: Path) -> int:
 
 
 def _journaled() -> set[str]:
-    return set(json.loads(_JOURNAL[0].read_text(encoding="utf-8"))["folders"])
+    return {
+        entry["path"] for entry in json.loads(_JOURNAL[0].read_text(encoding="utf-8"))["folders"]
+    }
 
 
 def _place_after_checking_the_journal(batch, retry):  # type: ignore[no-untyped-def]
@@ -630,7 +666,7 @@ def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches
     journaled: list[str] = []  # the patients, in the order they are prepared
 
     def add_or_fail(journal, folders):  # type: ignore[no-untyped-def]
-        patient = Path(min(folders)).relative_to(lab).parts[0]
+        patient = min(folder.path for folder in folders).relative_to(lab).parts[0]
         if disk_full and journaled and patient != journaled[0]:
             raise OSError(errno.ENOSPC, "No space left on device", str(journal.path))
         journaled.append(patient)

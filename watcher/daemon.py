@@ -53,11 +53,13 @@ from watcher.logs import kv
 from watcher.manifest import Entry, manifest_path, update_hooks, write_manifest
 from watcher.placement import (
     TEMP_PREFIX,
+    Folder,
     PathConflict,
     Placement,
     place,
     remove_temporaries,
     sha256_of_fd,
+    temporaries,
 )
 from watcher.rules import PER_SERIES_COUNT, Route, RuleBook
 from watcher.state import atomic_write, make_private, trusted
@@ -151,7 +153,7 @@ class Daemon:
         )
         self._next_hook_sync = 0.0
         #: The folders with temporary files a cleaning could not remove, as last told.
-        self._left_told: set[str] = set()
+        self._left_told: set[Folder] = set()
         #: Hook states not written into their manifests yet, with the tries so far.
         self._hook_backlog: dict[tuple[str, str], tuple[HookJob, dict[str, object], int]] = {}
         self.destinations = Destinations(clock)
@@ -254,18 +256,33 @@ class Daemon:
             log.error(kv("journal_refused", path=self.journal, reason=distrust))
             return
         try:
-            folders = json.loads(self.journal.read_text(encoding="utf-8"))["folders"]
+            folders = read_journal(self.journal)
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             log.warning(kv("journal_unreadable", path=self.journal, error=error))
-            folders = []
-        removed = sum(remove_temporaries(Path(folder)) for folder in folders)
-        left = [folder for folder in folders if _has_temporaries(Path(folder))]
+            folders = set()
+        removed, left = 0, set[Folder]()
+        for folder in folders:
+            # Through handles, as placements go: a folder that a lab swapped
+            # for a link since is not followed into someone else's tree.
+            try:
+                fd = folder.open()
+            except DestinationUnavailable:
+                left.add(folder)  # unmounted, say: cleaned when it is back
+                continue
+            except OSError:
+                continue  # gone, or now a link: nothing of ours there
+            try:
+                removed += remove_temporaries(fd)
+                if temporaries(fd):
+                    left.add(folder)
+            finally:
+                os.close(fd)
         # Said when something was removed, or when what is left changes (not
         # again at every retry of a study parked on a read-only share).
-        if removed or (left and set(left) != self._left_told):
-            self._left_told = set(left)
+        if removed or (left and left != self._left_told):
+            self._left_told = left
             log.info(
                 kv(
                     "cleaned_interrupted_placement",
@@ -275,7 +292,7 @@ class Daemon:
                 )
             )
         if left:  # a read-only share: kept, and tried again before the next placement
-            atomic_write(self.journal, json.dumps({"folders": left}))
+            write_journal(self.journal, left)
         else:
             self.journal.unlink(missing_ok=True)
 
@@ -878,7 +895,7 @@ class Daemon:
         try:
             # Journaled like a placement: the temporary manifest of a write
             # that a crash interrupts is removed at the next start.
-            journal.add({str(manifest.parent)})
+            journal.add({rule.folder(manifest.parent)})
             written = write_manifest(
                 manifest,
                 study_uid=study.uid,
@@ -1146,22 +1163,55 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.folders: set[str] = set()
+        self.folders: set[Folder] = set()
         #: It held folders of an earlier placement that failed, not cleaned yet.
         self.inherited = False
 
-    def add(self, folders: set[str]) -> None:
+    def add(self, folders: set[Folder]) -> None:
         if folders <= self.folders:
             return
         if not self.folders:
             try:
-                earlier = set(json.loads(self.path.read_text(encoding="utf-8"))["folders"])
+                earlier = read_journal(self.path)
             except (OSError, ValueError, KeyError, TypeError):
                 earlier = set()
             self.inherited = bool(earlier)
             self.folders = earlier
         self.folders |= folders
-        atomic_write(self.path, json.dumps({"folders": sorted(self.folders)}))
+        write_journal(self.path, self.folders)
+
+
+def write_journal(path: Path, folders: set[Folder]) -> None:
+    entries = [
+        {
+            "path": str(folder.path),
+            "root": str(folder.root),
+            "anchor": None if folder.anchor is None else str(folder.anchor),
+            "beneath": list(folder.beneath),
+        }
+        for folder in folders
+    ]
+    entries.sort(key=lambda entry: str(entry["path"]))
+    atomic_write(path, json.dumps({"folders": entries}))
+
+
+def read_journal(path: Path) -> set[Folder]:
+    folders = set()
+    for entry in json.loads(path.read_text(encoding="utf-8"))["folders"]:
+        if isinstance(entry, str):
+            # An older journal's bare path: reached from / without a link.
+            folders.add(Folder(Path(entry), (), Path(entry)))
+            continue
+        root, anchor = Path(entry["root"]), entry["anchor"]
+        folders.add(
+            Folder(
+                root,
+                Path(entry["path"]).relative_to(root).parts,
+                None if anchor is None else Path(anchor),
+                tuple(entry["beneath"]),
+            )
+        )
+    return folders
 
 
 @dataclass
@@ -1243,9 +1293,17 @@ def _found_placed(instance: headers.Instance, routes: list[Route]) -> list[Place
     for route in routes:
         path = route.rule.destination / route.relative_path
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            folder = route.rule.folder(path.parent).open()
+        except (OSError, DestinationUnavailable):
+            return None
+        try:
+            fd = os.open(
+                path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder
+            )
         except OSError:
             return None
+        finally:
+            os.close(folder)
         try:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode) or status.st_size != instance.size:
@@ -1270,7 +1328,7 @@ def _describe(error: BaseException) -> str:
     return str(error)
 
 
-def _plan_folders(plan: Batch, study_uid: str) -> set[str]:
+def _plan_folders(plan: Batch, study_uid: str) -> set[Folder]:
     """The folders that placing a study writes into: those of its files, and
     of its manifests (journaled with them, to be written in one go)."""
     firsts: dict[tuple[str, str], Route] = {}
@@ -1280,17 +1338,10 @@ def _plan_folders(plan: Batch, study_uid: str) -> set[str]:
     folders = set()
     for (_, folder), route in firsts.items():
         rule = route.rule
-        folders.add(str(rule.destination / folder))
+        folders.add(rule.folder(rule.destination / folder))
         if rule.manifest:
-            folders.add(str(manifest_path(rule, route.relative_path, study_uid).parent))
+            folders.add(rule.folder(manifest_path(rule, route.relative_path, study_uid).parent))
     return folders
-
-
-def _has_temporaries(folder: Path) -> bool:
-    try:
-        return any(entry.name.startswith(TEMP_PREFIX) for entry in os.scandir(folder))
-    except OSError:
-        return False  # gone (or unmounted): nothing to remove there now
 
 
 def _count_files(folder: Path, suffix: str = "") -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watcher.placement import TEMP_PREFIX, Permissions, Placement, open_beneath, open_root
+from watcher.placement import TEMP_PREFIX, Permissions, Placement
 from watcher.rules import Rule
 from watcher.template import safe_component
 
@@ -115,11 +115,7 @@ def update_hooks(path: Path, *, rule: Rule, records: Iterable[dict[str, object]]
 
 def _open_folder(rule: Rule, folder: Path) -> int:
     """A handle on the manifest's folder, below the rule's destination."""
-    root = open_root(rule.destination, rule.anchor, rule.beneath)
-    try:
-        return open_beneath(root, folder.relative_to(rule.destination).parts)
-    finally:
-        os.close(root)
+    return rule.folder(folder).open()
 
 
 #: How long a manifest waits for its folder's lock: another daemon holds it

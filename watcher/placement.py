@@ -734,6 +734,32 @@ def open_root(root: Path, anchor: Path | None = None, beneath: Sequence[str] = (
     return fd
 
 
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    """A folder below a destination root, reached the way placements reach
+    it (see `open_root`): never through a link that a lab put in its tree."""
+
+    root: Path
+    #: The folders from the root down to it.
+    below: tuple[str, ...] = ()
+    anchor: Path | None = None
+    beneath: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        return self.root.joinpath(*self.below)
+
+    def open(self) -> int:
+        """An open handle on it. Raises `DestinationUnavailable` when its
+        root cannot be reached, `OSError` when a folder below is missing,
+        or is a link or no folder."""
+        root = open_root(self.root, self.anchor, self.beneath)
+        try:
+            return open_beneath(root, self.below)
+        finally:
+            os.close(root)
+
+
 def open_beneath(fd: int, folders: Sequence[str]) -> int:
     """Open each folder below the handle `fd`, never following a link and
     never creating; returns a new handle (`fd` stays open)."""
@@ -985,18 +1011,28 @@ def _classify(root: Path, error: OSError) -> OSError | DestinationUnavailable:
     return error
 
 
-def remove_temporaries(folder: Path) -> int:
-    """Delete temporary files left in `folder` by an interrupted placement."""
-    removed = 0
+def temporaries(folder_fd: int) -> list[str]:
+    """Names of the temporary files in the open folder (links and folders
+    with such names are not ours, and are left alone)."""
     try:
-        entries = list(os.scandir(folder))
+        with os.scandir(folder_fd) as entries:
+            return [
+                entry.name
+                for entry in entries
+                if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False)
+            ]
     except OSError:
-        return 0
-    for entry in entries:
-        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except OSError:
-                pass  # gone already, or the folder is read-only: try again later
+        return []
+
+
+def remove_temporaries(folder_fd: int) -> int:
+    """Delete the temporary files that an interrupted placement left in the
+    open folder; return how many."""
+    removed = 0
+    for name in temporaries(folder_fd):
+        try:
+            os.unlink(name, dir_fd=folder_fd)
+            removed += 1
+        except OSError:
+            pass  # gone already, or the folder is read-only: try again later
     return removed

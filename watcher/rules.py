@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from watcher import template
 from watcher.errors import RuleError
+from watcher.placement import Folder
 
 if TYPE_CHECKING:
     import yaml
@@ -119,6 +120,12 @@ class Rule:
     @property
     def lab_name(self) -> str:
         return self.tenant or self.lab or self.name
+
+    def folder(self, path: Path) -> Folder:
+        """A folder at or below the destination, as placements reach it."""
+        return Folder(
+            self.destination, path.relative_to(self.destination).parts, self.anchor, self.beneath
+        )
 
     def claim_for(self, values: Mapping[str, str]) -> int | None:
         """Index of the first claim of the lab that holds (-1 for an operator
@@ -499,6 +506,7 @@ def _bound_to_lab(rule: Rule, lab: Lab) -> Rule:
         tenant=lab.name,
         claims=lab.claims,
         group=lab.group,
+        destination=target,
         anchor=anchor,
         beneath=target.relative_to(anchor).parts,
     )
