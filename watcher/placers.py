@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import fcntl
-import logging
 import os
 import pickle
 import signal
@@ -35,20 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-log = logging.getLogger(__name__)
-
 #: Each message is a pickle, after its length.
 _LENGTH = struct.Struct("!Q")
 
 
 class CutOff(Exception):
     """A call that a placer did not finish: it hung, or it died."""
-
-
-@dataclass
-class _Call:
-    ticket: int
-    began: float
 
 
 @dataclass
@@ -59,8 +49,8 @@ class Placer:
     timeout: float
     clock: Callable[[], float] = time.monotonic
     process: subprocess.Popen[bytes] = field(init=False)
-    #: Calls sent and not answered, oldest first.
-    calls: collections.deque[_Call] = field(init=False, default_factory=collections.deque)
+    #: Tickets of the calls sent and not answered, oldest first.
+    calls: collections.deque[int] = field(init=False, default_factory=collections.deque)
     _next_ticket: int = field(init=False, default=0)
     _out: bytearray = field(init=False, default_factory=bytearray)
     _in: bytearray = field(init=False, default_factory=bytearray)
@@ -102,7 +92,7 @@ class Placer:
         if not self.calls:
             self._progress = self.clock()
             self._io = self._counters()
-        self.calls.append(_Call(ticket, self.clock()))
+        self.calls.append(ticket)
         self._send()
         return ticket
 
@@ -112,12 +102,17 @@ class Placer:
         hung, or dead, is abandoned, and its calls end with `CutOff`."""
         if self.abandoned:
             return []
-        results = []
         try:
             self._send()
-            results = self._receive()
-        except OSError as error:  # it died: its pipes are closed
-            return results + self.abandon(f"placer {self.name} ended: {error}")
+            results, closed = self._receive()
+        except OSError:  # its input closed: it died
+            results, closed = [], True
+        if closed:  # what it answered before it died counts
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=1)  # it is exiting: for its status
+            return results + self.abandon(
+                f"placer {self.name} ended with status {self.process.returncode}"
+            )
         if results:
             self._progress = self.clock()
             self._io = self._counters()
@@ -146,7 +141,7 @@ class Placer:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
-        cut = [(call.ticket, CutOff(reason)) for call in self.calls]
+        cut = [(ticket, CutOff(reason)) for ticket in self.calls]
         self.calls.clear()
         return cut
 
@@ -174,15 +169,18 @@ class Placer:
                 return
             del self._out[:sent]
 
-    def _receive(self) -> list[tuple[int, Any]]:
+    def _receive(self) -> tuple[list[tuple[int, Any]], bool]:
+        """The answers read, and whether its output has closed."""
         assert self.process.stdout is not None
+        closed = False
         while True:
             try:
                 chunk = os.read(self.process.stdout.fileno(), 1 << 16)
             except BlockingIOError:
                 break
             if not chunk:
-                raise OSError(errno.EPIPE, "its output closed")
+                closed = True
+                break
             self._in += chunk
         results = []
         while len(self._in) >= _LENGTH.size:
@@ -193,10 +191,10 @@ class Placer:
                 self._in[_LENGTH.size : _LENGTH.size + length]
             )
             del self._in[: _LENGTH.size + length]
-            if self.calls and self.calls[0].ticket == ticket:
+            if self.calls and self.calls[0] == ticket:
                 self.calls.popleft()
             results.append((ticket, value))
-        return results
+        return results, closed
 
     def _counters(self) -> tuple[int, ...] | None:
         """The process's counts of bytes and system calls, or None."""
