@@ -75,8 +75,9 @@ def test_two_daemons_place_the_same_study_into_one_destination(tmp_path, daemons
                 path.write_bytes(data)
                 entered[str(path)] = hashlib.sha256(data).hexdigest()
     # Both nodes have read every file and wait for the studies to go quiet.
-    # Held still until then, and let go together, they place the studies at
-    # the same moment, however busy the machine is.
+    # Held still until then, node 1 is let go first and node 0 as soon as
+    # node 1 has begun writing the first study: node 0 then begins at the
+    # end node 1 has not reached, however busy the machine is.
     for run in runs:
         wait_for(lambda r=run: pending_files(r) == len(first) + len(second), 30, "files read")
     for run in runs:
@@ -85,6 +86,8 @@ def test_two_daemons_place_the_same_study_into_one_destination(tmp_path, daemons
     try:
         assert not any(run.logs("study_placed") for run in runs), "placed before the pause"
         time.sleep(QUIET + 0.5)
+        runs[1].process.send_signal(signal.SIGCONT)
+        wait_for(lambda: files_under(lab / "TWIN1"), 30, "node 1 writing", every=0.005)
     finally:
         for run in runs:
             run.process.send_signal(signal.SIGCONT)
