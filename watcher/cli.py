@@ -191,7 +191,7 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, resolve=False)  # (never touches a lab's share)
     path = config.state / "status.json"
     try:
         status = json.loads(path.read_text(encoding="utf-8"))

@@ -46,6 +46,8 @@ class Config:
     #: Parked studies (destination unavailable): first and longest wait.
     park_first_seconds: float = 30.0
     park_max_seconds: float = 1800.0
+    #: A destination whose placer makes no progress for this long is hung.
+    destination_timeout_seconds: float = 120.0
     #: How often the rules folder is checked for changes.
     rules_check_seconds: float = 2.0
     #: Hooks running at once, and the first wait before a failed hook runs again.
@@ -62,14 +64,18 @@ class Config:
 PATH_KEYS = ("inbox", "rules", "state")
 
 
-def load_config(path: str | Path | None) -> Config:
+def load_config(path: str | Path | None, *, resolve: bool = True) -> Config:
     """Load a config file; `None` means `./dicom-watcher.yaml` if present, else defaults.
+
+    `resolve=False` leaves the labs' destinations as written (made absolute,
+    not resolved, not checked for overlaps): for readers of the state folder
+    alone, such as `status`, which must answer while a lab's share hangs.
 
     Every problem raises `ConfigError` with a one-line message.
     """
     if path is None:
         if not Path(DEFAULT_CONFIG_FILE).is_file():
-            return _absolute(Config(), Path.cwd())
+            return _absolute(Config(), Path.cwd(), resolve)
         path = DEFAULT_CONFIG_FILE
     import yaml  # here, not above: `sort --dest` and `status` read no YAML
 
@@ -97,7 +103,7 @@ def load_config(path: str | Path | None) -> Config:
         if key not in fields:
             raise ConfigError(f"{file}: unknown key {key!r} (known: {', '.join(fields)})")
         values[key] = _convert(file, key, value, getattr(Config(), key))
-    return _absolute(Config(**values), file.resolve().parent)
+    return _absolute(Config(**values), file.resolve().parent, resolve)
 
 
 def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
@@ -206,7 +212,7 @@ def _check_labs(labs: dict[str, Lab]) -> None:
                 )
 
 
-def _absolute(config: Config, base: Path) -> Config:
+def _absolute(config: Config, base: Path, resolve: bool = True) -> Config:
     paths: dict[str, Any] = {key: base / getattr(config, key) for key in PATH_KEYS}
     if config.labs is not None:
         paths["labs"] = {
@@ -215,12 +221,14 @@ def _absolute(config: Config, base: Path) -> Config:
             name: dataclasses.replace(
                 lab,
                 destinations=tuple(
-                    Path(os.path.realpath(base / root)) for root in lab.destinations
+                    Path(os.path.realpath(base / root)) if resolve else base / root
+                    for root in lab.destinations
                 ),
             )
             for name, lab in config.labs.items()
         }
-        _check_labs(paths["labs"])
+        if resolve:
+            _check_labs(paths["labs"])
     config = dataclasses.replace(config, **paths)
     inbox, state = config.inbox.resolve(), config.state.resolve()
     if inbox == state or inbox in state.parents or state in inbox.parents:
