@@ -198,6 +198,20 @@ class DaemonProcess:
     def wait_drained(self, timeout: float = 60.0) -> None:
         wait_for(lambda: not self.inbox_files(), timeout, "the inbox to drain")
 
+    def wait_settled(self, timeout: float = 60.0) -> None:
+        """The inbox drained, and a status written since then shows no call
+        on a destination (a manifest, say) still unanswered."""
+        self.wait_drained(timeout)
+        drained = time.time()
+
+        def settled() -> bool:
+            status = self.status()
+            return float(status.get("updated", 0)) > drained and not status.get(  # type: ignore[arg-type]
+                "destination_calls"
+            )
+
+        wait_for(settled, timeout, "the daemon's calls on destinations to end", every=0.2)
+
     def terminate(self, timeout: float = 20.0) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -227,6 +241,7 @@ class DaemonProcess:
             ],
             capture_output=True,
             cwd=self.root,
+            timeout=30,  # (it must answer whatever a lab's share does)
         )
         return json.loads(out.stdout) if out.returncode == 0 else {}
 
@@ -374,11 +389,16 @@ class FakeClock:
 
 
 def in_process_daemon(
-    tmp_path: Path, clock: FakeClock, rule: dict[str, object] | None = None, **settings: object
-) -> tuple[Daemon, Path]:
+    tmp_path: Path,
+    clock: FakeClock,
+    rule: dict[str, object] | None = None,
+    once: bool = False,
+    **settings: object,
+) -> tuple[SettledDaemon, Path]:
     """A daemon on tmp_path's inbox/, state/ and rules/, with one rule (its
     other keys from `rule`) that takes everything into lab/; `settings` are
-    the config's."""
+    the config's. `once`: as `run --once` (placing in this process, or in
+    the workers it is given)."""
     lab = tmp_path / "lab"
     lab.mkdir()
     rules = tmp_path / "rules"
@@ -393,7 +413,36 @@ def in_process_daemon(
         settle_seconds=0,
         **settings,
     )  # type: ignore[arg-type]
-    daemon = Daemon(config, clock=clock, stop=threading.Event())
+    daemon = SettledDaemon(config, once=once, clock=clock, stop=threading.Event())
     daemon._prepare()
+    daemon.settle()
     daemon._reload_rules()
     return daemon, lab
+
+
+class SettledDaemon(Daemon):
+    """A daemon whose `tick()` waits for its placers' answers: a test's turn
+    of the loop places what is due, in the placers' real processes."""
+
+    def tick(self) -> None:
+        super().tick()
+        self.settle()
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until no placement is in flight and every answer is taken."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight or self.work.busy():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"placers still busy after {timeout} s")
+            time.sleep(0.005)
+            for destination in self.work.poll():
+                self._resume(destination, self.clock())
+            self._close_round()
+
+
+def prepare(config: Config) -> SettledDaemon:
+    """A daemon that has done its start-up work (crash cleanup included)."""
+    daemon = SettledDaemon(config, stop=threading.Event())
+    daemon._prepare()
+    daemon.settle()
+    return daemon

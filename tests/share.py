@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -36,10 +39,76 @@ def require_share_tools() -> None:
         skip_or_fail("/dev/fuse is missing: this machine cannot mount FUSE file systems")
 
 
-class Share:
-    """`export` on the "server" side, mounted at `mount` through sshfs."""
+class DelayProxy:
+    """A TCP relay on loopback that holds everything it carries for `delay`
+    seconds each way: a file server `2 * delay` of round trip away. It only
+    delays, never slows the flow of bytes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, target: int, delay: float) -> None:
+        self.target, self.delay = target, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                late: queue.Queue[tuple[float, bytes]] = queue.Queue()
+                for work, argument in ((self._read, source), (self._write, sink)):
+                    thread = threading.Thread(target=work, args=(argument, late), daemon=True)
+                    self.threads.append(thread)
+                    thread.start()
+
+    def _read(self, source: socket.socket, late: queue.Queue[tuple[float, bytes]]) -> None:
+        while True:
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                data = b""
+            late.put((time.monotonic() + self.delay, data))
+            if not data:
+                return
+
+    def _write(self, sink: socket.socket, late: queue.Queue[tuple[float, bytes]]) -> None:
+        while True:
+            due, data = late.get()
+            time.sleep(max(due - time.monotonic(), 0))
+            if not data:
+                with contextlib.suppress(OSError):
+                    sink.shutdown(socket.SHUT_WR)
+                return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        """Stop relaying (after the mount is gone) and end every thread."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for connection in self.sockets:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join(10)
+        for connection in self.sockets:
+            connection.close()
+
+
+class Share:
+    """`export` on the "server" side, mounted at `mount` through sshfs;
+    `delay`: through a `DelayProxy` that far away each way."""
+
+    def __init__(self, root: Path, delay: float = 0.0) -> None:
         require_share_tools()
         self.root = root
         self.export = root / "export"
@@ -81,6 +150,7 @@ class Share:
             stderr=open(root / "sshd.log", "ab"),  # noqa: SIM115 - closed with the process
         )
         wait_for(lambda: listening(self.port), 10, f"sshd on port {self.port}")
+        self.proxy = DelayProxy(self.port, delay) if delay else None
         self.mounted = False
         self.attach()
 
@@ -92,7 +162,7 @@ class Share:
                 f"root@127.0.0.1:{self.export}",
                 str(self.mount),
                 "-p",
-                str(self.port),
+                str(self.proxy.port if self.proxy else self.port),
                 "-o",
                 f"IdentityFile={self.keys / 'client'},StrictHostKeyChecking=no,"
                 "UserKnownHostsFile=/dev/null,BatchMode=yes,LogLevel=ERROR",
@@ -153,6 +223,8 @@ class Share:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         self.detach()
+        if self.proxy is not None:
+            self.proxy.close()
         self.sshd.terminate()
         self.sshd.wait(10)
 

@@ -3,8 +3,10 @@ loopback, tests/share.py) whose server fails, beside a lab on local disk."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from harness import assert_accounted, lab_files, snapshot, wait_for
 from share import Share
 
+from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, write_study
 
 
@@ -22,7 +25,7 @@ def share(tmp_path: Path) -> Iterator[Share]:
     made.close()
 
 
-def _two_labs(daemon, tmp_path: Path, share: Share):
+def _two_labs(daemon, tmp_path: Path, share: Share, **settings: object):
     """Lab smith's tree on the share, lab jones's on local disk; each takes
     the studies whose description names it."""
     smith, jones = share.mount / "smith", tmp_path / "nas" / "jones"
@@ -32,7 +35,8 @@ def _two_labs(daemon, tmp_path: Path, share: Share):
         labs={
             "smith": {"destinations": [str(smith)], "claims": [{"StudyDescription": "^SMITH"}]},
             "jones": {"destinations": [str(jones)], "claims": [{"StudyDescription": "^JONES"}]},
-        }
+        },
+        **settings,
     )
     path = "{PatientID}/{SeriesNumber:03d}/{InstanceNumber:05d}.dcm"
     run.add_rule("smith/all", smith, path=path)
@@ -86,3 +90,125 @@ def test_a_share_whose_server_died_parks_its_lab_alone_until_it_is_mounted_again
     counts = assert_accounted(entered, [share.export / "smith", jones], run.state, run.inbox)
     assert counts["placed"] == 5 and counts["still_in_inbox"] == 0
     assert len(lab_files(share.export / "smith")) == 3
+
+
+#: How long a frozen share is given before it is hung, in these tests.
+TIMEOUT = 3
+
+
+def _state_of(run, destination: Path) -> dict[str, object]:
+    shown = run.status().get("destinations", [])
+    return next((d for d in shown if d["destination"] == str(destination)), {})
+
+
+@pytest.mark.parametrize("when", ["idle", "placing"])
+def test_a_frozen_share_stalls_only_its_own_lab_and_everything_is_placed_once_it_answers(
+    daemon, tmp_path, share, when
+):
+    # Smith's file server stops answering (its sftp-server is stopped): what
+    # touches the mount waits in the kernel. Jones's studies are placed on
+    # time, new arrivals are read, the status stays fresh and says smith's
+    # destination is hung; once the server answers, all of it is placed, once.
+    run, smith, jones = _two_labs(daemon, tmp_path, share, destination_timeout_seconds=TIMEOUT)
+    run.start()
+    run.wait_event("watching")
+    big = StudySpec(series=4, instances=200, description="SMITH^Memory", rows=32, columns=32)
+    if when == "placing":
+        write_study(big, run.inbox)
+        wait_for(lambda: lab_files(share.export / "smith"), 60, "smith's placement under way")
+    share.freeze()
+    try:
+        if when == "idle":
+            write_study(big, run.inbox)
+        jones_spec = StudySpec(
+            series=1, instances=2, patient_id="SUBJ02", description="JONES^Vision"
+        )
+        write_study(jones_spec, run.inbox)
+        [placed] = run.wait_event("study_placed", timeout=30)
+        assert placed["lab"] == "jones", "the other lab is not held up"
+        [hung] = run.wait_event("destination_hung", timeout=30)
+        assert hung["destination"] == str(smith)
+        later = StudySpec(series=1, instances=3, patient_id="SUBJ03", description="JONES^Later")
+        write_study(later, run.inbox)
+        placed = run.wait_event("study_placed", count=2, timeout=30)
+        assert [line["lab"] for line in placed] == ["jones", "jones"], "new arrivals are read"
+        state = wait_for(
+            lambda: _state_of(run, smith).get("state") == "hung" and _state_of(run, smith), 10
+        )
+        assert state["since"] and state["reason"]  # type: ignore[index]
+        assert time.time() - float(run.status()["updated"]) < 5, "the status stays fresh"  # type: ignore[arg-type]
+        assert len(run.logs("destination_hung")) == 1, "one warning line"
+        assert run.inbox_files(), "smith's study waits in the inbox"
+    finally:
+        share.thaw()
+    run.wait_drained(timeout=120)
+    run.wait_event("destination_healthy", timeout=30)
+    wait_for(lambda: [x for x in run.logs("study_placed") if x["lab"] == "smith"], 60)
+    assert run.terminate() == 0
+    placed_smith = lab_files(share.export / "smith")
+    assert len(placed_smith) == 800, "each instance once"
+    assert not [p for p in share.export.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+    [manifest] = (share.export / "smith").rglob("manifest.json")
+    assert json.loads(manifest.read_text())["files"] == 800
+    assert len(lab_files(jones)) == 5
+
+
+def test_sigterm_while_a_share_is_frozen_ends_the_daemon_within_the_timeout(
+    daemon, tmp_path, share
+):
+    run, smith, jones = _two_labs(daemon, tmp_path, share, destination_timeout_seconds=TIMEOUT)
+    run.start()
+    run.wait_event("watching")
+    write_study(
+        StudySpec(series=4, instances=200, description="SMITH^Memory", rows=32, columns=32),
+        run.inbox,
+    )
+    entered = snapshot(run.inbox)
+    wait_for(lambda: lab_files(share.export / "smith"), 60, "smith's placement under way")
+    share.freeze()
+    try:
+        time.sleep(0.5)
+        began = time.monotonic()
+        assert run.terminate(timeout=TIMEOUT + 15) == 0
+        took = time.monotonic() - began
+        assert took < TIMEOUT + 10, f"stopped after {took:.1f} s"
+    finally:
+        share.thaw()
+    run.start()
+    run.wait_drained(timeout=120)
+    wait_for(lambda: len(lab_files(share.export / "smith")) == 800, 60, "all of smith's study")
+    assert run.terminate() == 0
+    counts = assert_accounted(entered, [share.export / "smith"], run.state, run.inbox)
+    assert counts["placed"] == 800 and counts["still_in_inbox"] == 0
+    assert not [p for p in share.export.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_a_slow_share_gets_everything_and_does_not_slow_the_other_lab(daemon, tmp_path):
+    # Smith's file server is 10 ms of round trip away: its study takes a while,
+    # and jones's study, arriving after smith's placement began, is placed
+    # meanwhile.
+    slow = Share(tmp_path / "share", delay=0.005)
+    try:
+        run, smith, jones = _two_labs(daemon, tmp_path, slow)
+        run.start()
+        run.wait_event("watching")
+        write_study(
+            StudySpec(series=2, instances=100, description="SMITH^Memory", rows=32, columns=32),
+            run.inbox,
+        )
+        entered = snapshot(run.inbox)
+        wait_for(lambda: lab_files(slow.export / "smith"), 60, "smith's placement under way")
+        later = StudySpec(series=1, instances=3, patient_id="SUBJ02", description="JONES^Vision")
+        write_study(later, run.inbox)
+        entered.update(snapshot(run.inbox))
+        [first] = run.wait_event("study_placed", timeout=60)
+        assert first["lab"] == "jones", "jones's study did not wait for smith's share"
+        assert len(lab_files(slow.export / "smith")) < 200, "smith's was still under way"
+        placed = run.wait_event("study_placed", count=2, timeout=120)
+        assert placed[1]["lab"] == "smith"
+        run.wait_drained()
+        assert run.terminate() == 0
+        counts = assert_accounted(entered, [slow.export / "smith", jones], run.state, run.inbox)
+        assert counts["placed"] == 203 and counts["still_in_inbox"] == 0
+    finally:
+        slow.close()

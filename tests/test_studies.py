@@ -21,12 +21,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import FakeClock, assert_accounted, in_process_daemon, skip_or_fail, snapshot
+from harness import (
+    FakeClock,
+    assert_accounted,
+    in_process_daemon,
+    prepare,
+    skip_or_fail,
+    snapshot,
+)
 from pydicom.uid import generate_uid
 
 from watcher import daemon as daemon_module
 from watcher import engine as engine_module
 from watcher import headers
+from watcher import placing as placing_module
 from watcher.daemon import Daemon, write_journal
 from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
 from watcher.inbox import InboxWatcher
@@ -311,7 +319,7 @@ def test_a_start_after_a_crash_removes_the_temporary_files_its_journal_lists(tmp
     journal = config.state / "placing.json"
     write_journal(journal, {Folder(lab, ("P1", "1")), Folder(lab, ("gone",))})
 
-    Daemon(config, stop=threading.Event())._prepare()
+    prepare(config)
 
     assert sorted(p.name for p in listed.iterdir()) == ["1.dcm"]
     assert len(list(other.iterdir())) == 2, "a folder the journal does not list is left alone"
@@ -328,7 +336,7 @@ def test_an_older_journal_of_bare_paths_is_cleaned_too(tmp_path):
     journal = config.state / "placing.json"
     journal.write_text(json.dumps({"folders": [str(folder)]}))
 
-    Daemon(config, stop=threading.Event())._prepare()
+    prepare(config)
 
     assert list(folder.iterdir()) == []
     assert not journal.exists()
@@ -348,7 +356,7 @@ def test_crash_cleanup_does_not_follow_a_link_a_lab_put_in_place_of_a_journaled_
     journal = config.state / "placing.json"
     write_journal(journal, {Folder(smith, ("P1",), smith), Folder(smith, ("P1",))})
 
-    Daemon(config, stop=threading.Event())._prepare()
+    prepare(config)
 
     assert theirs.read_bytes() == b"jones's"
     assert not journal.exists(), "a folder now reached through a link is dropped"
@@ -475,7 +483,9 @@ def test_workers_killed_while_idle_park_the_study_and_it_is_placed_without_them(
     # hand is parked whole, the loss is logged once, and the study is placed
     # without workers when its retry comes.
     clock = FakeClock()
-    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
+    daemon, lab = in_process_daemon(
+        tmp_path, clock, once=True, quiet_seconds=1, park_first_seconds=5
+    )
     write_study(StudySpec(series=2, instances=(BATCH + 10) // 2), daemon.config.inbox)
     daemon.tick()  # read, by this process; the study is not quiet yet
     broken = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
@@ -498,7 +508,7 @@ def test_workers_killed_while_idle_park_the_study_and_it_is_placed_without_them(
 
 def test_workers_killed_while_idle_do_not_stop_the_next_reading(tmp_path, caplog):
     clock = FakeClock()
-    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    daemon, lab = in_process_daemon(tmp_path, clock, once=True, quiet_seconds=1)
     broken = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
     with pytest.raises(BrokenProcessPool):
         broken.submit(_die).result()
@@ -557,7 +567,7 @@ def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journ
     # it is finished (its manifest written), and every folder a batch or a
     # manifest writes into is in the journal before, which is gone after.
     clock = FakeClock()
-    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    daemon, lab = in_process_daemon(tmp_path, clock, once=True, quiet_seconds=1)
     per_study = write_three_two_batch_studies(daemon.config.inbox)
     _JOURNAL[:] = [daemon.journal]
     monkeypatch.setattr(daemon_module, "_place_moving", _place_after_checking_the_journal)
@@ -578,13 +588,13 @@ def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journ
         end_placement(placing, journal)
 
     monkeypatch.setattr(daemon, "_end_placement", recording_end)
-    write_manifest = daemon_module.write_manifest
+    write_manifest = placing_module.write_manifest
 
     def checked_write_manifest(path, **fields):  # type: ignore[no-untyped-def]
         assert str(path.parent) in _journaled(), "a manifest written before it was journaled"
         return write_manifest(path, **fields)
 
-    monkeypatch.setattr(daemon_module, "write_manifest", checked_write_manifest)
+    monkeypatch.setattr(placing_module, "write_manifest", checked_write_manifest)
     daemon._workers = workers
     try:
         daemon.tick()  # read, by the workers
@@ -622,7 +632,9 @@ def test_a_worker_killed_mid_placement_parks_the_studies_in_flight_and_the_rest_
     # lost are parked, the others are placed without workers; at the retry
     # everything is placed once, each study finished (logged) once.
     clock = FakeClock()
-    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
+    daemon, lab = in_process_daemon(
+        tmp_path, clock, once=True, quiet_seconds=1, park_first_seconds=5
+    )
     per_study = write_three_two_batch_studies(daemon.config.inbox)
     entered = snapshot(daemon.config.inbox)
     monkeypatch.setattr(daemon_module, "_place_moving", _place_or_die_on_p1)
@@ -658,7 +670,7 @@ def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches
     # before the error is raised; the other two stay pending, and are placed
     # once the disk has room again.
     clock = FakeClock()
-    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
+    daemon, lab = in_process_daemon(tmp_path, clock, once=True, quiet_seconds=1)
     per_study = write_three_two_batch_studies(daemon.config.inbox)
     entered = snapshot(daemon.config.inbox)
     add = daemon_module.Journal.add
@@ -771,7 +783,9 @@ def test_a_source_the_daemon_may_not_remove_parks_its_study_and_loses_nothing(
     # with the reason, instead of the error stopping the daemon. Once the
     # removal works, the retry finds the copies present and removes the sources.
     clock = FakeClock()
-    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1, park_first_seconds=5)
+    daemon, lab = in_process_daemon(
+        tmp_path, clock, once=True, quiet_seconds=1, park_first_seconds=5
+    )
     sources = write_study(StudySpec(series=1, instances=3), daemon.config.inbox)
     refuse_removal(monkeypatch, sources)
     parked_in_two_turns(daemon, clock, caplog, "placed, but cannot be removed: Permission denied")
@@ -894,10 +908,10 @@ def test_temporaries_that_cannot_be_removed_are_told_once_not_at_every_retry(tmp
         pytest.skip("this file system has no immutable files")
     try:
         (config.state / "placing.json").write_text(json.dumps({"folders": [str(folder)]}))
-        daemon = Daemon(config, stop=threading.Event())
-        daemon._prepare()
+        daemon = prepare(config)
         for _ in range(3):  # the retries of a study parked on that folder
             daemon._clean_interrupted_placement()
+            daemon.settle()
         [cleaned] = logged(caplog, "cleaned_interrupted_placement")
         assert "folders_left=1" in cleaned
     finally:

@@ -13,14 +13,12 @@ progress, so that its temporary files are cleaned up after a crash.
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import itertools
 import json
 import logging
 import os
 import queue
-import stat
 import threading
 import time
 from collections import Counter
@@ -28,17 +26,31 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from watcher import headers
+from watcher.bookkeeping import (
+    Batch,
+    Completion,
+    Journal,
+    PlaceOutcomes,
+    RulePlacement,
+    StudyPlacement,
+    clean_folders,
+    describe,
+    expected_count_reached,
+    plan_folders,
+    read_journal,
+    write_journal,
+)
 from watcher.config import Config
 from watcher.destinations import Destinations
 from watcher.engine import (
     BATCH,
     POOL_THRESHOLD,
-    ManyPlacement,
     RetryPolicy,
     flush_folders,
     header_pool,
@@ -46,22 +58,15 @@ from watcher.engine import (
     place_instance,
     remove_source,
 )
-from watcher.errors import DestinationUnavailable, NotRoutable
+from watcher.errors import DestinationHung, DestinationUnavailable, NotRoutable
 from watcher.hooks import DaemonStore, HookJob, HookRunner, hook_values, make_job
 from watcher.labjobs import Dispatch
 from watcher.logs import kv
-from watcher.manifest import Entry, manifest_path, update_hooks, write_manifest
-from watcher.placement import (
-    TEMP_PREFIX,
-    Folder,
-    PathConflict,
-    Placement,
-    place,
-    remove_temporaries,
-    sha256_of_fd,
-    temporaries,
-)
-from watcher.rules import PER_SERIES_COUNT, Route, RuleBook
+from watcher.manifest import manifest_path
+from watcher.placement import TEMP_PREFIX, Folder, PathConflict, Placement, place
+from watcher.placers import CutOff
+from watcher.placing import Immediate, PlacerPool, place_part, update_hooks_in, write_manifest_in
+from watcher.rules import Route, RuleBook
 from watcher.state import atomic_write, make_private, trusted
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
@@ -71,10 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Instances with their routes, placed together.
-Batch = list[tuple[headers.Instance, list[Route]]]
-#: Per instance of a batch: its placements, or the error that kept it.
-PlaceOutcomes = list[list[Placement] | BaseException]
 
 TICK_SECONDS = 0.2
 #: Files read per turn of the loop before it looks at the stop flag again.
@@ -86,13 +87,22 @@ STATUS_SECONDS = 2.0
 HOOK_SYNC_SECONDS = 1.0
 #: How many hook syncs a hook state waits for its manifest before it is dropped.
 HOOK_RECORD_TRIES = 60
+#: On the way out, how long the manifests of studies placed in part may take.
+STOP_MANIFEST_SECONDS = 5.0
+#: How often the placers are polled while the daemon waits for them to finish.
+DRAIN_SECONDS = 0.02
+#: Parts of batches handed to one destination's placer at a time.
+PLACER_DEPTH = 2
+
+
+class NotSent(Exception):
+    """A part of a batch that a SIGTERM kept from being handed over."""
 
 
 def _place_moving(batch: Batch, retry: RetryPolicy) -> PlaceOutcomes:
     """Place a batch of a study and remove its sources (in a worker, or not);
     their folders are flushed once for the study, when it ends."""
-    placing = ManyPlacement(batch, move=True, retry=retry, writeback=True, flush_sources=False)
-    return placing.place()
+    return place_part(batch, True, retry)
 
 
 @dataclass
@@ -156,7 +166,30 @@ class Daemon:
         self._left_told: set[Folder] = set()
         #: Hook states not written into their manifests yet, with the tries so far.
         self._hook_backlog: dict[tuple[str, str], tuple[HookJob, dict[str, object], int]] = {}
+        #: Manifests cut off by a hung destination, per destination: written
+        #: when it answers again.
+        self._manifest_backlog: dict[str, list[tuple[Study, RulePlacement]]] = {}
         self.destinations = Destinations(clock)
+        #: Where calls that touch a destination run: in its placer (the
+        #: daemon), or here and at once (`run --once`).
+        self.work: PlacerPool | Immediate = (
+            Immediate()
+            if once
+            else PlacerPool(
+                config.destination_timeout_seconds,
+                self.destinations,
+                config.park_first_seconds,
+                config.park_max_seconds,
+            )
+        )
+        #: The daemon's studies being placed, by UID, and the journal of
+        #: this round of placements (from the first begun until none is left).
+        self.in_flight: dict[str, StudyPlacement] = {}
+        self._pumping = False
+        #: Per destination, the parts of batches not handed to its placer yet.
+        self._queued: dict[str, collections.deque[tuple[Callable[[Any], None], Batch, bool]]] = {}
+        self._round: Journal | None = None
+        self._round_failed = False
         self.saved_retries: dict[str, dict[str, object]] = {}
         #: `run --once`: worker processes forked at its first large burst,
         #: which read headers and place batches until it ends.
@@ -207,8 +240,8 @@ class Daemon:
             if self._workers is not None:
                 self._workers.shutdown(cancel_futures=True)
                 self._workers = None
+            self._finish_work()
             self._write_status()
-        self._record_placed_in_part()
         parked = [s for s in self.studies if s.parked_since is not None]
         held = self.arrivals.held()
         if self.once and (parked or held):
@@ -251,6 +284,9 @@ class Daemon:
                 log.warning(kv("retry_state_unreadable", path=path, error=error))
 
     def _clean_interrupted_placement(self) -> None:
+        """Remove the temporary files left in the journaled folders (each
+        destination's in its placer), and keep in the journal only the
+        folders where some stay or that cannot be reached now."""
         distrust = trusted(self.journal)
         if self.journal.exists() and distrust is not None:
             log.error(kv("journal_refused", path=self.journal, reason=distrust))
@@ -262,37 +298,48 @@ class Daemon:
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.warning(kv("journal_unreadable", path=self.journal, error=error))
             folders = set()
-        removed, left = 0, set[Folder]()
+        by_root: dict[str, set[Folder]] = {}
         for folder in folders:
-            # Through handles, as placements go: a folder that a lab swapped
-            # for a link since is not followed into someone else's tree.
-            try:
-                fd = folder.open()
-            except DestinationUnavailable:
-                left.add(folder)  # unmounted, say: cleaned when it is back
-                continue
-            except OSError:
-                continue  # gone, or now a link: nothing of ours there
-            try:
-                removed += remove_temporaries(fd)
-                if temporaries(fd):
-                    left.add(folder)
-            finally:
-                os.close(fd)
+            by_root.setdefault(str(folder.root), set()).add(folder)
+        tally = _Cleaning(folders, len(by_root))
+        if not by_root:
+            self._cleaned(tally)
+        for root, group in by_root.items():
+            self.work.submit(root, partial(self._cleaned, tally, group), clean_folders, group)
+
+    def _cleaned(
+        self, tally: _Cleaning, group: set[Folder] | None = None, value: Any = None
+    ) -> None:
+        """One destination's folders are cleaned (or could not be): when all
+        are, say so and write what is left into the journal."""
+        if group is not None and isinstance(value, BaseException):
+            tally.left |= group  # hung, or its placer died: tried again later
+        elif group is not None:
+            tally.removed += value[0]
+            tally.left |= value[1]
+        tally.waiting -= 1
+        if tally.waiting > 0:
+            return
+        left = tally.left
         # Said when something was removed, or when what is left changes (not
         # again at every retry of a study parked on a read-only share).
-        if removed or (left and left != self._left_told):
+        if tally.removed or (left and left != self._left_told):
             self._left_told = left
             log.info(
                 kv(
                     "cleaned_interrupted_placement",
-                    folders=len(folders),
-                    temporary_files=removed,
+                    folders=len(tally.folders),
+                    temporary_files=tally.removed,
                     folders_left=len(left),
                 )
             )
-        if left:  # a read-only share: kept, and tried again before the next placement
-            write_journal(self.journal, left)
+        if self._round is not None:  # placements begun meanwhile keep theirs
+            self._round.folders -= tally.folders - left
+            kept = self._round.folders
+        else:
+            kept = left
+        if kept:  # a read-only share: kept, and tried again before the next placement
+            write_journal(self.journal, kept)
         else:
             self.journal.unlink(missing_ok=True)
 
@@ -314,11 +361,20 @@ class Daemon:
                 self._reroute_unmatched()
         self._read_ready(now)
         self._handle_unroutable(now)
+        for destination in self.work.poll():
+            self._resume(destination, now)
+        self._pump()
+        self._close_round()
         due = self.studies.due(
             now, self.config.quiet_seconds, self.config.max_study_age_seconds, self._completion
         )
+        due = [(study, why) for study, why in due if study.uid not in self.in_flight]
         if due and not self.stop.is_set():
-            self.place_studies(due)
+            if self.once:
+                self.place_studies(due)
+            else:
+                for study, why in due:
+                    self._begin(study, why)
         self.hooks.poll()
         if now >= self._next_hook_sync:
             self._next_hook_sync = now + HOOK_SYNC_SECONDS
@@ -538,12 +594,12 @@ class Daemon:
         """
         self._clean_interrupted_placement()  # what a failed attempt could not remove
         journal = Journal(self.journal)
-        in_flight: collections.deque[tuple[_Placing, Batch, Future[PlaceOutcomes] | None]]
+        in_flight: collections.deque[tuple[StudyPlacement, Batch, Future[PlaceOutcomes] | None]]
         in_flight = collections.deque()
-        placings: list[_Placing] = []
+        placings: list[StudyPlacement] = []
         unjournaled: OSError | None = None
 
-        def queued() -> Iterator[tuple[_Placing, Batch]]:
+        def queued() -> Iterator[tuple[StudyPlacement, Batch]]:
             nonlocal unjournaled
             for study, why in due:
                 if self.stop.is_set():
@@ -563,7 +619,7 @@ class Daemon:
                 if not placing.begun:  # all of it kept unmatched
                     self._end_placement(placing, journal)
 
-        def begin(placing: _Placing, batch: Batch) -> None:
+        def begin(placing: StudyPlacement, batch: Batch) -> None:
             placing.begun += 1
             future: Future[PlaceOutcomes] | None = None
             if self._workers is not None:
@@ -575,9 +631,9 @@ class Daemon:
             in_flight.append((placing, batch, future))
 
         batches = queued()
-        ahead: tuple[_Placing, Batch] | None = None
+        ahead: tuple[StudyPlacement, Batch] | None = None
 
-        def following() -> tuple[_Placing, Batch] | None:
+        def following() -> tuple[StudyPlacement, Batch] | None:
             nonlocal ahead
             item, ahead = ahead, None
             if item is None or item[0].error is not None or self.stop.is_set():
@@ -616,10 +672,139 @@ class Daemon:
         if unjournaled is not None:
             raise unjournaled
 
-    def _prepare_placement(self, study: Study, why: str) -> _Placing:
+    def _begin(self, study: Study, why: str) -> None:
+        """The daemon: route a study and hand its batches to the placers of
+        their destinations; the answers are taken in later turns."""
+        if self._round is None:
+            self._round, self._round_failed = Journal(self.journal), False
+            self._clean_interrupted_placement()  # what a failed round could not remove
+        placing = self._prepare_placement(study, why)
+        self.in_flight[study.uid] = placing
+        try:
+            batches = list(self._route_batches(placing, self._round))
+        except OSError as error:  # the state folder: the study waits, the loop goes on
+            log.error(kv("journal_failed", study=study.uid, error=describe(error)))
+            placing.error = f"cannot journal its placement: {describe(error)}"
+            batches = []
+        for batch in batches:
+            self._send(placing, batch)
+        if not placing.begun:
+            self._end_placement(placing, self._round)
+
+    def _send(self, placing: StudyPlacement, batch: Batch) -> None:
+        """Hand one batch to the placers: each destination gets the copies it
+        takes. An instance that goes to one destination is moved there; one
+        that goes to several is copied into each, and its source removed
+        here once every copy is durable (a hung share keeps only its own)."""
+        parts: dict[tuple[str, bool], list[int]] = {}
+        keys = []
+        for index, (_, routes) in enumerate(batch):
+            destinations = list(dict.fromkeys(str(r.rule.destination) for r in routes))
+            keys.append(destinations)
+            for destination in destinations:
+                parts.setdefault((destination, len(destinations) == 1), []).append(index)
+        sent = _Sent(batch, keys, [{} for _ in batch], len(parts))
+        placing.begun += 1
+        for (destination, move), indexes in parts.items():
+            items = [
+                (batch[i][0], [r for r in batch[i][1] if str(r.rule.destination) == destination])
+                for i in indexes
+            ]
+            then = partial(self._part_placed, placing, sent, destination, indexes)
+            self._queued.setdefault(destination, collections.deque()).append((then, items, move))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand the queued parts to their placers, PLACER_DEPTH at a time per
+        destination (one placed, one waiting, so that a placer never idles
+        and a SIGTERM waits for little). After SIGTERM none is handed over:
+        their files stay in the inbox, and their studies pending."""
+        if self._pumping:  # (a part answered at once, from within)
+            return
+        self._pumping = True
+        try:
+            for destination, queued in list(self._queued.items()):
+                while queued and (self.stop.is_set() or self.work.busy(destination) < PLACER_DEPTH):
+                    then, items, move = queued.popleft()
+                    if self.stop.is_set():
+                        then(NotSent())
+                    else:
+                        self.work.submit(destination, then, place_part, items, move, self.retry)
+                if not queued:
+                    self._queued.pop(destination, None)
+        finally:
+            self._pumping = False
+
+    def _part_placed(
+        self,
+        placing: StudyPlacement,
+        sent: _Sent,
+        destination: str,
+        indexes: list[int],
+        value: list[list[Placement] | BaseException] | BaseException,
+    ) -> None:
+        """A destination's part of a batch is answered; once all of them are,
+        the batch is taken as one."""
+        results = [value] * len(indexes) if isinstance(value, BaseException) else value
+        for index, result in zip(indexes, results, strict=True):
+            sent.pieces[index][destination] = result
+        sent.waiting -= 1
+        if sent.waiting:
+            return
+        outcomes = [
+            _joined(instance, routes, sent.keys[i], sent.pieces[i])
+            for i, (instance, routes) in enumerate(sent.batch)
+        ]
+        error = self._take_placed(placing, sent.batch, outcomes)
+        placing.error = placing.error or error
+        placing.taken += 1
+        if placing.taken == placing.begun:
+            assert self._round is not None
+            self._end_placement(placing, self._round)
+        self._pump()
+
+    def _resume(self, destination: str, now: float) -> None:
+        """A hung destination answers again: the studies parked on it are due."""
+        mark = f"destination {destination} hung"
+        for study in self.studies:
+            if study.parked_since is not None and mark in study.last_error:
+                study.next_try = now
+        for study, progress in self._manifest_backlog.pop(destination, []):
+            self._write_manifest(study, progress, self._round or Journal(self.journal))
+
+    def _close_round(self) -> None:
+        """No placement in flight and no answer awaited: this round's journal
+        is closed (dropped, after placements that all went well)."""
+        if self._round is None or self.in_flight or self._queued or self.work.busy():
+            return
+        journal, self._round = self._round, None
+        if not self._round_failed:
+            self._close_journal(journal)
+
+    def _finish_work(self) -> None:
+        """On the way out: the placements in flight are waited for, at most
+        `destination_timeout_seconds`, then what is placed in part gets its
+        manifest; a placer still busy after that is abandoned (its studies
+        stay in the inbox, parked), never waited for."""
+        deadline = time.monotonic() + self.config.destination_timeout_seconds
+        self._pump()  # (the stop flag is set: what is queued is not handed over)
+        self._drain(deadline)
+        self._close_round()
+        self._record_placed_in_part()
+        self._drain(min(deadline, time.monotonic() + STOP_MANIFEST_SECONDS))
+        self.work.abandon_all()
+
+    def _drain(self, deadline: float) -> None:
+        while self.work.busy() and time.monotonic() < deadline:
+            for destination in self.work.poll():
+                self._resume(destination, self.clock())
+            self._pump()
+            time.sleep(DRAIN_SECONDS)
+
+    def _prepare_placement(self, study: Study, why: str) -> StudyPlacement:
         """Begin placing a study: read again what the rules' fields need, and
         say why it is placed when it is not simply quiet."""
-        placing = _Placing(study, time.monotonic())
+        placing = StudyPlacement(study, time.monotonic())
         if study.fields != self.studies.fields:
             self._reread(study)
         if why == "max_age":
@@ -635,7 +820,7 @@ class Daemon:
             log.info(kv("study_complete_by_count", study=study.uid, files=len(study.instances)))
         return placing
 
-    def _route_batches(self, placing: _Placing, journal: Journal) -> Iterator[Batch]:
+    def _route_batches(self, placing: StudyPlacement, journal: Journal) -> Iterator[Batch]:
         """A study's instances with their routes, a batch at a time: the
         folders each batch writes into journaled before it is given out, and
         the instances no rule matches kept in `unmatched/`. Raises `OSError`
@@ -646,7 +831,7 @@ class Daemon:
         for start in range(0, len(pending), BATCH):
             instances = map(study.instance, pending[start : start + BATCH])
             plan = [(instance, route(instance.values)) for instance in instances]
-            journal.add(_plan_folders(plan, study.uid))
+            journal.add(plan_folders(plan, study.uid))
             matched = []
             for instance, routes in plan:
                 if routes:
@@ -671,17 +856,18 @@ class Daemon:
             self._lose_workers(lost)
             return [lost] * len(batch)
 
-    def _end_placement(self, placing: _Placing, journal: Journal) -> None:
+    def _end_placement(self, placing: StudyPlacement, journal: Journal) -> None:
         """A study has no batch left to take: log what was kept unmatched,
         park it after an error, or finish it when all of it is placed."""
         placing.ended = True
         study = placing.study
+        self.in_flight.pop(study.uid, None)
         try:
             # The removal of its placed files made durable (once, for all of
             # its batches) before the study is reported placed.
             flush_folders(placing.moved_from)
         except OSError as error:
-            log.error(kv("inbox_flush_failed", study=study.uid, error=_describe(error)))
+            log.error(kv("inbox_flush_failed", study=study.uid, error=describe(error)))
         if placing.unmatched:
             self.counts.unmatched += placing.unmatched
             log.warning(
@@ -709,23 +895,27 @@ class Daemon:
             self._workers.shutdown(wait=False, cancel_futures=True)
             self._workers = None
 
-    def _take_placed(self, placing: _Placing, batch: Batch, outcomes: PlaceOutcomes) -> str | None:
+    def _take_placed(
+        self, placing: StudyPlacement, batch: Batch, outcomes: PlaceOutcomes
+    ) -> str | None:
         """Account for one placed batch; return the first error, described."""
         study, started = placing.study, placing.started
         error = None
         for (instance, routes), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, NotSent):
+                continue  # stopped before it was handed over: still pending
             if isinstance(outcome, FileNotFoundError) and not os.path.exists(instance.path):
-                # Placed by a worker that died before it could say so, or
-                # removed by someone else.
-                outcome = _found_placed(instance, routes) or outcome
-                if isinstance(outcome, BaseException):
-                    log.warning(kv("source_vanished", path=instance.path))
-                    self.studies.remove_path(instance.path)
-                    continue
+                # Removed by someone else (the copies of a placement cut off
+                # after the removal are found by the placement).
+                log.warning(kv("source_vanished", path=instance.path))
+                self.studies.remove_path(instance.path)
+                continue
             if isinstance(outcome, DestinationUnavailable):
                 self.destinations.unavailable(outcome.destination, outcome.reason)
+            if isinstance(outcome, BaseException) and self._round is not None:
+                self._round_failed = True
             if isinstance(outcome, BaseException):
-                error = error or _describe(outcome)
+                error = error or describe(outcome)
                 continue
             for route in routes:
                 self.destinations.healthy(str(route.rule.destination))
@@ -775,7 +965,7 @@ class Daemon:
             policy.expected = tuple(r.expected_instances for r in rules if r.expected_instances)
             policy.counted, policy.complete = -1, False
         if policy.expected and policy.counted != len(study.instances):
-            policy.complete = _expected_count_reached(study, policy.expected)
+            policy.complete = expected_count_reached(study, policy.expected)
             policy.counted = len(study.instances)
         return policy.quiet, policy.complete
 
@@ -792,9 +982,20 @@ class Daemon:
             "destination": str(progress.folder),
             "time": self.clock(),
         }
-        manifest = self._write_manifest(study, progress, journal) if rule.manifest else None
         # The summary line comes last, so that a study logged as placed has
         # its manifest written as well.
+        announce = partial(self._announce, study, progress, seconds)
+        if rule.manifest:
+            self._write_manifest(study, progress, journal, announce)
+        else:
+            announce(None)
+
+    def _announce(
+        self, study: Study, progress: RulePlacement, seconds: float, manifest: Path | None
+    ) -> None:
+        """A study is placed for a rule, its manifest written (or not): its
+        summary line, and its hooks queued."""
+        rule = progress.route.rule
         log.info(
             kv(
                 "study_placed",
@@ -840,91 +1041,128 @@ class Daemon:
                     )
 
     def _hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
-        """A hook job's new state goes into its study's manifest; one that
-        cannot be written now is tried again at the next hook sync."""
-        if not self._record_hook(job, record):
-            self._hook_backlog[(job.lab, job.id)] = (job, record, 0)
+        """A hook job's new state goes into its study's manifest (in the
+        destination's placer); one that cannot be written now is tried again
+        at the next hook sync."""
+        self._record_hook(job, record, 0, quiet=False)
 
     def _retry_hook_records(self) -> None:
         for key, (job, record, tries) in list(self._hook_backlog.items()):
-            if self._record_hook(job, record, quiet=True):
-                del self._hook_backlog[key]
-            elif tries + 1 >= HOOK_RECORD_TRIES:
-                del self._hook_backlog[key]
+            del self._hook_backlog[key]
+            if tries + 1 >= HOOK_RECORD_TRIES:
                 log.error(
                     kv("hook_state_dropped", hook=job.label, study=job.study, state=record["state"])
                 )
             else:
-                self._hook_backlog[key] = (job, record, tries + 1)
+                self._record_hook(job, record, tries + 1, quiet=True)
 
-    def _record_hook(self, job: HookJob, record: dict[str, object], quiet: bool = False) -> bool:
-        """Write `record` into the job's manifest; False if it could not be."""
+    def _record_hook(
+        self, job: HookJob, record: dict[str, object], tries: int, quiet: bool
+    ) -> None:
+        """Write `record` into the job's manifest."""
         if not job.manifest:
-            return True
+            return
         rule = next((r for r in self.rulebook.ruleset.rules if r.name == job.rule), None)
         if rule is None:
             log.warning(
                 kv("hook_state_unrecorded", hook=job.label, study=job.study, reason="rule gone")
             )
-            return True
-        try:
-            update_hooks(Path(job.manifest), rule=rule, records=[record])
-        except ValueError as error:  # the rule's destination moved since the job was made
-            log.warning(kv("hook_state_unrecorded", hook=job.label, study=job.study, error=error))
-        except (OSError, DestinationUnavailable) as error:
+            return
+        then = partial(self._hook_recorded, job, record, tries, quiet)
+        self.work.submit(
+            str(rule.destination), then, update_hooks_in, Path(job.manifest), rule, [record]
+        )
+
+    def _hook_recorded(
+        self, job: HookJob, record: dict[str, object], tries: int, quiet: bool, value: Any
+    ) -> None:
+        if isinstance(value, ValueError):  # the rule's destination moved since the job was made
+            log.warning(kv("hook_state_unrecorded", hook=job.label, study=job.study, error=value))
+        elif isinstance(value, BaseException):
             if not quiet:
                 log.warning(
                     kv(
                         "hook_state_unrecorded",
                         hook=job.label,
                         study=job.study,
-                        error=error,
+                        error=value,
                         action="tried again",
                     )
                 )
-            return False
-        return True
+            # A hung destination's wait does not count against the tries.
+            tries = tries - 1 if isinstance(value, DestinationHung) else tries
+            self._hook_backlog[(job.lab, job.id)] = (job, record, max(tries, 0))
 
     def _write_manifest(
-        self, study: Study, progress: RulePlacement, journal: Journal
-    ) -> Path | None:
+        self,
+        study: Study,
+        progress: RulePlacement,
+        journal: Journal,
+        then: Callable[[Path | None], None] | None = None,
+    ) -> None:
         """Write (or bring up to date) the study's manifest for one rule with
-        what it placed; return its path, or None when it could not be written."""
+        what it placed, in its destination's placer; `then` gets its path, or
+        None when it could not be written."""
         rule = progress.route.rule
         manifest = manifest_path(rule, progress.route.relative_path, study.uid)
         try:
             # Journaled like a placement: the temporary manifest of a write
             # that a crash interrupts is removed at the next start.
             journal.add({rule.folder(manifest.parent)})
-            written = write_manifest(
-                manifest,
-                study_uid=study.uid,
-                rule=rule,
-                patient=study.patient,
-                entries=progress.entries,
-                clock=self.clock(),
-            )
-            log.info(
-                kv(
-                    "manifest_written",
-                    lab=rule.lab_name,
-                    study=study.uid,
-                    files=written["files"],
-                    path=manifest,
-                )
-            )
-        except (OSError, DestinationUnavailable) as error:
+        except OSError as error:
+            self._manifest_written(study, progress, manifest, then, error)
+            return
+        answer = partial(self._manifest_written, study, progress, manifest, then)
+        self.work.submit(
+            str(rule.destination),
+            answer,
+            write_manifest_in,
+            manifest,
+            study.uid,
+            rule,
+            study.patient,
+            list(progress.entries),
+            self.clock(),
+        )
+
+    def _manifest_written(
+        self,
+        study: Study,
+        progress: RulePlacement,
+        manifest: Path,
+        then: Callable[[Path | None], None] | None,
+        value: Any,
+    ) -> None:
+        rule = progress.route.rule
+        if isinstance(value, BaseException):
             log.error(
                 kv(
                     "manifest_failed",
                     lab=rule.lab_name,
                     study=study.uid,
                     path=manifest,
-                    error=_describe(error),
+                    error=describe(value),
                 )
             )
-            return None
-        return manifest
+            if isinstance(value, (DestinationHung, CutOff)):
+                # Written when the destination answers again (or at the next start).
+                self._manifest_backlog.setdefault(str(rule.destination), []).append(
+                    (study, progress)
+                )
+            if then is not None:
+                then(None)
+            return
+        log.info(
+            kv(
+                "manifest_written",
+                lab=rule.lab_name,
+                study=study.uid,
+                files=value["files"],
+                path=manifest,
+            )
+        )
+        if then is not None:
+            then(manifest)
 
     def _record_placed_in_part(self) -> None:
         """On the way out: a study placed in part (stopped mid-way, or parked
@@ -935,7 +1173,8 @@ class Daemon:
             for progress in study.progress.values():
                 if progress.entries:
                     self._write_manifest(study, progress, journal)
-        self._close_journal(journal)
+        if self.once:
+            self._close_journal(journal)
 
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):
@@ -1012,7 +1251,7 @@ class Daemon:
             )
             remove_source(path)
         except (OSError, DestinationUnavailable) as error:
-            why = _describe(error)
+            why = describe(error)
             first, longest = self.config.park_first_seconds, self.config.park_max_seconds
             now = self.clock()
             attempts, wait = self.arrivals.quarantine_failed(path, why, now, first, longest)
@@ -1041,7 +1280,7 @@ class Daemon:
         except FileNotFoundError:  # gone meanwhile (or its folder): it is kept
             pass
         except OSError as error:
-            return f"kept in unmatched, but cannot be removed: {_describe(error)}"
+            return f"kept in unmatched, but cannot be removed: {describe(error)}"
         return None
 
     def _reroute_unmatched(self) -> None:
@@ -1062,7 +1301,7 @@ class Daemon:
                 try:
                     place_instance(instance, routes, move=True, retry=self.retry)
                 except (DestinationUnavailable, PathConflict, OSError) as error:
-                    log.warning(kv("unmatched_reroute_failed", path=path, error=_describe(error)))
+                    log.warning(kv("unmatched_reroute_failed", path=path, error=describe(error)))
                     continue
                 rerouted[folder.name] += 1
             if not any(folder.iterdir()):
@@ -1124,6 +1363,8 @@ class Daemon:
             "placed_studies": self.counts.placed_studies,
             "last_placement": self.counts.last_placement,
             "destinations": self.destinations.snapshot(),
+            #: Calls on destinations (placements, manifests) not answered yet.
+            "destination_calls": self.work.busy() + sum(map(len, self._queued.values())),
             "hooks": {
                 "operator": {
                     "waiting": len(self.hooks.waiting),
@@ -1140,210 +1381,6 @@ class Daemon:
             log.warning(kv("status_write_failed", error=error.strerror or error))
 
 
-@dataclass
-class Completion:
-    """How a study completes, worked out for one version of the rules: the
-    rules its instances matched so far, and what they make of it."""
-
-    ruleset: object
-    matched: dict[str, Any] = field(default_factory=dict)
-    #: The instances matched already, and the arrival time that was seen.
-    seen: set[str] = field(default_factory=set)
-    arrival: float | None = None
-    quiet: float | None = None
-    expected: tuple[int | str, ...] = ()
-    counted: int = -1
-    complete: bool = False
-
-
-class Journal:
-    """`state/placing.json`: the folders that placements in progress write
-    temporary files into, so that what a crash leaves there is removed at the
-    next start. Written (durably) before anything is written into them."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.folders: set[Folder] = set()
-        #: It held folders of an earlier placement that failed, not cleaned yet.
-        self.inherited = False
-
-    def add(self, folders: set[Folder]) -> None:
-        if folders <= self.folders:
-            return
-        if not self.folders:
-            try:
-                earlier = read_journal(self.path)
-            except (OSError, ValueError, KeyError, TypeError):
-                earlier = set()
-            self.inherited = bool(earlier)
-            self.folders = earlier
-        self.folders |= folders
-        write_journal(self.path, self.folders)
-
-
-def write_journal(path: Path, folders: set[Folder]) -> None:
-    entries = [
-        {
-            "path": str(folder.path),
-            "root": str(folder.root),
-            "anchor": None if folder.anchor is None else str(folder.anchor),
-            "beneath": list(folder.beneath),
-        }
-        for folder in folders
-    ]
-    entries.sort(key=lambda entry: str(entry["path"]))
-    atomic_write(path, json.dumps({"folders": entries}))
-
-
-def read_journal(path: Path) -> set[Folder]:
-    folders = set()
-    for entry in json.loads(path.read_text(encoding="utf-8"))["folders"]:
-        if isinstance(entry, str):
-            # An older journal's bare path: reached from / without a link.
-            folders.add(Folder(Path(entry), (), Path(entry)))
-            continue
-        root, anchor = Path(entry["root"]), entry["anchor"]
-        folders.add(
-            Folder(
-                root,
-                Path(entry["path"]).relative_to(root).parts,
-                None if anchor is None else Path(anchor),
-                tuple(entry["beneath"]),
-            )
-        )
-    return folders
-
-
-@dataclass
-class _Placing:
-    """One study being placed: how many of its batches are begun and taken."""
-
-    study: Study
-    started: float
-    unmatched: int = 0
-    begun: int = 0
-    taken: int = 0
-    #: The inbox folders its placed files were removed from (flushed at its end).
-    moved_from: set[str] = field(default_factory=set)
-    error: str | None = None
-    #: Why files it kept in `unmatched/` stay in the inbox too: it is parked
-    #: for them once its other files are placed.
-    kept_back: str | None = None
-    ended: bool = False
-
-
-@dataclass
-class RulePlacement:
-    """What one study placed for one rule: for its summary line and manifest."""
-
-    route: Route
-    started: float
-    files: int = 0
-    placed: int = 0
-    bytes: int = 0
-    entries: list[Entry] = field(default_factory=list)
-
-    def add(self, placement: Placement, instance: headers.Instance) -> None:
-        self.files += 1
-        self.bytes += placement.size
-        if placement.outcome == "placed":
-            self.placed += 1
-        if self.route.rule.manifest:
-            values = instance.values
-            self.entries.append(
-                Entry(
-                    values["SOPInstanceUID"],
-                    values.get("SeriesInstanceUID", ""),
-                    values.get("SeriesNumber", ""),
-                    placement,
-                )
-            )
-
-    @property
-    def folder(self) -> Path:
-        """The study's folder in the lab tree (where its series folders are)."""
-        rule = self.route.rule
-        return rule.destination / rule.path.study_folder(self.route.relative_path)
-
-
-def _expected_count_reached(study: Study, expected: tuple[int | str, ...]) -> bool:
-    """True when a rule's count is reached: a number of instances for the
-    study, or `ImagesInAcquisition` instances in every series received."""
-    count = len(study.instances)
-    if any(isinstance(n, int) and count >= n for n in expected):
-        return True
-    if PER_SERIES_COUNT not in expected:
-        return False
-    series: dict[str, list[int]] = {}
-    for pending in study.instances.values():
-        values = study.values(pending)
-        entry = series.setdefault(values.get("SeriesInstanceUID", ""), [0, 0])
-        entry[0] += 1
-        with contextlib.suppress(ValueError):
-            entry[1] = max(entry[1], int(values.get(PER_SERIES_COUNT, "0")))
-    return all(needed > 0 and have >= needed for have, needed in series.values())
-
-
-def _found_placed(instance: headers.Instance, routes: list[Route]) -> list[Placement] | None:
-    """The instance's copies, when every route already holds its very bytes
-    (same size and SHA-256) under its name; else None."""
-    if not instance.sha256:
-        return None
-    found = []
-    for route in routes:
-        path = route.rule.destination / route.relative_path
-        try:
-            folder = route.rule.folder(path.parent).open()
-        except (OSError, DestinationUnavailable):
-            return None
-        try:
-            fd = os.open(
-                path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder
-            )
-        except OSError:
-            return None
-        finally:
-            os.close(folder)
-        try:
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode) or status.st_size != instance.size:
-                return None
-            if sha256_of_fd(fd) != instance.sha256:
-                return None
-        finally:
-            os.close(fd)
-        found.append(
-            Placement(path.parent, path.name, "present", status.st_size, None, instance.sha256)
-        )
-    return found
-
-
-def _describe(error: BaseException) -> str:
-    if (
-        isinstance(error, OSError)
-        and error.strerror
-        and not isinstance(error, DestinationUnavailable)
-    ):
-        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
-    return str(error)
-
-
-def _plan_folders(plan: Batch, study_uid: str) -> set[Folder]:
-    """The folders that placing a study writes into: those of its files, and
-    of its manifests (journaled with them, to be written in one go)."""
-    firsts: dict[tuple[str, str], Route] = {}
-    for _, routes in plan:
-        for route in routes:
-            firsts.setdefault((route.rule.name, route.relative_path.rpartition("/")[0]), route)
-    folders = set()
-    for (_, folder), route in firsts.items():
-        rule = route.rule
-        folders.add(rule.folder(rule.destination / folder))
-        if rule.manifest:
-            folders.add(rule.folder(manifest_path(rule, route.relative_path, study_uid).parent))
-    return folders
-
-
 def _count_files(folder: Path, suffix: str = "") -> int:
     total = 0
     for _, _, files in os.walk(folder):
@@ -1351,3 +1388,50 @@ def _count_files(folder: Path, suffix: str = "") -> int:
             1 for name in files if name.endswith(suffix) and not name.startswith(TEMP_PREFIX)
         )
     return total
+
+
+@dataclass
+class _Sent:
+    """A batch handed to the placers: per instance its destinations and the
+    answers each gave, and how many destinations' parts are unanswered."""
+
+    batch: Batch
+    keys: list[list[str]]
+    pieces: list[dict[str, list[Placement] | BaseException]]
+    waiting: int
+
+
+@dataclass
+class _Cleaning:
+    """Journaled folders being cleaned, a destination at a time."""
+
+    folders: set[Folder]
+    waiting: int
+    removed: int = 0
+    left: set[Folder] = field(default_factory=set)
+
+
+def _joined(
+    instance: headers.Instance,
+    routes: list[Route],
+    destinations: list[str],
+    pieces: dict[str, list[Placement] | BaseException],
+) -> list[Placement] | BaseException:
+    """One instance's outcome from its destinations' answers: its placements
+    in the order of its routes, or the first error. An instance copied into
+    several destinations has its source removed here, once all are durable."""
+    if len(destinations) == 1:
+        return pieces[destinations[0]]
+    for destination in destinations:
+        if isinstance(pieces[destination], BaseException):
+            return pieces[destination]
+    placed = {d: iter(p) for d, p in pieces.items() if not isinstance(p, BaseException)}
+    outcome = [next(placed[str(route.rule.destination)]) for route in routes]
+    try:
+        os.unlink(instance.path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:  # (an inbox it may not write): the source stays
+        why = f"placed, but cannot be removed: {error.strerror}"
+        return OSError(error.errno, why, instance.path)
+    return outcome

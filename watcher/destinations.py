@@ -1,5 +1,6 @@
-"""What the daemon knows of each destination: healthy, or unavailable
-(missing, full, read-only, forbidden) since when and why, as `status` shows.
+"""What the daemon knows of each destination: healthy, unavailable
+(missing, full, read-only, forbidden) or hung (no progress), since when and
+why, as `status` shows.
 
 A destination's state changes with what placements into it report: an
 instance placed there makes it healthy, a `DestinationUnavailable` from it
@@ -16,7 +17,7 @@ from watcher.logs import kv
 
 log = logging.getLogger(__name__)
 
-HEALTHY, UNAVAILABLE = "healthy", "unavailable"
+HEALTHY, UNAVAILABLE, HUNG = "healthy", "unavailable", "hung"
 
 
 @dataclass
@@ -65,6 +66,21 @@ class Destinations:
             return
         self.states[destination] = State(UNAVAILABLE, self.clock(), reason)
         log.warning(kv("destination_unavailable", destination=destination, reason=reason))
+
+    def hung(self, destination: str, reason: str) -> None:
+        self.states[destination] = State(HUNG, self.clock(), reason)
+        log.warning(
+            kv(
+                "destination_hung",
+                destination=destination,
+                reason=reason,
+                action="its studies are parked; it is probed until it answers",
+            )
+        )
+
+    def answered(self, destination: str) -> None:
+        """A hung destination answers again: healthy until a placement says otherwise."""
+        self.healthy(destination)
 
     def snapshot(self) -> list[dict[str, object]]:
         return [

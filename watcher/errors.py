@@ -49,3 +49,16 @@ class DestinationUnavailable(WatcherError):
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         # Raised in a worker process, it comes back pickled.
         return type(self), (self.destination, self.reason)
+
+
+class DestinationHung(WatcherError):
+    """A destination made no progress for `destination_timeout_seconds`:
+    its placer was abandoned, and nothing is sent to it until it answers."""
+
+    def __init__(self, destination: str, reason: str) -> None:
+        self.destination = destination
+        self.reason = reason
+        super().__init__(f"destination {destination} hung: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.destination, self.reason)

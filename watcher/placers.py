@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import fcntl
 import os
 import pickle
@@ -32,6 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+#: prctl(2): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 #: Each message is a pickle, after its length.
 _LENGTH = struct.Struct("!Q")
@@ -58,11 +62,14 @@ class Placer:
     #: When the oldest call last made progress.
     _progress: float = field(init=False, default=0.0)
     abandoned: bool = field(init=False, default=False)
+    #: It was abandoned for making no progress (not for dying).
+    stalled: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         package = Path(__file__).resolve().parent.parent
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package), env.get("PYTHONPATH")]))
+        env["DW_PLACER_PARENT"] = str(os.getpid())
         self.process = subprocess.Popen(
             [sys.executable, "-m", "watcher.placers"],
             stdin=subprocess.PIPE,
@@ -127,6 +134,7 @@ class Placer:
                 )
             stalled = self.clock() - self._progress
             if stalled >= self.timeout:
+                self.stalled = True
                 return results + self.abandon(
                     f"no progress for {stalled:.0f} s (destination_timeout_seconds)"
                 )
@@ -233,15 +241,33 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             reply = pickle.dumps((ticket, value), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:  # noqa: BLE001 - an unpicklable result
             reply = pickle.dumps((ticket, RuntimeError(repr(error))))
-        replies.write(_LENGTH.pack(len(reply)) + reply)
-        replies.flush()
+        try:
+            replies.write(_LENGTH.pack(len(reply)) + reply)
+            replies.flush()
+        except BrokenPipeError:  # the daemon is gone: no one takes the answers
+            return
+
+
+def _die_with_parent() -> None:
+    """Be killed when the daemon dies (a SIGKILL, a crash), as a placement
+    in its own process would be: nothing goes on placing that no one takes
+    the answers of, beside the next daemon's own placements."""
+    parent = int(os.environ.get("DW_PLACER_PARENT", "0"))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # (not Linux: the placer ends when its input closes)
+    if parent and os.getppid() != parent:  # it died before the above
+        os._exit(1)
 
 
 def main() -> None:
-    # The daemon stops its placers; a SIGINT meant for it (a terminal's ^C)
-    # does not interrupt a placement half way.
+    # The daemon stops its placers: a SIGINT or SIGTERM meant for it (a
+    # terminal's ^C, a stop of its whole group) does not interrupt a
+    # placement half way; the daemon abandons a placer if need be.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from watcher import logs
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    from watcher import logs, placing  # noqa: F401 - imported now, not at the first call
 
     logs.setup(os.environ.get("DW_LOG_LEVEL", "INFO"))
     # Replies go through a descriptor of their own: whatever else writes to

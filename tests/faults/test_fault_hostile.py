@@ -120,7 +120,7 @@ def test_hostile_headers_stay_inside_the_destination(tmp_path, daemons, account,
         target = run.inbox / source.name
         target.write_bytes(source.read_bytes())
         entered[str(target)] = hashlib.sha256(target.read_bytes()).hexdigest()
-    run.wait_drained(timeout=60)
+    run.wait_settled(timeout=60)  # (its manifests written too)
     placed = lab_files(lab)
     for path in placed:
         assert_safe_inside(path, lab)
