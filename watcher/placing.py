@@ -2,7 +2,7 @@
 destination runs in that destination's placer (`watcher.placers`), so that
 a share that stops answering stalls only its own work, never the loop.
 
-`Destinations` hands a call to the placer of its destination and calls
+`PlacerPool` hands a call to the placer of its destination and calls
 `then(value)` from `poll()` when the answer comes. A placer that makes no
 progress for `destination_timeout_seconds` is abandoned and its destination
 marked hung: its calls, and every call for it from then on, are answered
@@ -14,7 +14,6 @@ the kernel's cache alone proves nothing).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -31,8 +30,6 @@ from watcher.errors import DestinationHung
 from watcher.manifest import Entry, update_hooks, write_manifest
 from watcher.placers import CutOff, Placer
 from watcher.rules import Route, Rule
-
-log = logging.getLogger(__name__)
 
 Then = Callable[[Any], None]
 
@@ -78,10 +75,9 @@ def probe(path: str) -> None:
 
 @dataclass
 class _Hung:
-    since: float
     reason: str
-    #: Its abandoned placers: killed, but maybe still waiting in the kernel.
-    stuck: list[Placer]
+    #: Its abandoned placer: killed, but maybe still waiting in the kernel.
+    stuck: Placer
     wait: float
     next_probe: float
     probe: Placer | None = None
@@ -99,7 +95,7 @@ class PlacerPool:
     clock: Callable[[], float] = time.monotonic
     placers: dict[str, Placer] = field(default_factory=dict)
     hung: dict[str, _Hung] = field(default_factory=dict)
-    #: Destinations that answered again since `poll` last returned.
+    #: What to call with each answer, by destination and ticket.
     _calls: dict[tuple[str, int], Then] = field(default_factory=dict)
     _ready: list[tuple[Then, Any]] = field(default_factory=list)
 
@@ -122,7 +118,8 @@ class PlacerPool:
         """Calls not answered yet (for one destination, or all)."""
         if destination is None:
             return len(self._calls) + len(self._ready)
-        return sum(1 for key, _ in self._calls if key == destination)
+        placer = self.placers.get(destination)
+        return len(placer.calls) if placer is not None else 0
 
     def poll(self) -> list[str]:
         """Take the answers that arrived (calling their `then`), and probe the
@@ -147,9 +144,7 @@ class PlacerPool:
     def _hang(self, destination: str, placer: Placer, answers: list[tuple[int, Any]]) -> None:
         reason = next((str(v) for _, v in answers if isinstance(v, CutOff)), "no progress")
         now = self.clock()
-        self.hung[destination] = _Hung(
-            now, reason, [placer], self.first_wait, now + self.first_wait
-        )
+        self.hung[destination] = _Hung(reason, placer, self.first_wait, now + self.first_wait)
         self.destinations.hung(destination, reason)
 
     def _probe(self) -> list[str]:
@@ -168,7 +163,7 @@ class PlacerPool:
                 continue
             if not answers:
                 continue
-            if all(placer.finished() for placer in hung.stuck):
+            if hung.stuck.finished():
                 # It answers, and nothing of ours waits on it any more.
                 del self.hung[destination]
                 hung.probe.timeout = self.timeout
