@@ -96,6 +96,18 @@ def test_a_share_whose_server_died_parks_its_lab_alone_until_it_is_mounted_again
 TIMEOUT = 3
 
 
+def _smith_study_under_way(run, share: Share, series: int, instances: int) -> dict[str, str]:
+    """Send smith a study and wait until its first files are on the share;
+    returns what entered the inbox."""
+    spec = StudySpec(
+        series=series, instances=instances, description="SMITH^Memory", rows=32, columns=32
+    )
+    write_study(spec, run.inbox)
+    entered = snapshot(run.inbox)
+    wait_for(lambda: lab_files(share.export / "smith"), 60, "smith's placement under way")
+    return entered
+
+
 def _state_of(run, destination: Path) -> dict[str, object]:
     shown = run.status().get("destinations", [])
     return next((d for d in shown if d["destination"] == str(destination)), {})
@@ -159,12 +171,7 @@ def test_sigterm_while_a_share_is_frozen_ends_the_daemon_within_the_timeout(
     run, smith, jones = _two_labs(daemon, tmp_path, share, destination_timeout_seconds=TIMEOUT)
     run.start()
     run.wait_event("watching")
-    write_study(
-        StudySpec(series=4, instances=200, description="SMITH^Memory", rows=32, columns=32),
-        run.inbox,
-    )
-    entered = snapshot(run.inbox)
-    wait_for(lambda: lab_files(share.export / "smith"), 60, "smith's placement under way")
+    entered = _smith_study_under_way(run, share, series=4, instances=200)
     share.freeze()
     try:
         time.sleep(0.5)
@@ -192,12 +199,7 @@ def test_a_slow_share_gets_everything_and_does_not_slow_the_other_lab(daemon, tm
         run, smith, jones = _two_labs(daemon, tmp_path, slow)
         run.start()
         run.wait_event("watching")
-        write_study(
-            StudySpec(series=2, instances=100, description="SMITH^Memory", rows=32, columns=32),
-            run.inbox,
-        )
-        entered = snapshot(run.inbox)
-        wait_for(lambda: lab_files(slow.export / "smith"), 60, "smith's placement under way")
+        entered = _smith_study_under_way(run, slow, series=2, instances=100)
         later = StudySpec(series=1, instances=3, patient_id="SUBJ02", description="JONES^Vision")
         write_study(later, run.inbox)
         entered.update(snapshot(run.inbox))
