@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import time
+from pathlib import Path
 
 from faultlib import own
 from harness import DaemonProcess, files_under, lab_files, paths_under, wait_for
@@ -27,6 +29,21 @@ def pending_files(run: DaemonProcess) -> int:
     except (OSError, ValueError):
         return 0
     return sum(int(study["files"]) for study in status.get("studies", []))
+
+
+def placers_of(run: DaemonProcess) -> list[int]:
+    """The pids of a node's placer processes."""
+    assert run.process is not None
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == run.process.pid and b"watcher.placers" in command:
+            pids.append(int(entry.name))
+    return pids
 
 
 def encoded(spec: StudySpec) -> list[tuple[str, bytes]]:
@@ -92,13 +109,24 @@ def test_two_daemons_place_the_same_study_into_one_destination(tmp_path, daemons
     for run in runs:
         assert run.process is not None
         run.process.send_signal(signal.SIGSTOP)
+    held: list[int] = []
     try:
         placed_lines = [line for run in runs for line in run.logs("study_placed")]
         assert len(placed_lines) == 2, "placed before the pause"
         time.sleep(QUIET + 0.5)
         runs[1].process.send_signal(signal.SIGCONT)
         wait_for(lambda: files_under(lab / "TWIN1"), 30, "node 1 writing", every=0.005)
+        # Node 1's placer is held while node 0 begins: node 0 then places
+        # files node 1 has not, whatever the machine's load.
+        held = placers_of(runs[1])
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        written = len(files_under(lab / "TWIN1"))
+        runs[0].process.send_signal(signal.SIGCONT)
+        wait_for(lambda: len(files_under(lab / "TWIN1")) > written, 30, "node 0 writing")
     finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
         for run in runs:
             run.process.send_signal(signal.SIGCONT)
     for run in runs:
