@@ -339,7 +339,7 @@ def test_crafted_results_are_refused_and_never_stop_the_daemon(centre, accounts)
     assert hook_user.write(results / f"{jones_job}.json", forged).returncode == 0
     time.sleep(2.5)
     assert centre.process is not None and centre.process.poll() is None, "the daemon runs on"
-    assert centre.logs("hook_result_refused"), "the crafted results are reported"
+    wait_for(lambda: centre.logs("hook_result_refused"), 20, "the crafted results reported")
     assert not centre.logs("hook_result")
     assert manifest_hooks(smith)[0]["state"] == "pending"
     assert manifest_hooks(jones)[0]["state"] == "pending"
