@@ -431,13 +431,13 @@ class SettledDaemon(Daemon):
     def settle(self, timeout: float = 60.0) -> None:
         """Wait until no placement is in flight and every answer is taken."""
         deadline = time.monotonic() + timeout
-        while self.in_flight or self.work.busy():
+        while self.delivery.in_flight or self.work.busy():
             if time.monotonic() > deadline:
                 raise AssertionError(f"placers still busy after {timeout} s")
             time.sleep(0.005)
             for destination in self.work.poll():
-                self._resume(destination, self.clock())
-            self._close_round()
+                self.delivery.resume(destination, self.clock())
+            self.delivery.close_round()
 
 
 def prepare(config: Config) -> SettledDaemon:

@@ -26,7 +26,7 @@ import pytest
 from harness import free_port, skip_or_fail
 
 from watcher.config import Config, load_config
-from watcher.daemon import STOP_MANIFEST_SECONDS
+from watcher.delivery import STOP_MANIFEST_SECONDS
 from watcher.synthetic import StudySpec, write_study
 
 ROOT = Path(__file__).resolve().parents[1]

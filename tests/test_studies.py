@@ -31,11 +31,12 @@ from harness import (
 )
 from pydicom.uid import generate_uid
 
-from watcher import daemon as daemon_module
+from watcher import delivery as delivery_module
 from watcher import engine as engine_module
 from watcher import headers
 from watcher import placing as placing_module
-from watcher.daemon import Daemon, write_journal
+from watcher.bookkeeping import write_journal
+from watcher.daemon import Daemon
 from watcher.engine import BATCH, POOL_THRESHOLD, header_pool
 from watcher.inbox import InboxWatcher
 from watcher.placement import TEMP_PREFIX, Folder
@@ -491,11 +492,11 @@ def test_workers_killed_while_idle_park_the_study_and_it_is_placed_without_them(
     broken = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
     with pytest.raises(BrokenProcessPool):
         broken.submit(_die).result()
-    daemon._workers = broken
+    daemon.delivery.workers = broken
     caplog.set_level(logging.WARNING)
     clock.now += 2
     daemon.tick()
-    assert daemon._workers is None
+    assert daemon.delivery.workers is None
     assert sum("event=workers_lost" in r.getMessage() for r in caplog.records) == 1
     assert sum("event=study_parked" in r.getMessage() for r in caplog.records) == 1
     assert list(lab.rglob("*.dcm")) == []
@@ -512,11 +513,11 @@ def test_workers_killed_while_idle_do_not_stop_the_next_reading(tmp_path, caplog
     broken = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
     with pytest.raises(BrokenProcessPool):
         broken.submit(_die).result()
-    daemon._workers = broken
+    daemon.delivery.workers = broken
     write_study(StudySpec(series=1, instances=POOL_THRESHOLD + 4), daemon.config.inbox)
     caplog.set_level(logging.WARNING)
     daemon.tick()  # enough files for the pool: read here instead
-    assert daemon._workers is None
+    assert daemon.delivery.workers is None
     assert sum("event=workers_lost" in r.getMessage() for r in caplog.records) == 1
     assert sum(len(study.instances) for study in daemon.studies) == POOL_THRESHOLD + 4
     clock.now += 2
@@ -556,7 +557,7 @@ def _place_after_checking_the_journal(batch, retry):  # type: ignore[no-untyped-
     return _PLACE_MOVING(batch, retry)
 
 
-_PLACE_MOVING = daemon_module._place_moving
+_PLACE_MOVING = delivery_module._place_moving
 
 
 def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journaled_first(
@@ -569,8 +570,8 @@ def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journ
     clock = FakeClock()
     daemon, lab = in_process_daemon(tmp_path, clock, once=True, quiet_seconds=1)
     per_study = write_three_two_batch_studies(daemon.config.inbox)
-    _JOURNAL[:] = [daemon.journal]
-    monkeypatch.setattr(daemon_module, "_place_moving", _place_after_checking_the_journal)
+    _JOURNAL[:] = [daemon.delivery.journal]
+    monkeypatch.setattr(delivery_module, "_place_moving", _place_after_checking_the_journal)
     events: list[tuple[str, str]] = []
     workers = header_pool(threads_running=False)  # forked: the check above is theirs too
     submit = workers.submit
@@ -581,13 +582,13 @@ def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journ
         return submit(function, batch, *args)
 
     monkeypatch.setattr(workers, "submit", recording_submit)
-    end_placement = daemon._end_placement
+    end_placement = daemon.delivery._end_placement
 
     def recording_end(placing, journal):  # type: ignore[no-untyped-def]
         events.append(("end", placing.study.patient))
         end_placement(placing, journal)
 
-    monkeypatch.setattr(daemon, "_end_placement", recording_end)
+    monkeypatch.setattr(daemon.delivery, "_end_placement", recording_end)
     write_manifest = placing_module.write_manifest
 
     def checked_write_manifest(path, **fields):  # type: ignore[no-untyped-def]
@@ -595,13 +596,13 @@ def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journ
         return write_manifest(path, **fields)
 
     monkeypatch.setattr(placing_module, "write_manifest", checked_write_manifest)
-    daemon._workers = workers
+    daemon.delivery.workers = workers
     try:
         daemon.tick()  # read, by the workers
         clock.now += 2
         daemon.tick()  # all three are due: placed in this turn
     finally:
-        daemon._workers = None
+        daemon.delivery.workers = None
         workers.shutdown()
     assert len(list(lab.rglob("*.dcm"))) == 3 * per_study
     assert len(list(lab.rglob("manifest.json"))) == 3
@@ -611,7 +612,7 @@ def test_once_workers_begin_the_next_study_before_the_last_is_finished_all_journ
     for first, following in itertools.pairwise(ends):
         before_end = events[: events.index(("end", first))]
         assert ("begin", following) in before_end, f"{following} waited for {first}: {events}"
-    assert not daemon.journal.exists()
+    assert not daemon.delivery.journal.exists()
 
 
 _MAIN_PID = os.getpid()
@@ -637,13 +638,13 @@ def test_a_worker_killed_mid_placement_parks_the_studies_in_flight_and_the_rest_
     )
     per_study = write_three_two_batch_studies(daemon.config.inbox)
     entered = snapshot(daemon.config.inbox)
-    monkeypatch.setattr(daemon_module, "_place_moving", _place_or_die_on_p1)
-    daemon._workers = header_pool(threads_running=False)
+    monkeypatch.setattr(delivery_module, "_place_moving", _place_or_die_on_p1)
+    daemon.delivery.workers = header_pool(threads_running=False)
     caplog.set_level(logging.INFO)
     daemon.tick()  # read, by the workers
     clock.now += 2
     daemon.tick()  # placed until P1's batch kills its worker
-    assert daemon._workers is None
+    assert daemon.delivery.workers is None
     parked = logged(caplog, "study_parked")
     assert any("patient=P1" in line for line in parked)
     assert daemon.config.inbox.joinpath("study1").exists() and any(
@@ -673,7 +674,7 @@ def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches
     daemon, lab = in_process_daemon(tmp_path, clock, once=True, quiet_seconds=1)
     per_study = write_three_two_batch_studies(daemon.config.inbox)
     entered = snapshot(daemon.config.inbox)
-    add = daemon_module.Journal.add
+    add = delivery_module.Journal.add
     disk_full = True
     journaled: list[str] = []  # the patients, in the order they are prepared
 
@@ -684,14 +685,14 @@ def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches
         journaled.append(patient)
         add(journal, folders)
 
-    monkeypatch.setattr(daemon_module.Journal, "add", add_or_fail)
+    monkeypatch.setattr(delivery_module.Journal, "add", add_or_fail)
     caplog.set_level(logging.INFO)
 
     def placed() -> list[str]:
         lines = [r.getMessage() for r in caplog.records if "event=study_placed" in r.getMessage()]
         return sorted(line.split("patient=")[1].split()[0] for line in lines)
 
-    daemon._workers = header_pool(threads_running=False)
+    daemon.delivery.workers = header_pool(threads_running=False)
     try:
         daemon.tick()  # read, by the workers
         clock.now += 2
@@ -706,16 +707,16 @@ def test_a_journal_that_cannot_be_written_stops_the_next_study_after_the_batches
         disk_full = False
         daemon.tick()
     finally:
-        if daemon._workers is not None:
-            daemon._workers.shutdown()
-            daemon._workers = None
+        if daemon.delivery.workers is not None:
+            daemon.delivery.workers.shutdown()
+            daemon.delivery.workers = None
     assert not any(daemon.config.inbox.rglob("MR.*"))
     counts = assert_accounted(entered, [lab], daemon.state, exact=True, unique_uids=True)
     assert counts["placed"] == 3 * per_study
     assert placed() == ["P0", "P1", "P2"]
     for manifest in lab.rglob("manifest.json"):
         assert json.loads(manifest.read_text())["files"] == per_study
-    assert not daemon.journal.exists()
+    assert not daemon.delivery.journal.exists()
 
 
 def test_a_study_is_reported_placed_after_the_removal_of_its_files_is_flushed_once(
@@ -728,7 +729,7 @@ def test_a_study_is_reported_placed_after_the_removal_of_its_files_is_flushed_on
     daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=1)
     sources = write_study(StudySpec(series=2, instances=BATCH // 2 + 5), daemon.config.inbox / "s")
     flushes: list[tuple[set[str], int, int]] = []
-    flush_folders = daemon_module.flush_folders
+    flush_folders = delivery_module.flush_folders
 
     def recording_flush(folders):  # type: ignore[no-untyped-def]
         folders = set(folders)
@@ -736,7 +737,7 @@ def test_a_study_is_reported_placed_after_the_removal_of_its_files_is_flushed_on
         flushes.append((folders, left, len(list(lab.rglob("manifest.json")))))
         flush_folders(folders)
 
-    monkeypatch.setattr(daemon_module, "flush_folders", recording_flush)
+    monkeypatch.setattr(delivery_module, "flush_folders", recording_flush)
     fsynced: list[str] = []
     fsync_folder = engine_module._fsync_folder_path
     monkeypatch.setattr(
@@ -762,7 +763,7 @@ def test_a_study_whose_inbox_cannot_be_flushed_is_placed_and_the_failure_logged(
     def fail(folders):  # type: ignore[no-untyped-def]
         raise OSError(errno.EIO, "Input/output error", str(daemon.config.inbox))
 
-    monkeypatch.setattr(daemon_module, "flush_folders", fail)
+    monkeypatch.setattr(delivery_module, "flush_folders", fail)
     caplog.set_level(logging.INFO)
     daemon.tick()
     clock.now += 2
@@ -910,7 +911,7 @@ def test_temporaries_that_cannot_be_removed_are_told_once_not_at_every_retry(tmp
         (config.state / "placing.json").write_text(json.dumps({"folders": [str(folder)]}))
         daemon = prepare(config)
         for _ in range(3):  # the retries of a study parked on that folder
-            daemon._clean_interrupted_placement()
+            daemon.delivery.clean_interrupted()
             daemon.settle()
         [cleaned] = logged(caplog, "cleaned_interrupted_placement")
         assert "folders_left=1" in cleaned

@@ -19,7 +19,7 @@ from watcher import headers
 from watcher.errors import DestinationUnavailable
 from watcher.manifest import Entry, manifest_path
 from watcher.placement import Folder, Placement, remove_temporaries, sha256_of_fd, temporaries
-from watcher.rules import PER_SERIES_COUNT, Route
+from watcher.rules import PER_SERIES_COUNT, Route, RuleSet
 from watcher.state import atomic_write
 from watcher.studies import Study
 
@@ -43,6 +43,59 @@ class Completion:
     expected: tuple[int | str, ...] = ()
     counted: int = -1
     complete: bool = False
+
+
+def completion(
+    study: Study, ruleset: RuleSet, default_quiet: float, quiet_override: float | None
+) -> tuple[float, bool]:
+    """A study's quiet period (its rules may set their own; the longest
+    wins) and whether its expected instance count is reached.
+
+    A lab's rules set these only for a study that goes to that lab
+    alone: a study shared with others waits as the operator's rules and
+    the config say, so that no lab delays (or hurries) another's copies.
+    Which labs share it is known from every instance that arrived (each
+    matched once), not from the first alone.
+    """
+    policy = study.policy
+    if not isinstance(policy, Completion) or policy.ruleset is not ruleset:
+        policy = study.policy = Completion(ruleset)
+    if policy.arrival != study.last_arrival:
+        policy.arrival = study.last_arrival
+        for path, pending in study.instances.items():
+            if path in policy.seen:
+                continue
+            policy.seen.add(path)
+            for rule in ruleset.matching(study.values(pending)):
+                if rule.name not in policy.matched:
+                    policy.matched[rule.name] = rule
+                    policy.quiet = None  # worked out again below
+    if policy.quiet is None:
+        rules = list(policy.matched.values())
+        if len({rule.tenant for rule in rules}) > 1:
+            rules = [rule for rule in rules if not rule.tenant]
+        quiet = max(
+            (r.quiet_seconds for r in rules if r.quiet_seconds is not None),
+            default=default_quiet,
+        )
+        policy.quiet = quiet if quiet_override is None else quiet_override
+        policy.expected = tuple(r.expected_instances for r in rules if r.expected_instances)
+        policy.counted, policy.complete = -1, False
+    if policy.expected and policy.counted != len(study.instances):
+        policy.complete = expected_count_reached(study, policy.expected)
+        policy.counted = len(study.instances)
+    return policy.quiet, policy.complete
+
+
+@dataclass
+class Counts:
+    """What the daemon did since it started, for its status."""
+
+    placed_files: int = 0
+    placed_studies: int = 0
+    quarantined: int = 0
+    unmatched: int = 0
+    last_placement: dict[str, object] = field(default_factory=dict)
 
 
 class Journal:

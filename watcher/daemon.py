@@ -12,7 +12,6 @@ progress, so that its temporary files are cleaned up after a crash.
 
 from __future__ import annotations
 
-import collections
 import errno
 import itertools
 import json
@@ -22,51 +21,32 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from stat import S_ISREG
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from watcher import headers
-from watcher.bookkeeping import (
-    Batch,
-    Completion,
-    Journal,
-    PlaceOutcomes,
-    RulePlacement,
-    StudyPlacement,
-    clean_folders,
-    describe,
-    expected_count_reached,
-    plan_folders,
-    read_journal,
-    write_journal,
-)
+from watcher.bookkeeping import Completion, Counts, completion, describe
 from watcher.config import Config
+from watcher.delivery import Delivery, Hooks
 from watcher.destinations import Destinations
 from watcher.engine import (
-    BATCH,
     POOL_THRESHOLD,
     RetryPolicy,
-    flush_folders,
     header_pool,
     iter_read,
     place_instance,
     remove_source,
 )
-from watcher.errors import DestinationHung, DestinationUnavailable, NotRoutable
-from watcher.hooks import DaemonStore, HookJob, HookRunner, hook_values, make_job
+from watcher.errors import DestinationUnavailable, NotRoutable
+from watcher.hooks import DaemonStore, HookJob, HookRunner
 from watcher.labjobs import Dispatch
 from watcher.logs import kv
-from watcher.manifest import manifest_path
-from watcher.placement import TEMP_PREFIX, Folder, PathConflict, Placement, place
-from watcher.placers import CutOff
-from watcher.placing import Immediate, PlacerPool, place_part, update_hooks_in, write_manifest_in
-from watcher.rules import Route, RuleBook
+from watcher.placement import TEMP_PREFIX, PathConflict, place
+from watcher.placing import Immediate, PlacerPool
+from watcher.rules import RuleBook
 from watcher.state import atomic_write, make_private, trusted
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
@@ -85,33 +65,6 @@ DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
 #: How often the labs' runners' results are taken up.
 HOOK_SYNC_SECONDS = 1.0
-#: How many hook syncs a hook state waits for its manifest before it is dropped.
-HOOK_RECORD_TRIES = 60
-#: On the way out, how long the manifests of studies placed in part may take.
-STOP_MANIFEST_SECONDS = 5.0
-#: How often the placers are polled while the daemon waits for them to finish.
-DRAIN_SECONDS = 0.02
-#: Parts of batches handed to one destination's placer at a time.
-PLACER_DEPTH = 2
-
-
-class NotSent(Exception):
-    """A part of a batch that a SIGTERM kept from being handed over."""
-
-
-def _place_moving(batch: Batch, retry: RetryPolicy) -> PlaceOutcomes:
-    """Place a batch of a study and remove its sources (in a worker, or not);
-    their folders are flushed once for the study, when it ends."""
-    return place_part(batch, True, retry)
-
-
-@dataclass
-class Counts:
-    placed_files: int = 0
-    placed_studies: int = 0
-    quarantined: int = 0
-    unmatched: int = 0
-    last_placement: dict[str, object] = field(default_factory=dict)
 
 
 class Daemon:
@@ -149,7 +102,6 @@ class Daemon:
         self.quarantine_dir = config.state / "quarantine"
         self.unmatched_dir = config.state / "unmatched"
         self.retry_dir = config.state / "retry"
-        self.journal = config.state / "placing.json"
         self.hook_store = DaemonStore(config.state / "hooks", on_change=self._hook_changed)
         self.hooks = HookRunner(
             self.hook_store,
@@ -162,16 +114,9 @@ class Daemon:
             config.state, config.labs or {}, self.hook_store.failed_folder, self._hook_changed
         )
         self._next_hook_sync = 0.0
-        #: The folders with temporary files a cleaning could not remove, as last told.
-        self._left_told: set[Folder] = set()
-        #: Hook states not written into their manifests yet, with the tries so far.
-        self._hook_backlog: dict[tuple[str, str], tuple[HookJob, dict[str, object], int]] = {}
-        #: Manifests cut off by a hung destination, per destination: written
-        #: when it answers again.
-        self._manifest_backlog: dict[str, list[tuple[Study, RulePlacement]]] = {}
         self.destinations = Destinations(clock)
-        #: Where calls that touch a destination run: in its placer (the
-        #: daemon), or here and at once (`run --once`).
+        #: Calls that touch a destination run in its placer (the daemon), or
+        #: here and at once (`run --once`).
         self.work: PlacerPool | Immediate = (
             Immediate()
             if once
@@ -182,18 +127,20 @@ class Daemon:
                 config.park_max_seconds,
             )
         )
-        #: The daemon's studies being placed, by UID, and the journal of
-        #: this round of placements (from the first begun until none is left).
-        self.in_flight: dict[str, StudyPlacement] = {}
-        self._pumping = False
-        #: Per destination, the parts of batches not handed to its placer yet.
-        self._queued: dict[str, collections.deque[tuple[Callable[[Any], None], Batch, bool]]] = {}
-        self._round: Journal | None = None
-        self._round_failed = False
+        self.delivery = Delivery(
+            config,
+            rulebook=self.rulebook,
+            studies=self.studies,
+            destinations=self.destinations,
+            work=self.work,
+            hooks=Hooks(self.hook_store, self.hooks, self.lab_jobs),
+            counts=self.counts,
+            reread=self._reread,
+            stop=self.stop,
+            clock=clock,
+            once=once,
+        )
         self.saved_retries: dict[str, dict[str, object]] = {}
-        #: `run --once`: worker processes forked at its first large burst,
-        #: which read headers and place batches until it ends.
-        self._workers: Executor | None = None
         self.started = self.clock()
         self._next_rescan = self._next_rules = 0.0
         # `run --once` writes its status on the way out (and every
@@ -237,10 +184,10 @@ class Daemon:
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
-            if self._workers is not None:
-                self._workers.shutdown(cancel_futures=True)
-                self._workers = None
-            self._finish_work()
+            if self.delivery.workers is not None:
+                self.delivery.workers.shutdown(cancel_futures=True)
+                self.delivery.workers = None
+            self.delivery.finish()
             self._write_status()
         parked = [s for s in self.studies if s.parked_since is not None]
         held = self.arrivals.held()
@@ -272,7 +219,7 @@ class Daemon:
             self.hooks.add(job)
             log.info(kv("hook_resumed", hook=job.label, lab=job.lab, study=job.study))
         self.lab_jobs.prepare()
-        self._clean_interrupted_placement()
+        self.delivery.clean_interrupted()
         for path in self.retry_dir.glob("*.json"):
             if trusted(path) is not None:
                 log.error(kv("retry_state_refused", path=path, reason=trusted(path)))
@@ -282,68 +229,6 @@ class Daemon:
                 self.saved_retries[str(saved["study"])] = saved
             except (OSError, ValueError, KeyError) as error:
                 log.warning(kv("retry_state_unreadable", path=path, error=error))
-
-    def _clean_interrupted_placement(self) -> None:
-        """Remove the temporary files left in the journaled folders (each
-        destination's in its placer), and keep in the journal only the
-        folders where some stay or that cannot be reached now."""
-        distrust = trusted(self.journal)
-        if self.journal.exists() and distrust is not None:
-            log.error(kv("journal_refused", path=self.journal, reason=distrust))
-            return
-        try:
-            folders = read_journal(self.journal)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning(kv("journal_unreadable", path=self.journal, error=error))
-            folders = set()
-        by_root: dict[str, set[Folder]] = {}
-        for folder in folders:
-            by_root.setdefault(str(folder.root), set()).add(folder)
-        tally = _Cleaning(folders, len(by_root))
-        if not by_root:
-            self._cleaned(tally)
-        for root, group in by_root.items():
-            self.work.submit(root, partial(self._cleaned, tally, group), clean_folders, group)
-
-    def _cleaned(
-        self, tally: _Cleaning, group: set[Folder] | None = None, value: Any = None
-    ) -> None:
-        """One destination's folders are cleaned (or could not be): when all
-        are, say so and write what is left into the journal."""
-        if group is not None and isinstance(value, BaseException):
-            tally.left |= group  # hung, or its placer died: tried again later
-        elif group is not None:
-            tally.removed += value[0]
-            tally.left |= value[1]
-        tally.waiting -= 1
-        if tally.waiting > 0:
-            return
-        left = tally.left
-        # Said when something was removed, or when what is left changes (not
-        # again at every retry of a study parked on a read-only share).
-        if tally.removed or (left and left != self._left_told):
-            self._left_told = left
-            log.info(
-                kv(
-                    "cleaned_interrupted_placement",
-                    folders=len(tally.folders),
-                    temporary_files=tally.removed,
-                    folders_left=len(left),
-                )
-            )
-        if self._round is not None:  # placements begun meanwhile keep theirs
-            self._round.folders -= tally.folders - left
-            kept = self._round.folders
-        else:
-            kept = left
-        if kept:  # a read-only share: kept, and tried again before the next placement
-            write_journal(self.journal, kept)
-        else:
-            self.journal.unlink(missing_ok=True)
-
-    # -- one turn of the loop --
 
     def tick(self) -> None:
         now = self.clock()
@@ -362,24 +247,24 @@ class Daemon:
         self._read_ready(now)
         self._handle_unroutable(now)
         for destination in self.work.poll():
-            self._resume(destination, now)
-        self._pump()
-        self._close_round()
+            self.delivery.resume(destination, now)
+        self.delivery.pump()
+        self.delivery.close_round()
         due = self.studies.due(
             now, self.config.quiet_seconds, self.config.max_study_age_seconds, self._completion
         )
-        due = [(study, why) for study, why in due if study.uid not in self.in_flight]
+        due = [(study, why) for study, why in due if study.uid not in self.delivery.in_flight]
         if due and not self.stop.is_set():
             if self.once:
-                self.place_studies(due)
+                self.delivery.place_studies(due)
             else:
                 for study, why in due:
-                    self._begin(study, why)
+                    self.delivery.begin(study, why)
         self.hooks.poll()
         if now >= self._next_hook_sync:
             self._next_hook_sync = now + HOOK_SYNC_SECONDS
             self.lab_jobs.sync()
-            self._retry_hook_records()
+            self.delivery.retry_hook_records()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
             self._next_rescan = 0.0
@@ -448,12 +333,12 @@ class Daemon:
             if self._unchanged(path, now):
                 unchanged.append(path)
         retry_after = max(self.config.settle_seconds, 1.0)
-        pool = self._workers
+        pool = self.delivery.workers
         if pool is None and self.once and threading.active_count() == 1:
             # `run --once`, nothing but this thread: workers are forked (cheap)
             # and kept, to place the studies as well.
             if len(unchanged) >= POOL_THRESHOLD:
-                pool = self._workers = header_pool(threads_running=False)
+                pool = self.delivery.workers = header_pool(threads_running=False)
         elif pool is None and len(unchanged) >= DAEMON_POOL_THRESHOLD:
             # Beside the observer thread workers must be spawned, which costs
             # about a second: worth it only for a large burst (a full inbox at
@@ -466,7 +351,7 @@ class Daemon:
             try:
                 results = iter_read(unchanged, self.tags, pool, self._digest, writeback)
             except BrokenProcessPool as lost:  # a kept worker died while idle
-                self._lose_workers(lost)
+                self.delivery.lose_workers(lost)
                 pool = None
                 results = iter_read(unchanged, self.tags, None, self._digest, writeback)
             for start in range(0, len(unchanged), READ_CHUNK):
@@ -477,7 +362,7 @@ class Daemon:
                     chunk, list(itertools.islice(results, len(chunk))), now, retry_after
                 )
         finally:
-            if pool is not None and pool is not self._workers:
+            if pool is not None and pool is not self.delivery.workers:
                 pool.shutdown(cancel_futures=True)  # an idle daemon keeps no workers
 
     def _take_read(
@@ -579,602 +464,14 @@ class Daemon:
 
     # -- placing --
 
-    def place_studies(self, due: list[tuple[Study, str]]) -> None:
-        """Place the studies that are due, one after another; in the workers
-        of `run --once` side by side, the next study's batches begun while
-        those of the one before are taken and its manifest written.
-
-        Results are taken in order, and no batch is begun after SIGTERM, nor
-        for a study after one of its batches failed; every batch begun is
-        taken, since its files may have moved. One journal covers them all:
-        when a batch cannot be prepared (its journal or its unmatched files
-        not written: the state folder's disk full), no other batch is begun,
-        and the error is raised once the batches begun are taken and their
-        studies finished; what is not placed of its study stays pending.
-        """
-        self._clean_interrupted_placement()  # what a failed attempt could not remove
-        journal = Journal(self.journal)
-        in_flight: collections.deque[tuple[StudyPlacement, Batch, Future[PlaceOutcomes] | None]]
-        in_flight = collections.deque()
-        placings: list[StudyPlacement] = []
-        unjournaled: OSError | None = None
-
-        def queued() -> Iterator[tuple[StudyPlacement, Batch]]:
-            nonlocal unjournaled
-            for study, why in due:
-                if self.stop.is_set():
-                    return
-                placing = self._prepare_placement(study, why)
-                placings.append(placing)
-                try:
-                    # Routed and journaled a batch at a time: the first is
-                    # begun at once, the next routed while the workers place.
-                    for batch in self._route_batches(placing, journal):
-                        if self.stop.is_set() or placing.error is not None:
-                            break
-                        yield placing, batch
-                except OSError as error:  # the state folder: no other batch is begun
-                    unjournaled = error
-                    return
-                if not placing.begun:  # all of it kept unmatched
-                    self._end_placement(placing, journal)
-
-        def begin(placing: StudyPlacement, batch: Batch) -> None:
-            placing.begun += 1
-            future: Future[PlaceOutcomes] | None = None
-            if self._workers is not None:
-                try:
-                    future = self._workers.submit(_place_moving, batch, self.retry)
-                except BrokenProcessPool as lost:  # a worker died while idle
-                    future = Future()
-                    future.set_exception(lost)
-            in_flight.append((placing, batch, future))
-
-        batches = queued()
-        ahead: tuple[StudyPlacement, Batch] | None = None
-
-        def following() -> tuple[StudyPlacement, Batch] | None:
-            nonlocal ahead
-            item, ahead = ahead, None
-            if item is None or item[0].error is not None or self.stop.is_set():
-                item = next(batches, None)  # the queue looks at both again
-            return item
-
-        def width() -> int:
-            # One batch a worker, and one more handed over while they work (so
-            # that no worker waits for the next); a SIGTERM waits for those alone.
-            return (os.cpu_count() or 1) + 1 if self._workers is not None else 1
-
-        while len(in_flight) < width() and (item := following()) is not None:
-            begin(*item)
-        while in_flight:
-            if ahead is None and self._workers is not None:
-                # While the workers place, route the next study (or take the
-                # next batch), to begin it as soon as a worker is free.
-                ahead = next(batches, None)
-            placing, batch, future = in_flight.popleft()
-            outcomes = self._outcomes(batch, future)
-            error = self._take_placed(placing, batch, outcomes)
-            placing.error = placing.error or error
-            placing.taken += 1
-            if len(in_flight) < width() and (item := following()) is not None:
-                begin(*item)
-            if placing.taken == placing.begun and (ahead is None or ahead[0] is not placing):
-                self._end_placement(placing, journal)  # none in flight, none to come
-        for placing in placings:  # stopped before its batches were taken
-            if not placing.ended:
-                self._end_placement(placing, journal)
-        # After a failure the journal stays: temporary files that could not
-        # be removed (a read-only share) are removed before the next
-        # placement, or at the next start after a crash.
-        if all(placing.error is None for placing in placings):
-            self._close_journal(journal)
-        if unjournaled is not None:
-            raise unjournaled
-
-    def _begin(self, study: Study, why: str) -> None:
-        """The daemon: route a study and hand its batches to the placers of
-        their destinations; the answers are taken in later turns."""
-        if self._round is None:
-            self._round, self._round_failed = Journal(self.journal), False
-            self._clean_interrupted_placement()  # what a failed round could not remove
-        placing = self._prepare_placement(study, why)
-        self.in_flight[study.uid] = placing
-        try:
-            batches = list(self._route_batches(placing, self._round))
-        except OSError as error:  # the state folder: the study waits, the loop goes on
-            log.error(kv("journal_failed", study=study.uid, error=describe(error)))
-            placing.error = f"cannot journal its placement: {describe(error)}"
-            batches = []
-        for batch in batches:
-            self._send(placing, batch)
-        if not placing.begun:
-            self._end_placement(placing, self._round)
-
-    def _send(self, placing: StudyPlacement, batch: Batch) -> None:
-        """Hand one batch to the placers: each destination gets the copies it
-        takes. An instance that goes to one destination is moved there; one
-        that goes to several is copied into each, and its source removed
-        here once every copy is durable (a hung share keeps only its own)."""
-        parts: dict[tuple[str, bool], list[int]] = {}
-        keys = []
-        for index, (_, routes) in enumerate(batch):
-            destinations = list(dict.fromkeys(str(r.rule.destination) for r in routes))
-            keys.append(destinations)
-            for destination in destinations:
-                parts.setdefault((destination, len(destinations) == 1), []).append(index)
-        sent = _Sent(batch, keys, [{} for _ in batch], len(parts))
-        placing.begun += 1
-        for (destination, move), indexes in parts.items():
-            items = [
-                (batch[i][0], [r for r in batch[i][1] if str(r.rule.destination) == destination])
-                for i in indexes
-            ]
-            then = partial(self._part_placed, placing, sent, destination, indexes)
-            self._queued.setdefault(destination, collections.deque()).append((then, items, move))
-        self._pump()
-
-    def _pump(self) -> None:
-        """Hand the queued parts to their placers, PLACER_DEPTH at a time per
-        destination (one placed, one waiting, so that a placer never idles
-        and a SIGTERM waits for little). After SIGTERM none is handed over:
-        their files stay in the inbox, and their studies pending."""
-        if self._pumping:  # (a part answered at once, from within)
-            return
-        self._pumping = True
-        try:
-            for destination, queued in list(self._queued.items()):
-                while queued and (self.stop.is_set() or self.work.busy(destination) < PLACER_DEPTH):
-                    then, items, move = queued.popleft()
-                    if self.stop.is_set():
-                        then(NotSent())
-                    else:
-                        self.work.submit(destination, then, place_part, items, move, self.retry)
-                if not queued:
-                    self._queued.pop(destination, None)
-        finally:
-            self._pumping = False
-
-    def _part_placed(
-        self,
-        placing: StudyPlacement,
-        sent: _Sent,
-        destination: str,
-        indexes: list[int],
-        value: list[list[Placement] | BaseException] | BaseException,
-    ) -> None:
-        """A destination's part of a batch is answered; once all of them are,
-        the batch is taken as one."""
-        results = [value] * len(indexes) if isinstance(value, BaseException) else value
-        for index, result in zip(indexes, results, strict=True):
-            sent.pieces[index][destination] = result
-        sent.waiting -= 1
-        if sent.waiting:
-            return
-        outcomes = [
-            _joined(instance, routes, sent.keys[i], sent.pieces[i])
-            for i, (instance, routes) in enumerate(sent.batch)
-        ]
-        error = self._take_placed(placing, sent.batch, outcomes)
-        placing.error = placing.error or error
-        placing.taken += 1
-        if placing.taken == placing.begun:
-            assert self._round is not None
-            self._end_placement(placing, self._round)
-        self._pump()
-
-    def _resume(self, destination: str, now: float) -> None:
-        """A hung destination answers again: the studies parked on it are due."""
-        mark = f"destination {destination} hung"
-        for study in self.studies:
-            if study.parked_since is not None and mark in study.last_error:
-                study.next_try = now
-        for study, progress in self._manifest_backlog.pop(destination, []):
-            self._write_manifest(study, progress, self._round or Journal(self.journal))
-
-    def _close_round(self) -> None:
-        """No placement in flight and no answer awaited: this round's journal
-        is closed (dropped, after placements that all went well)."""
-        if self._round is None or self.in_flight or self._queued or self.work.busy():
-            return
-        journal, self._round = self._round, None
-        if not self._round_failed:
-            self._close_journal(journal)
-
-    def _finish_work(self) -> None:
-        """On the way out: the placements in flight are waited for, at most
-        `destination_timeout_seconds`, then what is placed in part gets its
-        manifest; a placer still busy after that is abandoned (its studies
-        stay in the inbox, parked), never waited for."""
-        deadline = time.monotonic() + self.config.destination_timeout_seconds
-        self._pump()  # (the stop flag is set: what is queued is not handed over)
-        self._drain(deadline)
-        self._close_round()
-        self._record_placed_in_part()
-        self._drain(min(deadline, time.monotonic() + STOP_MANIFEST_SECONDS))
-        self.work.abandon_all()
-
-    def _drain(self, deadline: float) -> None:
-        while self.work.busy() and time.monotonic() < deadline:
-            for destination in self.work.poll():
-                self._resume(destination, self.clock())
-            self._pump()
-            time.sleep(DRAIN_SECONDS)
-
-    def _prepare_placement(self, study: Study, why: str) -> StudyPlacement:
-        """Begin placing a study: read again what the rules' fields need, and
-        say why it is placed when it is not simply quiet."""
-        placing = StudyPlacement(study, time.monotonic())
-        if study.fields != self.studies.fields:
-            self._reread(study)
-        if why == "max_age":
-            log.warning(
-                kv(
-                    "study_forced",
-                    study=study.uid,
-                    files=len(study.instances),
-                    reason=f"still receiving after {self.config.max_study_age_seconds:.0f} s",
-                )
-            )
-        elif why == "expected_count":
-            log.info(kv("study_complete_by_count", study=study.uid, files=len(study.instances)))
-        return placing
-
-    def _route_batches(self, placing: StudyPlacement, journal: Journal) -> Iterator[Batch]:
-        """A study's instances with their routes, a batch at a time: the
-        folders each batch writes into journaled before it is given out, and
-        the instances no rule matches kept in `unmatched/`. Raises `OSError`
-        when the journal or an unmatched file cannot be written."""
-        study = placing.study
-        route = self.rulebook.ruleset.route
-        pending = list(study.instances.values())
-        for start in range(0, len(pending), BATCH):
-            instances = map(study.instance, pending[start : start + BATCH])
-            plan = [(instance, route(instance.values)) for instance in instances]
-            journal.add(plan_folders(plan, study.uid))
-            matched = []
-            for instance, routes in plan:
-                if routes:
-                    matched.append((instance, routes))
-                    continue
-                kept_back = self._keep_unmatched(instance.path, study.uid)
-                if kept_back is not None:  # it stays, and the study waits for it
-                    placing.kept_back = placing.kept_back or kept_back
-                    continue
-                placing.unmatched += 1
-                self.studies.remove_path(instance.path)
-            if matched:
-                yield matched
-
-    def _outcomes(self, batch: Batch, future: Future[PlaceOutcomes] | None) -> PlaceOutcomes:
-        """A batch's outcomes: placed here, or taken from its worker."""
-        if future is None:
-            return _place_moving(batch, self.retry)
-        try:
-            return future.result()
-        except BrokenProcessPool as lost:  # a worker died: go on without them
-            self._lose_workers(lost)
-            return [lost] * len(batch)
-
-    def _end_placement(self, placing: StudyPlacement, journal: Journal) -> None:
-        """A study has no batch left to take: log what was kept unmatched,
-        park it after an error, or finish it when all of it is placed."""
-        placing.ended = True
-        study = placing.study
-        self.in_flight.pop(study.uid, None)
-        try:
-            # The removal of its placed files made durable (once, for all of
-            # its batches) before the study is reported placed.
-            flush_folders(placing.moved_from)
-        except OSError as error:
-            log.error(kv("inbox_flush_failed", study=study.uid, error=describe(error)))
-        if placing.unmatched:
-            self.counts.unmatched += placing.unmatched
-            log.warning(
-                kv(
-                    "study_unmatched",
-                    study=study.uid,
-                    patient=study.patient,
-                    files=placing.unmatched,
-                    kept_in=self.unmatched_dir / safe_component(study.uid),
-                )
-            )
-        why = placing.error or placing.kept_back
-        if why is not None:
-            self._park(study, why)
-        elif not study.instances:
-            for progress in study.progress.values():
-                self._finish_rule(study, progress, journal)
-            self._placed(study)
-
-    def _lose_workers(self, lost: BrokenProcessPool) -> None:
-        """The kept workers' pool broke (a worker was killed): log it once and
-        go on without workers."""
-        if self._workers is not None:
-            log.error(kv("workers_lost", error=lost))
-            self._workers.shutdown(wait=False, cancel_futures=True)
-            self._workers = None
-
-    def _take_placed(
-        self, placing: StudyPlacement, batch: Batch, outcomes: PlaceOutcomes
-    ) -> str | None:
-        """Account for one placed batch; return the first error, described."""
-        study, started = placing.study, placing.started
-        error = None
-        for (instance, routes), outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, NotSent):
-                continue  # stopped before it was handed over: still pending
-            if isinstance(outcome, FileNotFoundError) and not os.path.exists(instance.path):
-                # Removed by someone else (the copies of a placement cut off
-                # after the removal are found by the placement).
-                log.warning(kv("source_vanished", path=instance.path))
-                self.studies.remove_path(instance.path)
-                continue
-            if isinstance(outcome, DestinationUnavailable):
-                self.destinations.unavailable(outcome.destination, outcome.reason)
-            if isinstance(outcome, BaseException) and self._round is not None:
-                self._round_failed = True
-            if isinstance(outcome, BaseException):
-                error = error or describe(outcome)
-                continue
-            for route in routes:
-                self.destinations.healthy(str(route.rule.destination))
-            self.studies.remove_path(instance.path)
-            placing.moved_from.add(os.path.dirname(instance.path) or ".")
-            for route, placement in zip(routes, outcome, strict=True):
-                progress = study.progress.get(route.rule.name)
-                if progress is None:
-                    progress = RulePlacement(route, started)
-                    study.progress[route.rule.name] = progress
-                progress.add(placement, instance)
-        return error
-
     def _completion(self, study: Study) -> tuple[float, bool]:
-        """A study's quiet period (its rules may set their own; the longest
-        wins) and whether its expected instance count is reached.
-
-        A lab's rules set these only for a study that goes to that lab
-        alone: a study shared with others waits as the operator's rules and
-        the config say, so that no lab delays (or hurries) another's copies.
-        Which labs share it is known from every instance that arrived (each
-        matched once), not from the first alone.
-        """
-        ruleset = self.rulebook.ruleset
-        policy = study.policy
-        if not isinstance(policy, Completion) or policy.ruleset is not ruleset:
-            policy = study.policy = Completion(ruleset)
-        if policy.arrival != study.last_arrival:
-            policy.arrival = study.last_arrival
-            for path, pending in study.instances.items():
-                if path in policy.seen:
-                    continue
-                policy.seen.add(path)
-                for rule in ruleset.matching(study.values(pending)):
-                    if rule.name not in policy.matched:
-                        policy.matched[rule.name] = rule
-                        policy.quiet = None  # worked out again below
-        if policy.quiet is None:
-            rules = list(policy.matched.values())
-            if len({rule.tenant for rule in rules}) > 1:
-                rules = [rule for rule in rules if not rule.tenant]
-            quiet = max(
-                (r.quiet_seconds for r in rules if r.quiet_seconds is not None),
-                default=self.config.quiet_seconds,
-            )
-            policy.quiet = quiet if self.quiet_override is None else self.quiet_override
-            policy.expected = tuple(r.expected_instances for r in rules if r.expected_instances)
-            policy.counted, policy.complete = -1, False
-        if policy.expected and policy.counted != len(study.instances):
-            policy.complete = expected_count_reached(study, policy.expected)
-            policy.counted = len(study.instances)
-        return policy.quiet, policy.complete
-
-    def _finish_rule(self, study: Study, progress: RulePlacement, journal: Journal) -> None:
-        """A study (or a late addition to it) is placed for one rule: its
-        manifest, its summary line, its hooks."""
-        rule = progress.route.rule
-        seconds = time.monotonic() - progress.started
-        self.counts.placed_files += progress.files
-        self.counts.last_placement = {
-            "study": study.uid,
-            "lab": rule.lab_name,
-            "files": progress.files,
-            "destination": str(progress.folder),
-            "time": self.clock(),
-        }
-        # The summary line comes last, so that a study logged as placed has
-        # its manifest written as well.
-        announce = partial(self._announce, study, progress, seconds)
-        if rule.manifest:
-            self._write_manifest(study, progress, journal, announce)
-        else:
-            announce(None)
-
-    def _announce(
-        self, study: Study, progress: RulePlacement, seconds: float, manifest: Path | None
-    ) -> None:
-        """A study is placed for a rule, its manifest written (or not): its
-        summary line, and its hooks queued."""
-        rule = progress.route.rule
-        log.info(
-            kv(
-                "study_placed",
-                lab=rule.lab_name,
-                rule=rule.name,
-                patient=study.patient,
-                study=study.uid,
-                files=progress.files,
-                new=progress.placed,
-                bytes=progress.bytes,
-                seconds=f"{seconds:.2f}",
-                destination=progress.folder,
-            )
+        return completion(
+            study, self.rulebook.ruleset, self.config.quiet_seconds, self.quiet_override
         )
-        if rule.hooks:
-            values = hook_values(
-                study_folder=progress.folder,
-                lab=rule.lab_name,
-                rule=rule.name,
-                patient=study.patient,
-                study_uid=study.uid,
-                files=progress.files,
-                manifest=manifest,
-                destination=rule.destination,
-            )
-            for hook in rule.hooks:
-                job = make_job(hook, values, cwd=progress.folder, now=self.clock())
-                try:
-                    if rule.tenant:
-                        self.lab_jobs.post(job)
-                    else:
-                        self.hook_store.submit(job)
-                        self.hooks.add(job)
-                except OSError as error:
-                    log.error(
-                        kv(
-                            "hook_not_queued",
-                            hook=job.label,
-                            lab=job.lab,
-                            study=study.uid,
-                            error=error,
-                        )
-                    )
 
     def _hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
-        """A hook job's new state goes into its study's manifest (in the
-        destination's placer); one that cannot be written now is tried again
-        at the next hook sync."""
-        self._record_hook(job, record, 0, quiet=False)
-
-    def _retry_hook_records(self) -> None:
-        for key, (job, record, tries) in list(self._hook_backlog.items()):
-            del self._hook_backlog[key]
-            if tries + 1 >= HOOK_RECORD_TRIES:
-                log.error(
-                    kv("hook_state_dropped", hook=job.label, study=job.study, state=record["state"])
-                )
-            else:
-                self._record_hook(job, record, tries + 1, quiet=True)
-
-    def _record_hook(
-        self, job: HookJob, record: dict[str, object], tries: int, quiet: bool
-    ) -> None:
-        """Write `record` into the job's manifest."""
-        if not job.manifest:
-            return
-        rule = next((r for r in self.rulebook.ruleset.rules if r.name == job.rule), None)
-        if rule is None:
-            log.warning(
-                kv("hook_state_unrecorded", hook=job.label, study=job.study, reason="rule gone")
-            )
-            return
-        then = partial(self._hook_recorded, job, record, tries, quiet)
-        self.work.submit(
-            str(rule.destination), then, update_hooks_in, Path(job.manifest), rule, [record]
-        )
-
-    def _hook_recorded(
-        self, job: HookJob, record: dict[str, object], tries: int, quiet: bool, value: Any
-    ) -> None:
-        if isinstance(value, ValueError):  # the rule's destination moved since the job was made
-            log.warning(kv("hook_state_unrecorded", hook=job.label, study=job.study, error=value))
-        elif isinstance(value, BaseException):
-            if not quiet:
-                log.warning(
-                    kv(
-                        "hook_state_unrecorded",
-                        hook=job.label,
-                        study=job.study,
-                        error=value,
-                        action="tried again",
-                    )
-                )
-            # A hung destination's wait does not count against the tries.
-            tries = tries - 1 if isinstance(value, DestinationHung) else tries
-            self._hook_backlog[(job.lab, job.id)] = (job, record, max(tries, 0))
-
-    def _write_manifest(
-        self,
-        study: Study,
-        progress: RulePlacement,
-        journal: Journal,
-        then: Callable[[Path | None], None] | None = None,
-    ) -> None:
-        """Write (or bring up to date) the study's manifest for one rule with
-        what it placed, in its destination's placer; `then` gets its path, or
-        None when it could not be written."""
-        rule = progress.route.rule
-        manifest = manifest_path(rule, progress.route.relative_path, study.uid)
-        try:
-            # Journaled like a placement: the temporary manifest of a write
-            # that a crash interrupts is removed at the next start.
-            journal.add({rule.folder(manifest.parent)})
-        except OSError as error:
-            self._manifest_written(study, progress, manifest, then, error)
-            return
-        answer = partial(self._manifest_written, study, progress, manifest, then)
-        self.work.submit(
-            str(rule.destination),
-            answer,
-            write_manifest_in,
-            manifest,
-            study.uid,
-            rule,
-            study.patient,
-            list(progress.entries),
-            self.clock(),
-        )
-
-    def _manifest_written(
-        self,
-        study: Study,
-        progress: RulePlacement,
-        manifest: Path,
-        then: Callable[[Path | None], None] | None,
-        value: Any,
-    ) -> None:
-        rule = progress.route.rule
-        if isinstance(value, BaseException):
-            log.error(
-                kv(
-                    "manifest_failed",
-                    lab=rule.lab_name,
-                    study=study.uid,
-                    path=manifest,
-                    error=describe(value),
-                )
-            )
-            if isinstance(value, (DestinationHung, CutOff)):
-                # Written when the destination answers again (or at the next start).
-                self._manifest_backlog.setdefault(str(rule.destination), []).append(
-                    (study, progress)
-                )
-            if then is not None:
-                then(None)
-            return
-        log.info(
-            kv(
-                "manifest_written",
-                lab=rule.lab_name,
-                study=study.uid,
-                files=value["files"],
-                path=manifest,
-            )
-        )
-        if then is not None:
-            then(manifest)
-
-    def _record_placed_in_part(self) -> None:
-        """On the way out: a study placed in part (stopped mid-way, or parked
-        after some of its files) gets its manifest for what is placed, so that
-        the rest, placed after a restart, is added to it rather than listed alone."""
-        journal = Journal(self.journal)
-        for study in self.studies:
-            for progress in study.progress.values():
-                if progress.entries:
-                    self._write_manifest(study, progress, journal)
-        if self.once:
-            self._close_journal(journal)
+        """A hook job's new state goes into its study's manifest."""
+        self.delivery.hook_changed(job, record)
 
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):
@@ -1183,57 +480,6 @@ class Daemon:
             except (NotRoutable, OSError):
                 continue
             self.studies.add(instance, study.last_arrival)
-
-    def _close_journal(self, journal: Journal) -> None:
-        """After placements that went well: drop the journal, or clean the
-        folders it inherited from a failed one (and keep what still stays)."""
-        if not journal.folders:
-            return  # nothing written: an inherited journal stays as it is
-        if journal.inherited:
-            self._clean_interrupted_placement()
-        else:
-            self.journal.unlink(missing_ok=True)
-
-    def _placed(self, study: Study) -> None:
-        self.counts.placed_studies += 1
-        if study.parked_since is not None:
-            log.warning(
-                kv(
-                    "study_resumed",
-                    study=study.uid,
-                    attempts=study.attempts,
-                    parked_seconds=round(self.clock() - study.parked_since),
-                )
-            )
-        (self.retry_dir / f"{safe_component(study.uid)}.json").unlink(missing_ok=True)
-
-    def _park(self, study: Study, error: str) -> None:
-        now = self.clock()
-        changed = Studies.park(
-            study, error, now, self.config.park_first_seconds, self.config.park_max_seconds
-        )
-        record = {
-            "study": study.uid,
-            "attempts": study.attempts,
-            "next_try": study.next_try,
-            "last_error": error,
-            "parked_since": study.parked_since,
-            "files": len(study.instances),
-        }
-        atomic_write(self.retry_dir / f"{safe_component(study.uid)}.json", json.dumps(record))
-        if changed:
-            log.warning(
-                kv(
-                    "study_parked",
-                    study=study.uid,
-                    patient=study.patient,
-                    files=len(study.instances),
-                    error=error,
-                    next_try_in=round(study.next_try - now),
-                )
-            )
-        else:
-            log.debug(kv("study_retry_failed", study=study.uid, attempts=study.attempts))
 
     # -- quarantine and unmatched --
 
@@ -1268,20 +514,6 @@ class Daemon:
         self.arrivals.forget(path)
         self.counts.quarantined += 1
         log.warning(kv("quarantined", path=path, reason=reason, kept_as=placement.path))
-
-    def _keep_unmatched(self, path: str, study_uid: str) -> str | None:
-        """Keep a file no rule matches in `unmatched/`, and remove it from the
-        inbox; return why it stays there when it cannot be removed (an inbox
-        the daemon may not write in). Raises `OSError` when it cannot be kept."""
-        relative = f"{safe_component(study_uid)}/{safe_component(os.path.basename(path))}"
-        place(path, self.unmatched_dir, relative, link=True)
-        try:
-            remove_source(path)
-        except FileNotFoundError:  # gone meanwhile (or its folder): it is kept
-            pass
-        except OSError as error:
-            return f"kept in unmatched, but cannot be removed: {describe(error)}"
-        return None
 
     def _reroute_unmatched(self) -> None:
         """Route the kept unmatched studies again under the current rules."""
@@ -1364,7 +596,7 @@ class Daemon:
             "last_placement": self.counts.last_placement,
             "destinations": self.destinations.snapshot(),
             #: Calls on destinations (placements, manifests) not answered yet.
-            "destination_calls": self.work.busy() + sum(map(len, self._queued.values())),
+            "destination_calls": self.delivery.calls(),
             "hooks": {
                 "operator": {
                     "waiting": len(self.hooks.waiting),
@@ -1388,50 +620,3 @@ def _count_files(folder: Path, suffix: str = "") -> int:
             1 for name in files if name.endswith(suffix) and not name.startswith(TEMP_PREFIX)
         )
     return total
-
-
-@dataclass
-class _Sent:
-    """A batch handed to the placers: per instance its destinations and the
-    answers each gave, and how many destinations' parts are unanswered."""
-
-    batch: Batch
-    keys: list[list[str]]
-    pieces: list[dict[str, list[Placement] | BaseException]]
-    waiting: int
-
-
-@dataclass
-class _Cleaning:
-    """Journaled folders being cleaned, a destination at a time."""
-
-    folders: set[Folder]
-    waiting: int
-    removed: int = 0
-    left: set[Folder] = field(default_factory=set)
-
-
-def _joined(
-    instance: headers.Instance,
-    routes: list[Route],
-    destinations: list[str],
-    pieces: dict[str, list[Placement] | BaseException],
-) -> list[Placement] | BaseException:
-    """One instance's outcome from its destinations' answers: its placements
-    in the order of its routes, or the first error. An instance copied into
-    several destinations has its source removed here, once all are durable."""
-    if len(destinations) == 1:
-        return pieces[destinations[0]]
-    for destination in destinations:
-        if isinstance(pieces[destination], BaseException):
-            return pieces[destination]
-    placed = {d: iter(p) for d, p in pieces.items() if not isinstance(p, BaseException)}
-    outcome = [next(placed[str(route.rule.destination)]) for route in routes]
-    try:
-        os.unlink(instance.path)
-    except FileNotFoundError:
-        pass
-    except OSError as error:  # (an inbox it may not write): the source stays
-        why = f"placed, but cannot be removed: {error.strerror}"
-        return OSError(error.errno, why, instance.path)
-    return outcome
