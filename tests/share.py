@@ -9,9 +9,11 @@ missing one skips on a workstation and fails under CI=true.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -59,6 +61,8 @@ class DelayProxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
+            for end in (client, server):  # relayed as it comes, as sshd and ssh send it
+                end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sockets += [client, server]
             for source, sink in ((client, server), (server, client)):
                 late: queue.Queue[tuple[float, bytes]] = queue.Queue()
@@ -152,24 +156,29 @@ class Share:
         wait_for(lambda: listening(self.port), 10, f"sshd on port {self.port}")
         self.proxy = DelayProxy(self.port, delay) if delay else None
         self.mounted = False
+        self.debug: subprocess.Popen[bytes] | None = None
         self.attach()
 
-    def attach(self) -> None:
-        """Mount the export (again)."""
-        subprocess.run(
-            [
-                "sshfs",
-                f"root@127.0.0.1:{self.export}",
-                str(self.mount),
-                "-p",
-                str(self.proxy.port if self.proxy else self.port),
-                "-o",
-                f"IdentityFile={self.keys / 'client'},StrictHostKeyChecking=no,"
-                "UserKnownHostsFile=/dev/null,BatchMode=yes,LogLevel=ERROR",
-            ],
-            check=True,
-            timeout=30,
-        )
+    def attach(self, requests: Path | None = None) -> None:
+        """Mount the export (again); with `requests`, sshfs logs there every
+        SFTP request it sends (`sshfs_debug`: one line each, for counting)."""
+        command = [
+            "sshfs",
+            f"root@127.0.0.1:{self.export}",
+            str(self.mount),
+            "-p",
+            str(self.proxy.port if self.proxy else self.port),
+            "-o",
+            f"IdentityFile={self.keys / 'client'},StrictHostKeyChecking=no,"
+            "UserKnownHostsFile=/dev/null,BatchMode=yes,LogLevel=ERROR",
+        ]
+        if requests is None:
+            subprocess.run(command, check=True, timeout=30)
+        else:  # in the foreground, where its log can be read
+            with open(requests, "ab") as log:
+                self.debug = subprocess.Popen(
+                    [*command, "-f", "-o", "sshfs_debug"], stdout=log, stderr=log
+                )
         self.mounted = True
         wait_for(lambda: os.path.ismount(self.mount), 10, f"{self.mount} to be mounted")
 
@@ -178,6 +187,10 @@ class Share:
         if self.mounted:
             subprocess.run(["fusermount", "-u", "-z", str(self.mount)], check=False)
             self.mounted = False
+        if self.debug is not None:
+            self.debug.terminate()
+            self.debug.wait(10)
+            self.debug = None
 
     def sftp_servers(self) -> list[int]:
         """The pids of the sftp-server processes serving this share."""
@@ -237,3 +250,13 @@ def _parent_chain(pid: int) -> set[int]:
         pid = int(stat.rsplit(")", 1)[1].split()[1])
         chain.add(pid)
     return chain
+
+
+def requests_sent(log: Path) -> collections.Counter[str]:
+    """The SFTP requests in a log of `Share.attach(requests=...)`, by type."""
+    sent: collections.Counter[str] = collections.Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        match = re.match(r"\[\d+\] (\w+)", line)
+        if match:
+            sent[match[1]] += 1
+    return sent

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -30,6 +31,12 @@ TOOL_ROWS = (
     "dicom-watcher run --once",
     "floor: sort's work",
     "floor: run --once's work",
+)
+SHARE_ROWS = (
+    "cp -r && sync",
+    "dicom-watcher sort",
+    "dicom-watcher run --once",
+    "dicom-watcher run",
 )
 
 
@@ -73,6 +80,14 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
     assert any(line.startswith("Pending instances:") for line in lines)
     assert any(line.startswith("Behind storescp:") for line in lines)
     assert "start-up rescan" in output
+    if os.geteuid() == 0 and shutil.which("sshfs"):
+        # onto an sshfs share: each tool's row with its figures and requests per file
+        for where, data_set in (("loopback", "A"), ("loopback", "B"), ("1 ms round trip", "B-few")):
+            title = f"Network share ({where}), data set {data_set}:"
+            start = next(i for i, line in enumerate(lines) if line.startswith(title))
+            rows = lines[start + 2 : start + 2 + len(SHARE_ROWS)]
+            for row, tool in zip(rows, SHARE_ROWS, strict=True):
+                assert row.strip().startswith(tool) and "n/a" not in row, row
     assert "Targets" in output
     assert any(line.strip().startswith(("met ", "NOT met ", "n/a ")) for line in lines)
     assert "file system:" in output
