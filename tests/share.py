@@ -110,7 +110,8 @@ class DelayProxy:
 
 class Share:
     """`export` on the "server" side, mounted at `mount` through sshfs;
-    `delay`: through a `DelayProxy` that far away each way."""
+    `delay`: through a `DelayProxy` that far away each way. The server logs
+    what it is asked to do (opens, fsyncs, links, renames) in `server_log`."""
 
     def __init__(self, root: Path, delay: float = 0.0) -> None:
         require_share_tools()
@@ -128,6 +129,7 @@ class Share:
                 check=True,
             )
         (self.keys / "authorized_keys").write_text((self.keys / "client.pub").read_text())
+        self.server_log = root / "sftp-server.log"
         self.config = root / "sshd_config"
         self.config.write_text(
             "\n".join(
@@ -142,7 +144,8 @@ class Share:
                     "KbdInteractiveAuthentication no",
                     "UsePAM no",
                     "StrictModes no",
-                    f"Subsystem sftp {SFTP_SERVER}",
+                    # (run by the user's shell: the redirection is the shell's)
+                    f"Subsystem sftp {SFTP_SERVER} -e -l VERBOSE 2>>{self.server_log}",
                     "",
                 ]
             )

@@ -4,6 +4,7 @@ loopback, tests/share.py) whose server fails, beside a lab on local disk."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -214,3 +215,62 @@ def test_a_slow_share_gets_everything_and_does_not_slow_the_other_lab(daemon, tm
         assert counts["placed"] == 203 and counts["still_in_inbox"] == 0
     finally:
         slow.close()
+
+
+def _named_after_fsync(server_log: Path) -> tuple[list[str], list[str]]:
+    """From the share server's log: the files given their final names (by a
+    link or a rename of a temporary file), and those of them whose bytes
+    were not fsynced on the server before."""
+    fsynced: set[str] = set()
+    named, unflushed = [], []
+    for line in server_log.read_text().splitlines():
+        if line.startswith("fsync "):
+            fsynced.add(line.split('"')[1])
+        elif line.startswith(("hardlink old ", "posix-rename old ", "rename old ")):
+            old, new = line.split('"')[1], line.split('"')[3]
+            if not os.path.basename(new).startswith(TEMP_PREFIX):
+                named.append(new)
+                if old not in fsynced:
+                    unflushed.append(new)
+    return named, unflushed
+
+
+@pytest.mark.parametrize("command", ["sort", "run --once"])
+def test_every_file_placed_onto_a_share_is_flushed_on_its_server_before_it_is_named(
+    tmp_path, share, command
+):
+    # A batch of many files shares one syncfs on a local disk; on a FUSE
+    # mount syncfs returns without asking the server (sshfs sends nothing),
+    # so each file needs its own fsync, which sshfs sends as fsync@openssh.com.
+    inbox, out = tmp_path / "inbox", share.mount / "out"
+    out.mkdir()
+    write_study(StudySpec(series=2, instances=6), inbox)
+    path = "{PatientID}/{SeriesNumber:03d}/{InstanceNumber:05d}.dcm"
+    if command == "sort":
+        argv = ["sort", str(inbox), "--dest", str(out), "--path", path]
+    else:
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        (rules / "all.yaml").write_text(
+            json.dumps({"match": {}, "destination": str(out), "path": path})
+        )
+        config = tmp_path / "dicom-watcher.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "inbox": str(inbox),
+                    "rules": str(rules),
+                    "state": str(tmp_path / "state"),
+                    "settle_seconds": 0,
+                }
+            )
+        )
+        argv = ["run", "--once", "--quiet-seconds", "0", "--config", str(config)]
+    done = subprocess.run(
+        [sys.executable, "-m", "watcher", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    named, unflushed = _named_after_fsync(share.server_log)
+    placed = [p for p in named if p.endswith(".dcm")]
+    assert len(placed) == 12, (named, done.stderr)
+    assert not unflushed, f"named on the server before their bytes were flushed: {unflushed}"

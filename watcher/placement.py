@@ -13,7 +13,8 @@
   none, to a temporary name (`TEMP_PREFIX...`); they are flushed to disk,
   then linked to the final name, which fails rather than replacing an
   existing file; the folder is flushed last. Many files share one flush
-  (`place_batch`: one syncfs per filesystem), and bytes are copied in the
+  (`place_batch`: one syncfs per filesystem where syncfs flushes, one fsync
+  per file elsewhere, as on FUSE and SMB mounts), and bytes are copied in the
   kernel (copy_file_range, sendfile) unless their SHA-256 is wanted;
 - a file already there with the same bytes is left alone ("present"); a
   different file at that name makes the new one go beside it under a suffix
@@ -437,7 +438,7 @@ class _Batch:
     def flushed_with_names(self, item: _Written) -> bool:
         """Whether the item's data is made durable by `flush_names` rather
         than before it is named: a linked source, where syncfs can do both."""
-        return item.linked_source and _SYNCFS is not None
+        return item.linked_source and syncfs_flushes(item.folder_fd, item.device)
 
     def folder(self, job: Job, folders: list[str]) -> tuple[int, Path, int]:
         """An open handle on the job's folder (made as needed), its path, its device."""
@@ -467,7 +468,12 @@ class _Batch:
         *folders, name = job.relative.split("/")
         folder_fd, folder, device = self.folder(job, folders)
         inherited = self.inherited.get(folder_fd)
-        if job.link and job.source_fd < 0 and not job.permissions.changes_files and _SYNCFS:
+        if (
+            job.link
+            and job.source_fd < 0
+            and not job.permissions.changes_files
+            and syncfs_flushes(folder_fd, device)
+        ):
             item = self._linked_by_name(job, folder_fd, folder, name, device, inherited)
             if item is not None:
                 return item
@@ -617,9 +623,10 @@ class _Batch:
         for device in self.named.keys() | self.linked.keys():
             folders = self.named.get(device, {})
             some_folder, linked = self.linked.get(device, (-1, []))
-            if linked or (len(folders) > FEW and _SYNCFS is not None):
+            some_folder = next(iter(folders), some_folder)
+            if linked or (len(folders) > FEW and syncfs_flushes(some_folder, device)):
                 try:
-                    _syncfs(next(iter(folders), some_folder))
+                    _syncfs(some_folder)
                 except OSError as error:
                     jobs = {*linked, *(index for indexes in folders.values() for index in indexes)}
                     failed += [(index, error) for index in sorted(jobs)]
@@ -650,7 +657,7 @@ def _flush_data(items: list[_Written]) -> None:
     for item in items:
         by_device.setdefault(item.device, []).append(item)
     for written in by_device.values():
-        if len(written) > FEW and _SYNCFS is not None:
+        if len(written) > FEW and syncfs_flushes(written[0].folder_fd, written[0].device):
             _syncfs(written[0].fd)
         else:
             for item in written:
@@ -682,6 +689,59 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+
+#: Filesystem types (statfs f_type) whose syncfs makes durable what was
+#: written: local disks' and NFS's (whose syncfs commits to the server).
+#: Elsewhere syncfs may return without asking the server (FUSE mounts
+#: such as sshfs, SMB): every file is flushed by its own fsync there.
+SYNCFS_FLUSHES = frozenset(
+    {
+        0xEF53,  # ext2, ext3, ext4
+        0x58465342,  # xfs
+        0x9123683E,  # btrfs
+        0xF2F52010,  # f2fs
+        0x2FC12FC1,  # zfs
+        0xCA451A4E,  # bcachefs
+        0x01021994,  # tmpfs
+        0x794C7630,  # overlayfs (syncfs flushes its upper filesystem)
+        0x6969,  # nfs
+    }
+)
+_syncfs_flushes: dict[int, bool] = {}
+
+
+def syncfs_flushes(fd: int, device: int) -> bool:
+    """Whether one syncfs makes durable what was written on the filesystem
+    of `fd` (whose device is `device`): known per device."""
+    known = _syncfs_flushes.get(device)
+    if known is None:
+        known = _syncfs_flushes[device] = (
+            _SYNCFS is not None and filesystem_type(fd) in SYNCFS_FLUSHES
+        )
+    return known
+
+
+def filesystem_type(fd: int) -> int:
+    """The statfs f_type of the filesystem of `fd`, or 0 when unknown."""
+    if _FSTATFS is None:
+        return 0
+    buffer = ctypes.create_string_buffer(256)  # struct statfs, f_type first
+    if _FSTATFS(fd, buffer) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+
+
+def _load_fstatfs() -> Callable[[int, ctypes.Array[ctypes.c_char]], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fstatfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    function.restype = ctypes.c_int
+    return function
+
+
+_FSTATFS = _load_fstatfs()
 SYNC_FILE_RANGE_WRITE = 2
 
 
