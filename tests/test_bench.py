@@ -82,7 +82,7 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
     assert "start-up rescan" in output
     if os.geteuid() == 0 and shutil.which("sshfs"):
         # onto an sshfs share: each tool's row with its figures and requests per file
-        for where, data_set in (("loopback", "A"), ("loopback", "B"), ("1 ms round trip", "B-few")):
+        for where, data_set in (("loopback", "A"), ("loopback", "B"), ("1 ms round trip", "C")):
             title = f"Network share ({where}), data set {data_set}:"
             start = next(i for i, line in enumerate(lines) if line.startswith(title))
             rows = lines[start + 2 : start + 2 + len(SHARE_ROWS)]

@@ -180,7 +180,7 @@ class Daemon:
                     and all(s.parked_since is not None for s in self.studies)
                 ):
                     break
-                self.stop.wait(TICK_SECONDS)
+                self.work.wait(TICK_SECONDS, self.stop)
         finally:
             if self.watcher is not None:
                 self.watcher.stop()

@@ -29,12 +29,12 @@ from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.logs import kv
 from watcher.placement import (
     TEMP_PREFIX,
-    BatchPlacement,
     FolderHandles,
     Job,
     PathConflict,
     Permissions,
     Placement,
+    batch_placement,
     open_at_once,
     place,
 )
@@ -211,7 +211,7 @@ class ManyPlacement:
             for route in routes:
                 jobs.append(_job(instance, route, link, digest, source_fd))
                 self.owners.append(index)
-        self.batch = BatchPlacement(jobs, writeback)
+        self.batch = batch_placement(jobs, writeback)
 
     def place(self) -> list[list[Placement] | BaseException]:
         self.write()

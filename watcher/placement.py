@@ -34,9 +34,10 @@ import os
 import resource
 import stat
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from watcher.errors import DestinationUnavailable
 from watcher.template import with_suffix
@@ -343,6 +344,93 @@ class BatchPlacement:
 
     def _data_to_flush(self, written: list[tuple[int, _Written]]) -> list[_Written]:
         return [item for _, item in written if not self.batch.flushed_with_names(item)]
+
+
+#: Threads that place one batch's files side by side onto a filesystem
+#: whose syncfs does not flush (a network share): there each file waits for
+#: round trips to its server, which overlap when several files are under way.
+SHARE_THREADS = 16
+
+
+def batch_placement(jobs: Sequence[Job], writeback: bool = False) -> Placing:
+    """A `BatchPlacement` of the jobs, or, when many of them go onto a
+    network share, a `SpreadPlacement` that places those side by side."""
+    remote = [index for index, job in enumerate(jobs) if not _root_flushes_by_syncfs(job.root)]
+    if len(remote) <= FEW:
+        return BatchPlacement(jobs, writeback)
+    return SpreadPlacement(jobs, remote, writeback)
+
+
+class SpreadPlacement:
+    """`BatchPlacement`'s steps for jobs spread over several batches, each
+    step taken by all of them at once in threads: the jobs bound for network
+    shares (`remote`, indexes into `jobs`) dealt out over up to
+    `SHARE_THREADS` batches, the others in one batch of their own."""
+
+    def __init__(self, jobs: Sequence[Job], remote: list[int], writeback: bool = False) -> None:
+        spread = min(SHARE_THREADS, len(remote))
+        groups = [remote[start::spread] for start in range(spread)]
+        local = sorted(set(range(len(jobs))) - set(remote))
+        if local:
+            groups.append(local)
+        self.size = len(jobs)
+        self.groups = groups
+        self.batches = [BatchPlacement([jobs[i] for i in group], writeback) for group in groups]
+
+    def _each(self, step: Callable[[BatchPlacement], Any]) -> list[Any]:
+        with ThreadPoolExecutor(len(self.batches), thread_name_prefix="place") as threads:
+            futures = [threads.submit(step, batch) for batch in self.batches]
+            return [future.result() for future in futures]
+
+    def write(self) -> None:
+        try:
+            self._each(BatchPlacement.write)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def flush(self) -> None:
+        self._each(BatchPlacement.flush)
+
+    def finish(self) -> list[Placement | BaseException]:
+        try:
+            outcomes = self._each(BatchPlacement.finish)
+        finally:
+            self.abandon()  # (what an interrupted batch left)
+        results: list[Placement | BaseException] = [OSError("not placed")] * self.size
+        for group, placed in zip(self.groups, outcomes, strict=True):
+            for index, result in zip(group, placed, strict=True):
+                results[index] = result
+        return results
+
+    def abandon(self) -> None:
+        for batch in self.batches:
+            batch.abandon()
+
+
+Placing = BatchPlacement | SpreadPlacement
+#: Whether syncfs flushes the filesystem of a root, by the root's device.
+_root_flushes: dict[int, bool] = {}
+
+
+def _root_flushes_by_syncfs(root: Path) -> bool:
+    """Whether one syncfs flushes what is placed under `root` (True when it
+    cannot be told: the placement finds out why)."""
+    try:
+        device = os.stat(root).st_dev
+    except OSError:
+        return True
+    known = _root_flushes.get(device)
+    if known is None:
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            known = _root_flushes[device] = syncfs_flushes(fd, device)
+        finally:
+            os.close(fd)
+    return known
 
 
 def open_at_once() -> int:

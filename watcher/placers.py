@@ -86,6 +86,15 @@ class Placer:
     def busy(self) -> bool:
         return bool(self.calls)
 
+    def pipes(self) -> tuple[list[int], list[int]]:
+        """The ends of its pipes that have something for `poll` once they
+        are ready: its output while a call is unanswered, its input while
+        a call is not sent in full (for select)."""
+        if self.abandoned or not self.calls:
+            return [], []
+        assert self.process.stdin is not None and self.process.stdout is not None
+        return [self.process.stdout.fileno()], [self.process.stdin.fileno()] if self._out else []
+
     def submit(self, function: Callable[..., Any], *args: Any) -> int:
         """Send a call (a module-level function and picklable arguments);
         returns its ticket. Never blocks: what the pipe does not take now is

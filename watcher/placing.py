@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import select
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +143,23 @@ class PlacerPool:
                 then(value)
         return self._probe()
 
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        """Wait up to `timeout` seconds for `stop`, or only until a placer
+        has an answer: the loop takes it, and hands over the next part, at
+        once rather than at its next turn."""
+        if self._ready:
+            return
+        readers: list[int] = []
+        writers: list[int] = []
+        for placer in self.placers.values():
+            output, unsent = placer.pipes()
+            readers += output
+            writers += unsent
+        if not (readers or writers):
+            stop.wait(timeout)
+            return
+        select.select(readers, writers, [], timeout)
+
     def _hang(self, destination: str, placer: Placer, answers: list[tuple[int, Any]]) -> None:
         reason = next((str(v) for _, v in answers if isinstance(v, CutOff)), "no progress")
         now = self.clock()
@@ -213,6 +232,9 @@ class Immediate:
 
     def poll(self) -> list[str]:
         return []
+
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        stop.wait(timeout)
 
     def abandon_all(self) -> None:
         pass
