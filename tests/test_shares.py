@@ -15,6 +15,7 @@ import pytest
 from harness import assert_accounted, lab_files, snapshot, wait_for
 from share import Share
 
+from watcher import placement
 from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, write_study
 
@@ -274,3 +275,44 @@ def test_every_file_placed_onto_a_share_is_flushed_on_its_server_before_it_is_na
     placed = [p for p in named if p.endswith(".dcm")]
     assert len(placed) == 12, (named, done.stderr)
     assert not unflushed, f"named on the server before their bytes were flushed: {unflushed}"
+
+
+def test_a_batch_onto_a_share_is_placed_side_by_side_each_file_once_with_its_own_outcome(
+    tmp_path, share
+):
+    # The jobs bound for the share are dealt out over several batches that
+    # work at once; each outcome must still be its own job's, in order.
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    local, remote = tmp_path / "local", share.mount / "out"
+    local.mkdir()
+    remote.mkdir()
+    jobs = []
+    for number in range(40):
+        source = sources / f"{number:03d}"
+        source.write_bytes(f"instance {number}\n".encode() * (number + 1))
+        jobs.append(placement.Job(str(source), remote, f"S{number % 5}/{number:03d}.dcm"))
+        if number % 4 == 0:
+            jobs.append(placement.Job(str(source), local, f"S{number % 5}/{number:03d}.dcm"))
+    (share.export / "out" / "S0").mkdir()
+    (share.export / "out" / "S0" / "000.dcm").write_bytes(b"another instance")
+    jobs.append(placement.Job(str(sources / "missing"), remote, "S1/missing.dcm"))
+
+    placing = placement.batch_placement(jobs)
+    assert isinstance(placing, placement.SpreadPlacement) and len(placing.batches) > 2
+    placing.write()
+    placing.flush()
+    results = placing.finish()
+
+    *placed, missing = results
+    assert isinstance(missing, FileNotFoundError)
+    for job, result in zip(jobs[:-1], placed, strict=True):
+        assert isinstance(result, placement.Placement), (job, result)
+        assert result.path.read_bytes() == Path(job.source).read_bytes()
+        wanted = job.root / job.relative
+        assert result.path == wanted or (result.beside == wanted and job.relative == "S0/000.dcm")
+    assert (share.export / "out" / "S0" / "000.dcm").read_bytes() == b"another instance"
+    on_share = [p for p in (share.export / "out").rglob("*") if p.is_file()]
+    assert len(on_share) == 40 + 1, "each file once, beside the one that was there"
+    assert not [p for p in on_share if p.name.startswith(TEMP_PREFIX)]
+    assert len([p for p in local.rglob("*") if p.is_file()]) == 10
