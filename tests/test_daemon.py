@@ -224,8 +224,12 @@ def test_unmatched_studies_are_kept_whole_and_routed_again_when_rules_change(dae
     jones = tmp_path / "nas" / "joneslab"
     jones.mkdir()
     run.add_rule("jones", jones, match={"StudyDescription": "^JONES"})
-    run.wait_event("unmatched_rerouted")
+    [rerouted] = run.wait_event("unmatched_rerouted")
+    assert rerouted["files"] == "6"
+    [placed] = run.wait_event("study_placed")
+    assert placed["study"] == spec.study_uid and placed["files"] == "6"
     assert len(lab_files(jones)) == 6
+    assert len(list(jones.rglob("manifest.json"))) == 1, "placed as any study is"
     assert files_under(run.state / "unmatched") == []
     assert_accounted(entered, [jones], run.state)
 

@@ -37,14 +37,13 @@ from watcher.engine import (
     RetryPolicy,
     header_pool,
     iter_read,
-    place_instance,
     remove_source,
 )
 from watcher.errors import DestinationUnavailable, NotRoutable
 from watcher.hooks import DaemonStore, HookJob, HookRunner
 from watcher.labjobs import Dispatch
 from watcher.logs import kv
-from watcher.placement import TEMP_PREFIX, PathConflict, place
+from watcher.placement import TEMP_PREFIX, place
 from watcher.placing import Immediate, PlacerPool
 from watcher.rules import RuleBook
 from watcher.state import atomic_write, make_private, trusted
@@ -65,6 +64,8 @@ DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
 #: How often the labs' runners' results are taken up.
 HOOK_SYNC_SECONDS = 1.0
+#: The inbox's folder that kept unmatched files a rule matches now go back to.
+REROUTED = "rerouted"
 
 
 class Daemon:
@@ -516,7 +517,9 @@ class Daemon:
         log.warning(kv("quarantined", path=path, reason=reason, kept_as=placement.path))
 
     def _reroute_unmatched(self) -> None:
-        """Route the kept unmatched studies again under the current rules."""
+        """Send the kept unmatched files that a rule matches now back into
+        the inbox (`rerouted/<study>/`): they are placed as any study is, by
+        the placers, with their manifest and hooks. The others stay kept."""
         ruleset = self.rulebook.ruleset
         if not ruleset.rules:
             return
@@ -527,19 +530,28 @@ class Daemon:
                     instance = headers.read_instance(path, self.tags)
                 except (NotRoutable, OSError):
                     continue
-                routes = ruleset.route(instance.values)
-                if not routes:
+                if not ruleset.route(instance.values):
                     continue
                 try:
-                    place_instance(instance, routes, move=True, retry=self.retry)
-                except (DestinationUnavailable, PathConflict, OSError) as error:
+                    # (unmatched/ and the inbox are local: nothing here can hang)
+                    place(
+                        str(path),
+                        self.config.inbox,
+                        f"{REROUTED}/{folder.name}/{path.name}",
+                        link=True,
+                    )
+                    remove_source(str(path))
+                except (OSError, DestinationUnavailable) as error:
                     log.warning(kv("unmatched_reroute_failed", path=path, error=describe(error)))
                     continue
                 rerouted[folder.name] += 1
             if not any(folder.iterdir()):
                 folder.rmdir()
         for study, files in rerouted.items():
-            log.info(kv("unmatched_rerouted", study=study, files=files))
+            into = self.config.inbox / REROUTED / study
+            log.info(kv("unmatched_rerouted", study=study, files=files, into=into))
+        if rerouted:
+            self._next_rescan = 0.0  # noticed at once, whatever the watcher saw
 
     # -- status --
 
