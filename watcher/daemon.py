@@ -265,7 +265,7 @@ class Daemon:
         if now >= self._next_hook_sync:
             self._next_hook_sync = now + HOOK_SYNC_SECONDS
             self.lab_jobs.sync()
-            self.delivery.retry_hook_records()
+            self.delivery.records.retry_hooks()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
             self._next_rescan = 0.0
@@ -472,7 +472,7 @@ class Daemon:
 
     def _hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
         """A hook job's new state goes into its study's manifest."""
-        self.delivery.hook_changed(job, record)
+        self.delivery.records.hook_changed(job, record)
 
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):

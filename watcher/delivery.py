@@ -46,14 +46,13 @@ from watcher.bookkeeping import (
 from watcher.config import Config
 from watcher.destinations import Destinations
 from watcher.engine import BATCH, RetryPolicy, flush_folders, remove_source
-from watcher.errors import DestinationHung, DestinationUnavailable
-from watcher.hooks import DaemonStore, HookJob, HookRunner, hook_values, make_job
+from watcher.errors import DestinationUnavailable
+from watcher.hooks import DaemonStore, HookRunner, hook_values, make_job
 from watcher.labjobs import Dispatch
 from watcher.logs import kv
-from watcher.manifest import manifest_path
 from watcher.placement import Folder, Placement, place
-from watcher.placers import CutOff
-from watcher.placing import Immediate, PlacerPool, place_part, update_hooks_in, write_manifest_in
+from watcher.placing import Immediate, PlacerPool, place_part
+from watcher.records import Records
 from watcher.rules import Route, RuleBook
 from watcher.state import atomic_write, trusted
 from watcher.studies import Studies, Study
@@ -61,8 +60,6 @@ from watcher.template import safe_component
 
 log = logging.getLogger(__name__)
 
-#: How many hook syncs a hook state waits for its manifest before it is dropped.
-HOOK_RECORD_TRIES = 60
 #: On the way out, how long the manifests of studies placed in part may take.
 STOP_MANIFEST_SECONDS = 5.0
 #: How often the placers are polled while the daemon waits for them to finish.
@@ -142,11 +139,8 @@ class Delivery:
         self._pumping = False
         #: The folders with temporary files a cleaning could not remove, as last told.
         self._left_told: set[Folder] = set()
-        #: Hook states not written into their manifests yet, with the tries so far.
-        self._hook_backlog: dict[tuple[str, str], tuple[HookJob, dict[str, object], int]] = {}
-        #: Manifests cut off by a hung destination, per destination: written
-        #: when it answers again.
-        self._manifest_backlog: dict[str, list[tuple[Study, RulePlacement]]] = {}
+        #: The studies' manifests, and the hook states recorded in them.
+        self.records = Records(work, rulebook, clock)
 
     def calls(self) -> int:
         """Calls on destinations (placements, manifests) not answered yet."""
@@ -404,8 +398,7 @@ class Delivery:
         for study in self.studies:
             if study.parked_since is not None and mark in study.last_error:
                 study.next_try = now
-        for study, progress in self._manifest_backlog.pop(destination, []):
-            self._write_manifest(study, progress, self._round or Journal(self.journal))
+        self.records.resume(destination, self._round or Journal(self.journal))
 
     def close_round(self) -> None:
         """No placement in flight and no answer awaited: this round's journal
@@ -581,7 +574,7 @@ class Delivery:
         # its manifest written as well.
         announce = partial(self._announce, study, progress, seconds)
         if rule.manifest:
-            self._write_manifest(study, progress, journal, announce)
+            self.records.write_manifest(study, progress, journal, announce)
         else:
             announce(None)
 
@@ -635,130 +628,6 @@ class Delivery:
                         )
                     )
 
-    def hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
-        """A hook job's new state goes into its study's manifest (in the
-        destination's placer); one that cannot be written now is tried again
-        at the next hook sync."""
-        self._record_hook(job, record, 0, quiet=False)
-
-    def retry_hook_records(self) -> None:
-        for key, (job, record, tries) in list(self._hook_backlog.items()):
-            del self._hook_backlog[key]
-            if tries + 1 >= HOOK_RECORD_TRIES:
-                log.error(
-                    kv("hook_state_dropped", hook=job.label, study=job.study, state=record["state"])
-                )
-            else:
-                self._record_hook(job, record, tries + 1, quiet=True)
-
-    def _record_hook(
-        self, job: HookJob, record: dict[str, object], tries: int, quiet: bool
-    ) -> None:
-        """Write `record` into the job's manifest."""
-        if not job.manifest:
-            return
-        rule = next((r for r in self.rulebook.ruleset.rules if r.name == job.rule), None)
-        if rule is None:
-            log.warning(
-                kv("hook_state_unrecorded", hook=job.label, study=job.study, reason="rule gone")
-            )
-            return
-        then = partial(self._hook_recorded, job, record, tries, quiet)
-        self.work.submit(
-            str(rule.destination), then, update_hooks_in, Path(job.manifest), rule, [record]
-        )
-
-    def _hook_recorded(
-        self, job: HookJob, record: dict[str, object], tries: int, quiet: bool, value: Any
-    ) -> None:
-        if isinstance(value, ValueError):  # the rule's destination moved since the job was made
-            log.warning(kv("hook_state_unrecorded", hook=job.label, study=job.study, error=value))
-        elif isinstance(value, BaseException):
-            if not quiet:
-                log.warning(
-                    kv(
-                        "hook_state_unrecorded",
-                        hook=job.label,
-                        study=job.study,
-                        error=value,
-                        action="tried again",
-                    )
-                )
-            # A hung destination's wait does not count against the tries.
-            tries = tries - 1 if isinstance(value, DestinationHung) else tries
-            self._hook_backlog[(job.lab, job.id)] = (job, record, max(tries, 0))
-
-    def _write_manifest(
-        self,
-        study: Study,
-        progress: RulePlacement,
-        journal: Journal,
-        then: Callable[[Path | None], None] | None = None,
-    ) -> None:
-        """Write (or bring up to date) the study's manifest for one rule with
-        what it placed, in its destination's placer; `then` gets its path, or
-        None when it could not be written."""
-        rule = progress.route.rule
-        manifest = manifest_path(rule, progress.route.relative_path, study.uid)
-        try:
-            # Journaled like a placement: the temporary manifest of a write
-            # that a crash interrupts is removed at the next start.
-            journal.add({rule.folder(manifest.parent)})
-        except OSError as error:
-            self._manifest_written(study, progress, manifest, then, error)
-            return
-        answer = partial(self._manifest_written, study, progress, manifest, then)
-        self.work.submit(
-            str(rule.destination),
-            answer,
-            write_manifest_in,
-            manifest,
-            study.uid,
-            rule,
-            study.patient,
-            list(progress.entries),
-            self.clock(),
-        )
-
-    def _manifest_written(
-        self,
-        study: Study,
-        progress: RulePlacement,
-        manifest: Path,
-        then: Callable[[Path | None], None] | None,
-        value: Any,
-    ) -> None:
-        rule = progress.route.rule
-        if isinstance(value, BaseException):
-            log.error(
-                kv(
-                    "manifest_failed",
-                    lab=rule.lab_name,
-                    study=study.uid,
-                    path=manifest,
-                    error=describe(value),
-                )
-            )
-            if isinstance(value, (DestinationHung, CutOff)):
-                # Written when the destination answers again (or at the next start).
-                self._manifest_backlog.setdefault(str(rule.destination), []).append(
-                    (study, progress)
-                )
-            if then is not None:
-                then(None)
-            return
-        log.info(
-            kv(
-                "manifest_written",
-                lab=rule.lab_name,
-                study=study.uid,
-                files=value["files"],
-                path=manifest,
-            )
-        )
-        if then is not None:
-            then(manifest)
-
     def _record_placed_in_part(self) -> None:
         """On the way out: a study placed in part (stopped mid-way, or parked
         after some of its files) gets its manifest for what is placed, so that
@@ -767,7 +636,7 @@ class Delivery:
         for study in self.studies:
             for progress in study.progress.values():
                 if progress.entries:
-                    self._write_manifest(study, progress, journal)
+                    self.records.write_manifest(study, progress, journal)
         if self.once:
             self._close_journal(journal)
 
