@@ -385,3 +385,32 @@ def test_check_warns_when_a_hook_users_group_is_shared(centre, accounts, capsys)
         f"the group of labs.smith.hook_user {accounts.members['smith'].name} is shared with "
         f"{accounts.hook_users['smith'].name}"
     ) in out
+
+
+def test_a_lock_a_lab_holds_while_its_study_grows_delays_no_other_lab(centre, accounts):
+    # The manifest of smith's study is written in smith's placer, which waits
+    # a moment for the lab's lock and gives up; jones's study, arriving at
+    # the same time, is placed meanwhile, by jones's placer.
+    smith, jones = centre.nas / "smith", centre.nas / "jones"
+    centre.lab_rule("smith", "all")
+    centre.lab_rule("jones", "vision")
+    centre.receive(SMITH)
+    centre.start()
+    centre.wait_event("study_placed")
+    [study] = [p.parent for p in smith.rglob("manifest.json")]
+    holder = accounts.members["smith"].popen(["flock", "-s", str(study), "sleep", "20"])
+    try:
+        time.sleep(0.5)
+        # two more series of the study (the first again: new instances, beside)
+        centre.receive(StudySpec(series=2, instances=2, study_uid=SMITH.study_uid))
+        centre.receive(StudySpec(series=1, instances=1, patient_id="SUBJ02", description="JONES^X"))
+        placed = centre.wait_event("study_placed", count=3)
+        assert holder.poll() is None, "the lab still holds its lock"
+        assert {line["lab"] for line in placed[1:]} == {"smith", "jones"}
+        [refused] = centre.wait_event("manifest_failed")
+        assert refused["lab"] == "smith" and "stayed locked" in refused["error"]
+        assert len(lab_files(jones)) == 1 and len(list(jones.rglob("manifest.json"))) == 1
+        assert len(lab_files(smith)) == 6, "the lab's files are placed all the same"
+    finally:
+        holder.kill()
+        holder.wait(30)
