@@ -414,3 +414,8 @@ def test_a_lock_a_lab_holds_while_its_study_grows_delays_no_other_lab(centre, ac
     finally:
         holder.kill()
         holder.wait(30)
+    # Once the lab lets go, its manifest is brought up to date after all.
+    written = centre.wait_event("manifest_written", count=3)
+    assert [line["files"] for line in written if line["lab"] == "smith"][-1] == "6"
+    [manifest] = smith.rglob("manifest.json")
+    assert json.loads(manifest.read_text())["files"] == 6

@@ -265,7 +265,7 @@ class Daemon:
         if now >= self._next_hook_sync:
             self._next_hook_sync = now + HOOK_SYNC_SECONDS
             self.lab_jobs.sync()
-            self.delivery.records.retry_hooks()
+            self.delivery.records.retry()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
             self._next_rescan = 0.0

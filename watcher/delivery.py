@@ -140,7 +140,7 @@ class Delivery:
         #: The folders with temporary files a cleaning could not remove, as last told.
         self._left_told: set[Folder] = set()
         #: The studies' manifests, and the hook states recorded in them.
-        self.records = Records(work, rulebook, clock)
+        self.records = Records(work, rulebook, clock, lambda: self._round or Journal(self.journal))
 
     def calls(self) -> int:
         """Calls on destinations (placements, manifests) not answered yet."""
@@ -398,7 +398,7 @@ class Delivery:
         for study in self.studies:
             if study.parked_since is not None and mark in study.last_error:
                 study.next_try = now
-        self.records.resume(destination, self._round or Journal(self.journal))
+        self.records.resume(destination)
 
     def close_round(self) -> None:
         """No placement in flight and no answer awaited: this round's journal

@@ -2,15 +2,18 @@
 
 Both are written in their destination's placer (`watcher.placing`), never
 in the loop. A manifest cut off by a hung destination is written when it
-answers again; a hook state that cannot be written now is tried again at
-the next hook sync, up to `HOOK_RECORD_TRIES` times (the waits of a hung
+answers again, and one whose folder a lab keeps locked on a doubling
+schedule; a hook state that cannot be written now is tried again at the
+next hook sync, up to `HOOK_RECORD_TRIES` times (the waits of a hung
 destination not counted).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from watcher.bookkeeping import Journal, RulePlacement, describe
 from watcher.errors import DestinationHung
 from watcher.hooks import HookJob
 from watcher.logs import kv
-from watcher.manifest import manifest_path
+from watcher.manifest import ManifestRefused, manifest_path
 from watcher.placers import CutOff
 from watcher.placing import Immediate, PlacerPool, update_hooks_in, write_manifest_in
 from watcher.rules import RuleBook
@@ -29,15 +32,37 @@ log = logging.getLogger(__name__)
 
 #: How many hook syncs a hook state waits for its manifest before it is dropped.
 HOOK_RECORD_TRIES = 60
+#: A manifest whose folder a lab keeps locked is tried again after 1 s, then
+#: after twice as long each time up to a minute, for at most an hour.
+LOCKED_FIRST_SECONDS = 1.0
+LOCKED_LONGEST_SECONDS = 60.0
+LOCKED_MANIFEST_SECONDS = 3600.0
+
+
+@dataclass
+class _Locked:
+    """A manifest not written because its folder was locked, and its schedule."""
+
+    study: Study
+    progress: RulePlacement
+    since: float
+    wait: float = LOCKED_FIRST_SECONDS
+    next_try: float = 0.0
 
 
 class Records:
     """Writes manifests and hook states into the lab trees, by their placers."""
 
     def __init__(
-        self, work: PlacerPool | Immediate, rulebook: RuleBook, clock: Callable[[], float]
+        self,
+        work: PlacerPool | Immediate,
+        rulebook: RuleBook,
+        clock: Callable[[], float],
+        journal: Callable[[], Journal],
     ) -> None:
         self.work = work
+        #: The journal a manifest written now is journaled in.
+        self.journal = journal
         self.rulebook = rulebook
         self.clock = clock
         #: Hook states not written into their manifests yet, with the tries so far.
@@ -48,11 +73,13 @@ class Records:
         #: Manifests cut off by a hung destination, per destination: written
         #: when it answers again.
         self._manifest_backlog: dict[str, list[tuple[Study, RulePlacement]]] = {}
+        #: Manifests whose folder a lab held locked, on their schedules.
+        self._locked: list[_Locked] = []
 
-    def resume(self, destination: str, journal: Journal) -> None:
+    def resume(self, destination: str) -> None:
         """A hung destination answers again: the manifests cut off are written."""
         for study, progress in self._manifest_backlog.pop(destination, []):
-            self.write_manifest(study, progress, journal)
+            self.write_manifest(study, progress, self.journal())
 
     def hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
         """A hook job's new state goes into its study's manifest (in the
@@ -64,7 +91,12 @@ class Records:
         self._hook_backlog.pop((job.lab, job.id), None)
         self._record_hook(job, record, 0, quiet=False)
 
-    def retry_hooks(self) -> None:
+    def retry(self) -> None:
+        """At a hook sync: the hook states and the locked manifests due again."""
+        now = self.clock()
+        for locked in [item for item in self._locked if now >= item.next_try]:
+            self._locked.remove(locked)
+            self.write_manifest(locked.study, locked.progress, self.journal(), locked=locked)
         for key, (job, record, tries) in list(self._hook_backlog.items()):
             del self._hook_backlog[key]
             if tries + 1 >= HOOK_RECORD_TRIES:
@@ -122,10 +154,11 @@ class Records:
         progress: RulePlacement,
         journal: Journal,
         then: Callable[[Path | None], None] | None = None,
+        locked: _Locked | None = None,
     ) -> None:
         """Write (or bring up to date) the study's manifest for one rule with
         what it placed, in its destination's placer; `then` gets its path, or
-        None when it could not be written."""
+        None when it could not be written. `locked`: a retry's schedule."""
         rule = progress.route.rule
         manifest = manifest_path(rule, progress.route.relative_path, study.uid)
         try:
@@ -133,9 +166,9 @@ class Records:
             # that a crash interrupts is removed at the next start.
             journal.add({rule.folder(manifest.parent)})
         except OSError as error:
-            self._manifest_written(study, progress, manifest, then, error)
+            self._manifest_written(study, progress, manifest, then, locked, error)
             return
-        answer = partial(self._manifest_written, study, progress, manifest, then)
+        answer = partial(self._manifest_written, study, progress, manifest, then, locked)
         self.work.submit(
             str(rule.destination),
             answer,
@@ -154,10 +187,15 @@ class Records:
         progress: RulePlacement,
         manifest: Path,
         then: Callable[[Path | None], None] | None,
+        locked: _Locked | None,
         value: Any,
     ) -> None:
         rule = progress.route.rule
         if isinstance(value, BaseException):
+            if _is_lock(value) and self._again_when_unlocked(study, progress, locked):
+                if then is not None:
+                    then(None)
+                return
             log.error(
                 kv(
                     "manifest_failed",
@@ -186,3 +224,25 @@ class Records:
         )
         if then is not None:
             then(manifest)
+
+    def _again_when_unlocked(
+        self, study: Study, progress: RulePlacement, locked: _Locked | None
+    ) -> bool:
+        """Schedule a manifest its lab keeps locked; False (said once, as a
+        failure) at the first refusal, and when its hour is up."""
+        now = self.clock()
+        first = locked is None
+        if locked is None:
+            locked = _Locked(study, progress, now)
+        else:
+            locked.wait = min(locked.wait * 2, LOCKED_LONGEST_SECONDS)
+        if now - locked.since >= LOCKED_MANIFEST_SECONDS:
+            return False
+        locked.next_try = now + locked.wait
+        self._locked.append(locked)
+        return not first
+
+
+def _is_lock(error: BaseException) -> bool:
+    """A manifest refused because a lab holds its folder's lock."""
+    return isinstance(error, ManifestRefused) and error.errno == errno.EWOULDBLOCK
