@@ -28,17 +28,25 @@ SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
 
-def require_share_tools() -> None:
+def share_problem() -> str:
+    """Why a share cannot be set up here (root, sshfs, sshd, FUSE), or ""."""
     if os.geteuid() != 0:
-        skip_or_fail("a private sshd and FUSE mounts need root")
+        return "a private sshd and FUSE mounts need root"
     for tool in ("sshfs", "ssh-keygen", "fusermount"):
         if shutil.which(tool) is None:
-            skip_or_fail(f"{tool} is not installed (Debian packages sshfs, openssh-client)")
+            return f"{tool} is not installed (Debian packages sshfs, openssh-client)"
     for program in (SSHD, SFTP_SERVER):
         if not os.path.exists(program):
-            skip_or_fail(f"{program} is missing (Debian package openssh-server)")
+            return f"{program} is missing (Debian package openssh-server)"
     if not os.path.exists("/dev/fuse"):
-        skip_or_fail("/dev/fuse is missing: this machine cannot mount FUSE file systems")
+        return "/dev/fuse is missing: this machine cannot mount FUSE file systems"
+    return ""
+
+
+def require_share_tools() -> None:
+    problem = share_problem()
+    if problem:
+        skip_or_fail(problem)
 
 
 class DelayProxy:

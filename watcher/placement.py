@@ -355,7 +355,11 @@ SHARE_THREADS = 16
 def batch_placement(jobs: Sequence[Job], writeback: bool = False) -> Placing:
     """A `BatchPlacement` of the jobs, or, when many of them go onto a
     network share, a `SpreadPlacement` that places those side by side."""
-    remote = [index for index, job in enumerate(jobs) if not _root_flushes_by_syncfs(job.root)]
+    flushes: dict[Path, bool] = {}  # by root: looked at once a batch
+    for job in jobs:
+        if job.root not in flushes:
+            flushes[job.root] = _root_flushes_by_syncfs(job.root)
+    remote = [index for index, job in enumerate(jobs) if not flushes[job.root]]
     if len(remote) <= FEW:
         return BatchPlacement(jobs, writeback)
     return SpreadPlacement(jobs, remote, writeback)
@@ -409,28 +413,19 @@ class SpreadPlacement:
 
 
 Placing = BatchPlacement | SpreadPlacement
-#: Whether syncfs flushes the filesystem of a root, by the root's device.
-_root_flushes: dict[int, bool] = {}
 
 
 def _root_flushes_by_syncfs(root: Path) -> bool:
     """Whether one syncfs flushes what is placed under `root` (True when it
     cannot be told: the placement finds out why)."""
     try:
-        device = os.stat(root).st_dev
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return True
-    known = _root_flushes.get(device)
-    if known is None:
-        try:
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return True
-        try:
-            known = _root_flushes[device] = syncfs_flushes(fd, device)
-        finally:
-            os.close(fd)
-    return known
+    try:
+        return syncfs_flushes(fd, os.fstat(fd).st_dev)
+    finally:
+        os.close(fd)
 
 
 def open_at_once() -> int:
