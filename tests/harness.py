@@ -150,7 +150,11 @@ class DaemonProcess:
         file.write_text(yaml.safe_dump(rule))
         return file
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, new_session: bool = False
+    ) -> DaemonProcess:
+        """Start the daemon; `new_session`: as its own session's leader, as
+        systemd starts it (not in the test's session)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
             [
@@ -168,6 +172,7 @@ class DaemonProcess:
             stderr=log,
             cwd=self.root,
             env={**os.environ, **(env or {})},
+            start_new_session=new_session,
         )
         log.close()
         return self

@@ -78,7 +78,7 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
     # a share per category for each command, or why py-spy could not run
     assert lines[profile + 1].startswith(("  dicom-watcher sort:", "  n/a:")), lines[profile + 1]
     assert any(line.startswith("Pending instances:") for line in lines)
-    assert any(line.startswith("Behind storescp:") for line in lines)
+    assert any(line.startswith("Reception:") for line in lines)
     assert "start-up rescan" in output
     if os.geteuid() == 0 and shutil.which("sshfs"):
         # onto an sshfs share: each tool's row with its figures and requests per file

@@ -20,6 +20,7 @@ from watcher import __version__, headers, logs, placement
 from watcher.config import load_config
 from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
 from watcher.errors import NotRoutable, WatcherError
+from watcher.priority import yield_to_receiver
 from watcher.rules import Lab, Rule, RuleSet, describe_claim, load_rules, single_rule
 
 log = logging.getLogger("watcher.cli")
@@ -180,6 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config).with_overrides(quiet_seconds=args.quiet_seconds)
     stop = stop_on_signals()
+    if not args.once:  # before any thread or placer starts: they inherit it
+        log.info(logs.kv("priority", yields_to_receiver=yield_to_receiver()))
     return Daemon(config, once=args.once, stop=stop, quiet_override=args.quiet_seconds).run()
 
 

@@ -62,6 +62,8 @@ READ_CHUNK = 256
 #: Files ready at once from which the daemon reads them on every core.
 DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
+#: Inbox events taken before the clock is read again within one turn.
+EVENTS_PER_CLOCK = 64
 #: How often the labs' runners' results are taken up.
 HOOK_SYNC_SECONDS = 1.0
 #: The inbox's folder that kept unmatched files a rule matches now go back to.
@@ -277,11 +279,13 @@ class Daemon:
     def _take_events(self, now: float) -> None:
         if self.watcher is None:
             return
-        while True:
+        for taken in itertools.count(1):
             try:
                 kind, path = self.watcher.events.get_nowait()
             except queue.Empty:
                 return
+            if taken % EVENTS_PER_CLOCK == 0:  # a long drain keeps its times true
+                now = self.clock()
             if kind == "dir":
                 self.scan(Path(path), now)  # files may predate its watch
             else:
@@ -385,8 +389,9 @@ class Daemon:
                 log.warning(kv("read_error", path=path, error=reason))
                 self.arrivals.failed(path, reason, now, retry_after)
             else:
-                self.arrivals.forget(path)
-                study = self.studies.add(result, now)
+                candidate = self.arrivals.files.pop(path, None)
+                arrived = now if candidate is None else candidate.arrived(now)
+                study = self.studies.add(result, arrived)
                 self._apply_saved_retry(study)
 
     def _apply_saved_retry(self, study: Study) -> None:

@@ -33,6 +33,22 @@ class Candidate:
     next_quarantine: float = 0.0
     quarantine_error: str = ""
 
+    def arrived(self, now: float) -> float:
+        """When the file arrived, which starts its study's quiet period again:
+        its last write (its modification time), unless that is more than
+        `ARRIVAL_LEEWAY_SECONDS` older than when it was seen (a file moved
+        in keeps an older time: then when it was seen); never after `now`,
+        the time it is read. A daemon that yields to the receiver reads a
+        file a little after it arrives, and so delays no study by it."""
+        if self.mtime >= self.changed_at - ARRIVAL_LEEWAY_SECONDS:
+            return min(self.mtime, now)
+        return min(self.changed_at, now)
+
+
+#: How much older than when it was seen a file's modification time may be
+#: and still count as its arrival (see `Candidate.arrived`).
+ARRIVAL_LEEWAY_SECONDS = 2.0
+
 
 #: A study complete by its expected count still waits this long after its
 #: last arrival: scanners send series back to back, and ImagesInAcquisition
