@@ -96,6 +96,51 @@ class Counts:
     quarantined: int = 0
     unmatched: int = 0
     last_placement: dict[str, object] = field(default_factory=dict)
+    labs: dict[str, LabCounts] = field(default_factory=dict)
+
+    def placed(self, lab: str, record: dict[str, Any], delay: float) -> None:
+        """A study placed for one of `lab`'s rules (a late addition to it
+        counts again): `record` has its files and bytes; `delay` is the
+        seconds from its last arrival."""
+        counts = self.labs.setdefault(lab, LabCounts())
+        counts.studies += 1
+        counts.files += int(record["files"])
+        counts.bytes += int(record["bytes"])
+        counts.delay_sum += delay
+        index = next((i for i, le in enumerate(DELAY_BUCKETS) if delay <= le), len(DELAY_BUCKETS))
+        counts.delay_buckets[index] += 1
+        counts.recent.insert(0, record)
+        del counts.recent[RECENT_PLACEMENTS:]
+
+
+#: Upper bounds (seconds) of the histogram of a study's last arrival to its
+#: placement: quiet periods are a minute by default, parked studies wait longer.
+DELAY_BUCKETS = (5.0, 15.0, 30.0, 60.0, 90.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
+#: The placements each lab's status keeps, newest first.
+RECENT_PLACEMENTS = 20
+
+
+@dataclass
+class LabCounts:
+    """One lab's placements since the daemon started."""
+
+    studies: int = 0
+    files: int = 0
+    bytes: int = 0
+    #: Placements per delay bucket (`DELAY_BUCKETS`, then one above the last).
+    delay_buckets: list[int] = field(default_factory=lambda: [0] * (len(DELAY_BUCKETS) + 1))
+    delay_sum: float = 0.0
+    recent: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "studies": self.studies,
+            "files": self.files,
+            "bytes": self.bytes,
+            "delay_buckets": list(zip([*DELAY_BUCKETS, "+Inf"], self.delay_buckets, strict=True)),
+            "delay_sum": round(self.delay_sum, 3),
+            "recent": self.recent,
+        }
 
 
 class Journal:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from watcher import __version__, headers, logs, placement
-from watcher.config import load_config
+from watcher.config import load_config, parse_listen
 from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
 from watcher.errors import NotRoutable, WatcherError
 from watcher.priority import yield_to_receiver
@@ -145,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=cmd_status)
 
+    web = commands.add_parser(
+        "web", parents=[common], help="serve the read-only status page and /metrics"
+    )
+    web.add_argument("--config", metavar="FILE")
+    web.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to serve on (default: the config's web_listen)",
+    )
+    web.set_defaults(handler=cmd_web)
+
     check = commands.add_parser("check", parents=[common], help="validate rule files")
     check.add_argument(
         "--rules", metavar="DIR", help="rules folder (default: the config's, else ./rules)"
@@ -191,6 +202,17 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     return run_lab_hooks(config, args.lab, once=args.once, stop=stop_on_signals())
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from watcher import web  # (http.server: imported only to serve)
+
+    config = load_config(args.config, resolve=False)  # (never touches a lab's share)
+    listen = parse_listen(args.listen or config.web_listen, "--listen")
+    try:
+        return web.serve(config, listen, stop_on_signals())
+    except OSError as error:
+        raise WatcherError(f"cannot listen on {listen[0]}:{listen[1]}: {error.strerror}") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -56,12 +56,28 @@ class Config:
     #: The labs whose rules live in rules/<lab>/, and what each may do;
     #: None: no lab folders, only the operator's rules at the top of rules/.
     labs: dict[str, Lab] | None = None
+    #: `dicom-watcher web`: where it listens (HOST:PORT; loopback by default,
+    #: for a reverse proxy in front), and whether its pages show patient IDs.
+    web_listen: str = "127.0.0.1:8470"
+    web_show_patients: bool = False
+    #: Also write the metrics into this file (atomically, with each status),
+    #: for node_exporter's textfile collector; none by default.
+    metrics_file: Path | None = None
 
     def with_overrides(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 PATH_KEYS = ("inbox", "rules", "state")
+
+
+def parse_listen(value: str, where: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port), or a `ConfigError`."""
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected HOST:PORT (such as 127.0.0.1:8470), not {value!r}")
+    return host, int(port)
 
 
 def load_config(path: str | Path | None, *, resolve: bool = True) -> Config:
@@ -109,6 +125,17 @@ def load_config(path: str | Path | None, *, resolve: bool = True) -> Config:
 def _convert(file: Path, key: str, value: Any, default: Any) -> Any:
     if key == "labs":
         return _labs(file, value)
+    if key == "web_listen":
+        if not isinstance(value, str):
+            raise ConfigError(f"{file}: web_listen must be HOST:PORT, not {value!r}")
+        parse_listen(value, f"{file}: web_listen")
+        return value
+    if key == "metrics_file":
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{file}: metrics_file must be a file path")
+        return Path(value).expanduser()
     if isinstance(default, Path):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{file}: {key} must be a folder path")
@@ -229,6 +256,8 @@ def _absolute(config: Config, base: Path, resolve: bool = True) -> Config:
         }
         if resolve:
             _check_labs(paths["labs"])
+    if config.metrics_file is not None:
+        paths["metrics_file"] = base / config.metrics_file
     config = dataclasses.replace(config, **paths)
     inbox, state = config.inbox.resolve(), config.state.resolve()
     if inbox == state or inbox in state.parents or state in inbox.parents:

@@ -27,7 +27,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING
 
-from watcher import headers
+from watcher import headers, metrics
 from watcher.bookkeeping import Completion, Counts, completion, describe
 from watcher.config import Config
 from watcher.delivery import Delivery, Hooks
@@ -105,6 +105,7 @@ class Daemon:
         self.quarantine_dir = config.state / "quarantine"
         self.unmatched_dir = config.state / "unmatched"
         self.retry_dir = config.state / "retry"
+        self._quarantine_reasons = QuarantineReasons(self.quarantine_dir)
         self.hook_store = DaemonStore(config.state / "hooks", on_change=self._hook_changed)
         self.hooks = HookRunner(
             self.hook_store,
@@ -575,10 +576,18 @@ class Daemon:
                 )
                 left = max(quiet - (now - study.last_arrival), 0)
                 step = f"complete in {left:.0f} s"
+            policy = study.policy
+            labs = (
+                sorted({rule.lab_name for rule in policy.matched.values()})
+                if isinstance(policy, Completion)
+                else []
+            )
             studies.append(
                 {
                     "study": study.uid,
                     "patient": study.patient,
+                    "labs": labs,
+                    "parked_since": study.parked_since,
                     "files": len(study.instances),
                     "bytes": study.bytes,
                     "age_seconds": round(now - study.first_arrival, 1),
@@ -596,6 +605,7 @@ class Daemon:
             "files_arriving": len(self.arrivals),
             "studies": studies,
             "quarantine_files": _count_files(self.quarantine_dir, ".reason.txt"),
+            "quarantine_reasons": self._quarantine_reasons.count(),
             "quarantine_failed": [
                 {
                     "path": path,
@@ -611,6 +621,7 @@ class Daemon:
             "placed_files": self.counts.placed_files,
             "placed_studies": self.counts.placed_studies,
             "last_placement": self.counts.last_placement,
+            "labs": {name: counts.as_status() for name, counts in sorted(self.counts.labs.items())},
             "destinations": self.destinations.snapshot(),
             #: Calls on destinations (placements, manifests) not answered yet.
             "destination_calls": self.delivery.calls(),
@@ -628,6 +639,38 @@ class Daemon:
             atomic_write(self.state / "status.json", json.dumps(status, indent=1))
         except OSError as error:
             log.warning(kv("status_write_failed", error=error.strerror or error))
+        if self.config.metrics_file is not None:
+            try:
+                atomic_write(self.config.metrics_file, metrics.render(status, now).decode())
+            except OSError as error:
+                log.warning(kv("metrics_write_failed", error=error.strerror or error))
+
+
+class QuarantineReasons:
+    """The quarantined files' reasons (the first line of each reason file),
+    each file read once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.known: dict[str, str] = {}
+
+    def count(self) -> dict[str, int]:
+        seen: dict[str, str] = {}
+        for directory, _, files in os.walk(self.folder):
+            for name in files:
+                if not name.endswith(".reason.txt") or name.startswith(TEMP_PREFIX):
+                    continue
+                path = os.path.join(directory, name)
+                reason = self.known.get(path)
+                if reason is None:
+                    try:
+                        with open(path, encoding="utf-8", errors="replace") as handle:
+                            reason = handle.readline(500).strip() or "(no reason given)"
+                    except OSError:
+                        continue
+                seen[path] = reason
+        self.known = seen
+        return dict(Counter(seen.values()).most_common())
 
 
 def _count_files(folder: Path, suffix: str = "") -> int:

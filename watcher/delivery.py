@@ -562,14 +562,27 @@ class Delivery:
         manifest, its summary line, its hooks."""
         rule = progress.route.rule
         seconds = time.monotonic() - progress.started
+        now = self.clock()
         self.counts.placed_files += progress.files
         self.counts.last_placement = {
             "study": study.uid,
             "lab": rule.lab_name,
             "files": progress.files,
             "destination": str(progress.folder),
-            "time": self.clock(),
+            "time": now,
         }
+        record = {
+            "study": study.uid,
+            "patient": study.patient,
+            "rule": rule.name,
+            "files": progress.files,
+            "new": progress.placed,
+            "bytes": progress.bytes,
+            "seconds": round(seconds, 2),
+            "time": now,
+            "destination": str(progress.folder),
+        }
+        self.counts.placed(rule.lab_name, record, max(now - study.last_arrival, 0.0))
         # The summary line comes last, so that a study logged as placed has
         # its manifest written as well.
         announce = partial(self._announce, study, progress, seconds)

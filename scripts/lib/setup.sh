@@ -49,6 +49,8 @@ command -v sshfs >/dev/null || missing+=(sshfs)               # a real network s
 # Debian's python3 (this machine's default python3 may be private to root).
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ -x /usr/bin/time ] || missing+=(time)                        # peak memory in scripts/bench
+command -v chromium >/dev/null || missing+=(chromium)         # the status page, in a real browser
+command -v promtool >/dev/null || missing+=(prometheus)       # checks the example alert rules
 if ((${#missing[@]})); then
     apt_install "${missing[@]}" \
         || echo "setup: ${missing[*]} missing and cannot be installed without root (tests that need them skip)"

@@ -1,0 +1,334 @@
+"""`dicom-watcher web`: /metrics and the status page of a running daemon,
+read with prometheus-client's parser and a real headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import DaemonProcess, free_port, listening, skip_or_fail, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from watcher.synthetic import StudySpec, write_study
+from watcher.web import STALE_SECONDS
+
+PATIENT_ID = "SUBJ-HIDDEN-4711"
+
+
+@dataclass
+class Scene:
+    """A daemon that has placed, parked, quarantined and is still waiting,
+    and a web process reading its state."""
+
+    daemon: DaemonProcess
+    web: subprocess.Popen[bytes]
+    url: str
+    placed_files: int
+    placed_uids: list[str]
+    parked_uid: str
+    pending_uid: str
+
+
+def start_web(daemon: DaemonProcess, port: int) -> subprocess.Popen[bytes]:
+    web = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "web", "--config", str(daemon.config_path)]
+        + ["--listen", f"127.0.0.1:{port}", "--log-format", "json"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(daemon.root / "web.log", "ab"),  # noqa: SIM115 - the child holds it
+        cwd=daemon.root,
+    )
+    wait_for(lambda: listening(port) or web.poll() is not None, 30, "the web process to listen")
+    assert web.poll() is None, (daemon.root / "web.log").read_text()
+    return web
+
+
+@contextlib.contextmanager
+def make_scene(root: Path, **settings: object) -> Iterator[Scene]:
+    daemon = DaemonProcess(
+        root, quarantine_after_seconds=0.5, park_first_seconds=600, park_max_seconds=600, **settings
+    )
+    smith = root / "nas" / "smith"
+    smith.mkdir(parents=True)
+    daemon.add_rule("smith", smith, match={"StudyDescription": "^SMITH"})
+    daemon.add_rule("jones", root / "nas" / "jones-unmounted", match={"StudyDescription": "^JONES"})
+    daemon.add_rule(
+        "slow",
+        smith,
+        match={"StudyDescription": "^SLOW"},
+        quiet_seconds=3600,
+        path="slow/{SOPInstanceUID}.dcm",
+    )
+    web = None
+    try:
+        daemon.start()
+        daemon.wait_event("started")
+        first = StudySpec(series=1, instances=3, patient_id=PATIENT_ID)
+        second = StudySpec(series=2, instances=2, patient_id="SUBJ02")
+        parked = StudySpec(series=1, instances=2, description="JONES^Faces")
+        pending = StudySpec(series=1, instances=4, description="SLOW^Long")
+        for spec in (first, second, parked, pending):
+            write_study(spec, daemon.inbox)
+        (daemon.inbox / "junk.bin").write_bytes(b"not DICOM at all" * 10)
+        daemon.wait_event("study_placed", 2)
+        daemon.wait_event("study_parked")
+        daemon.wait_event("quarantined")
+        wait_for(
+            lambda: (
+                (s := daemon.status())
+                and s.get("quarantine_files") == 1
+                and len(s.get("studies", [])) == 2
+            ),
+            30,
+            "a status with the quarantine and the two waiting studies",
+        )
+        port = free_port()
+        web = start_web(daemon, port)
+        yield Scene(
+            daemon,
+            web,
+            f"http://127.0.0.1:{port}",
+            3 + 4,
+            [first.study_uid, second.study_uid],
+            parked.study_uid,
+            pending.study_uid,
+        )
+    finally:
+        if web is not None:
+            web.terminate()
+            web.wait(10)
+        daemon.close()
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Iterator[Scene]:
+    with make_scene(tmp_path_factory.mktemp("web")) as made:
+        yield made
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http only
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_metrics_count_what_the_daemon_did(scene):
+    status, text = get(scene.url + "/metrics")
+    assert status == 200
+    found = samples(text)
+    assert found[("dicom_watcher_placed_studies_total", (("lab", "smith"),))] == 2
+    assert found[("dicom_watcher_placed_files_total", (("lab", "smith"),))] == scene.placed_files
+    placed_bytes = sum(
+        p.stat().st_size for p in (scene.daemon.root / "nas" / "smith").rglob("*.dcm")
+    )
+    assert found[("dicom_watcher_placed_bytes_total", (("lab", "smith"),))] == placed_bytes
+    assert found[("dicom_watcher_pending_studies", ())] == 2
+    assert found[("dicom_watcher_parked_studies", ())] == 1
+    assert found[("dicom_watcher_lab_pending_studies", (("lab", "jones"), ("parked", "true")))] == 1
+    assert found[("dicom_watcher_lab_pending_studies", (("lab", "slow"), ("parked", "false")))] == 1
+    assert found[("dicom_watcher_quarantined_files", ())] == 1
+    assert found[("dicom_watcher_unmatched_files", ())] == 0
+    unmounted = str(scene.daemon.root / "nas" / "jones-unmounted")
+    assert (
+        found[
+            (
+                "dicom_watcher_destination_state",
+                (("destination", unmounted), ("state", "unavailable")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        found[
+            ("dicom_watcher_destination_state", (("destination", unmounted), ("state", "healthy")))
+        ]
+        == 0
+    )
+    # every placement in the histogram, below its +Inf bucket
+    count = found[("dicom_watcher_placement_delay_seconds_count", (("lab", "smith"),))]
+    assert count == 2
+    assert (
+        found[("dicom_watcher_placement_delay_seconds_bucket", (("lab", "smith"), ("le", "+Inf")))]
+        == 2
+    )
+    assert 0 <= found[("dicom_watcher_last_loop_turn_age_seconds", ())] < STALE_SECONDS
+    assert PATIENT_ID not in text
+
+
+def test_the_metrics_file_is_written_for_node_exporter(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    with make_scene(tmp_path, metrics_file="metrics/dicom-watcher.prom") as scene:
+        path = tmp_path / "metrics" / "dicom-watcher.prom"
+        text = wait_for(lambda: path.exists() and path.read_text(), 10, "the metrics file")
+        found = samples(text)
+        assert (
+            found[("dicom_watcher_placed_files_total", (("lab", "smith"),))] == scene.placed_files
+        )
+        assert found[("dicom_watcher_quarantined_files", ())] == 1
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        skip_or_fail("chromium is not installed (apt-get install chromium)")
+    return str(found)
+
+
+def browse(url: str, *args: str) -> str:
+    """The page's DOM after its load, as real headless Chromium builds it."""
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    command = [chromium(), "--headless", "--disable-gpu", "--no-first-run"]
+    command.append(f"--user-data-dir={profile}")
+    if os.geteuid() == 0:
+        command.append("--no-sandbox")  # (Chromium refuses to run as root with it)
+    try:
+        done = subprocess.run([*command, *args, url], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_page_shows_the_daemons_studies_in_a_real_browser(scene, tmp_path):
+    dom = browse(scene.url + "/", "--dump-dom")
+    assert 'data-state="running"' in dom
+    pending = dom[dom.index('id="pending"') :]
+    pending = pending[: pending.index("</table>")]
+    assert scene.pending_uid in pending and scene.parked_uid in pending
+    assert "PARKED" in pending
+    placed = dom[dom.index('id="placed"') :]
+    placed = placed[: placed.index("</table>")]
+    assert all(uid in placed for uid in scene.placed_uids)
+    assert "not a DICOM file" in dom[dom.index('id="quarantine-reasons"') :]
+    assert "jones-unmounted" in dom and "unavailable" in dom
+    assert PATIENT_ID not in dom
+    screenshot = tmp_path / "status.png"
+    browse(scene.url + "/", f"--screenshot={screenshot}", "--window-size=1280,900")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_lab_page_shows_that_labs_studies_only(scene):
+    dom = browse(scene.url + "/lab/jones", "--dump-dom")
+    assert scene.parked_uid in dom
+    assert scene.pending_uid not in dom
+    assert not any(uid in dom for uid in scene.placed_uids)
+    status, _ = get(scene.url + "/lab/nobody")
+    assert status == 404
+
+
+def test_patient_ids_show_only_when_the_config_says_so(tmp_path):
+    with make_scene(tmp_path, web_show_patients=True) as scene:
+        status, page = get(scene.url + "/")
+        assert status == 200
+        assert PATIENT_ID in page
+
+
+def test_a_silent_daemon_shows_as_stale(tmp_path):
+    with make_scene(tmp_path) as scene:
+        assert scene.daemon.process is not None
+        scene.daemon.process.send_signal(signal.SIGSTOP)  # alive, but its loop turns no more
+        try:
+            dom = wait_for(
+                lambda: 'data-state="stale"' in (d := browse(scene.url + "/", "--dump-dom")) and d,
+                STALE_SECONDS + 30,
+                "the page to call the daemon stale",
+                every=2.0,
+            )
+            assert "STALE" in dom
+            found = samples(get(scene.url + "/metrics")[1])
+            assert found[("dicom_watcher_last_loop_turn_age_seconds", ())] > STALE_SECONDS
+        finally:
+            scene.daemon.process.send_signal(signal.SIGCONT)
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as connection:
+        connection.sendall(data)
+        connection.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_bad_requests_get_4xx_and_the_server_stays_up(scene):
+    port = int(scene.url.rsplit(":", 1)[1])
+    assert get(scene.url + "/no/such/page")[0] == 404
+    assert get(scene.url + "/lab/" + "../" * 5 + "etc/passwd")[0] == 404
+    assert get(scene.url + "/" + "x" * 5000)[0] == 414
+    answers = [
+        raw_request(port, b"GARBAGE\r\n\r\n"),
+        raw_request(port, b"GET / HTTP/9.9\r\n\r\n"),
+        raw_request(port, b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n"),
+        raw_request(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"),
+        raw_request(port, b"GET /" + b"y" * 70000 + b" HTTP/1.1\r\n\r\n"),
+        raw_request(port, b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n"),
+    ]
+    for answer in answers:
+        # (an HTTP/0.9-looking request gets its error page without a status line)
+        found = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer) or re.search(
+            rb"Error code: (\d{3})", answer
+        )
+        assert found, answer[:200]
+        assert 400 <= int(found[1]) < 500, answer[:200]
+    # a client that sends nothing holds one thread only: others are answered
+    with socket.create_connection(("127.0.0.1", port), timeout=15):
+        started = time.monotonic()
+        assert get(scene.url + "/metrics")[0] == 200
+        assert time.monotonic() - started < 5
+    assert scene.web.poll() is None
+    assert get(scene.url + "/")[0] == 200
+
+
+def test_header_values_cannot_inject_markup(tmp_path):
+    """A study description is the scanner's (or an attacker's) text: it
+    reaches the page as text, never as markup."""
+    daemon = DaemonProcess(tmp_path)
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    daemon.add_rule("all", lab, quiet_seconds=3600)
+    web = None
+    try:
+        daemon.start()
+        daemon.wait_event("started")
+        attack = "<script>document.title=1</script>"
+        write_study(StudySpec(series=1, instances=1, patient_id=attack), daemon.inbox)
+        wait_for(lambda: daemon.status().get("studies"), 30, "the pending study")
+        port = free_port()
+        (tmp_path / "show.yaml").write_text(
+            daemon.config_path.read_text() + "web_show_patients: true\n"
+        )
+        daemon.config_path = tmp_path / "show.yaml"
+        web = start_web(daemon, port)
+        dom = browse(f"http://127.0.0.1:{port}/", "--dump-dom")
+        assert "<script>document" not in dom
+        assert "&lt;script&gt;document.title=1&lt;/script&gt;" in dom
+        assert "<title>dicom-watcher</title>" in dom
+    finally:
+        if web is not None:
+            web.terminate()
+            web.wait(10)
+        daemon.close()
