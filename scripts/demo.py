@@ -7,12 +7,15 @@ Run it through `scripts/demo`, which sets up the environment first. It:
    is missing, pynetdicom's storescp, and says so;
 3. starts `dicom-watcher run` on the demo config;
 4. sends the studies with storescu (scripts/send.sh, or pynetdicom's storescu);
-5. waits until every study is placed, prints the lab trees and the log's
-   study summaries, and stops everything.
+5. serves the status page (`dicom-watcher web`) and prints its address;
+6. waits until every study is placed (at a terminal, then until Ctrl-C, with
+   the page up; --no-wait: not), prints the lab trees and the log's study
+   summaries, and stops everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,6 +78,19 @@ def main() -> int:
             stderr=subprocess.DEVNULL,
         )
         processes.append(daemon)
+        web_port = free_port()
+        web = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "web", "--config", str(config)]
+            + ["--listen", f"127.0.0.1:{web_port}", "--log-file", str(DEMO / "web.log")],
+            cwd=DEMO,
+            stderr=subprocess.DEVNULL,
+        )
+        processes.append(web)
+        wait_for_port(web_port)
+        print(
+            f"demo: status page at http://127.0.0.1:{web_port}/ "
+            f"(metrics at http://127.0.0.1:{web_port}/metrics)"
+        )
         wait_for_port(port)
         print(
             f"demo: sending {sum(expected.values())} instances of {len(expected)} studies "
@@ -82,6 +98,13 @@ def main() -> int:
         )
         sender(port, outgoing)
         summaries = wait_for_placement(log_file, expected, inbox)
+        if sys.stdin.isatty() and "--no-wait" not in sys.argv:
+            print(
+                f"demo: every study is placed; the status page stays at "
+                f"http://127.0.0.1:{web_port}/ until Ctrl-C"
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                daemon.wait()
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
         print(f"demo: dicom-watcher stopped (exit {daemon.returncode})")

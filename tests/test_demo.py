@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def test_demo_places_every_sample_study_and_shows_the_tree(receiver):
     else:
         assert "receiver: dcmtk storescp" in out
     assert "lab trees:" in out and "study summaries from the log:" in out
+    assert re.search(r"demo: status page at http://127\.0\.0\.1:\d+/ ", out), out
     assert "demo/nas/smithlab/" in out and "20261125_SMITH^Memory/" in out
     assert "Yamada_JP001/" in out  # joneslab: by referring physician
     summaries = [line for line in out.splitlines() if "event=study_placed" in line]

@@ -32,7 +32,7 @@ from watcher.synthetic import StudySpec, write_study
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 SYSTEMD = ROOT / "systemd"
-UNITS = ("storescp.service", "dicom-watcher.service")
+UNITS = ("storescp.service", "dicom-watcher.service", "dicom-watcher-web.service")
 #: The lab runner's template unit, verified as one of its instances.
 HOOKS_UNIT = "dicom-watcher-hooks@.service"
 HOOKS_INSTANCE = "dicom-watcher-hooks@smithlab.service"
@@ -88,6 +88,7 @@ def install_units(folder: Path, storescp_sh: str | None = None) -> dict[str, Pat
     replacements = {
         "storescp.service": (INSTALLED_STORESCP_SH, storescp_sh or str(SCRIPTS / "storescp.sh")),
         "dicom-watcher.service": (INSTALLED_DICOM_WATCHER, dicom_watcher_command()),
+        "dicom-watcher-web.service": (INSTALLED_DICOM_WATCHER, dicom_watcher_command()),
     }
     copies = {}
     for name in UNITS:
@@ -206,6 +207,10 @@ def test_units_settings() -> None:
         ]:
             assert values(text, key) == [expected], f"{name}: {key}="
         writable = " ".join(values(text, "ReadWritePaths")).split()
+        if name == "dicom-watcher-web.service":  # it only reads the state folder
+            assert writable == [], name
+            assert values(text, "ReadOnlyPaths") == ["/srv/dicom-watcher/state"]
+            continue
         assert "/srv/dicom-watcher/inbox" in writable, name
         assert values(text, "UMask"), f"{name}: UMask="
         if name != "dicom-watcher.service":  # (below)
@@ -226,6 +231,10 @@ def test_units_settings() -> None:
     assert float(values(watcher, "TimeoutStopSec")[0]) >= timeout + 10
     writable = " ".join(values(watcher, "ReadWritePaths")).split()
     assert {"/srv/dicom-watcher/state", "-/nas"} <= set(writable)
+    web = (SYSTEMD / "dicom-watcher-web.service").read_text(encoding="utf-8")
+    assert values(web, "ExecStart") == [
+        f"{INSTALLED_DICOM_WATCHER} web --config /etc/dicom-watcher/config.yaml"
+    ]
 
 
 def test_the_hooks_unit_runs_one_labs_runner_as_its_account_and_writes_only_its_tree() -> None:
@@ -516,3 +525,49 @@ def test_readme_service_install_is_exactly_the_app_lock(tmp_path: Path) -> None:
         check=True,
     )
     assert __version__ in version.stdout
+
+
+# -- Prometheus alert rules ----------------------------------------------------
+
+
+def test_alert_rules_pass_promtool_and_fire_as_their_tests_expect() -> None:
+    """`promtool check rules` on the example rules, and `promtool test rules`
+    (tests/alerts.test.yml): each alert fires on what should page."""
+    promtool = require_tool("promtool", "prometheus")
+    rules = SYSTEMD / "dicom-watcher.rules.yml"
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT / "tests",
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    # every alert of the file is exercised by the unit tests
+    alerts = set(re.findall(r"^\s+- alert: (\w+)", rules.read_text(), flags=re.M))
+    exercised = set(
+        re.findall(r"alertname: (\w+)", (ROOT / "tests" / "alerts.test.yml").read_text())
+    )
+    assert alerts <= exercised, alerts - exercised
+
+
+def test_alert_rules_name_only_metrics_the_web_process_serves() -> None:
+    """A renamed metric would leave its alert silent forever."""
+    from watcher import metrics
+
+    status = {
+        "labs": {"smith": {"delay_buckets": [[5.0, 1], ["+Inf", 0]]}},
+        "destinations": [{"destination": "/nas", "state": "hung", "since": 0}],
+        "hooks": {"labs": {"smith": {"runner": "alive"}}},
+    }
+    served = set(
+        re.findall(r"^(dicom_watcher_\w+)", metrics.render(status, 0).decode(), flags=re.M)
+    )
+    used = set(
+        re.findall(r"\b(dicom_watcher_\w+)", (SYSTEMD / "dicom-watcher.rules.yml").read_text())
+    )
+    assert used and used <= served, used - served
