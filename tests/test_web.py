@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -119,9 +121,9 @@ def scene(tmp_path_factory) -> Iterator[Scene]:
         yield made
 
 
-def get(url: str) -> tuple[int, str]:
+def get(url: str, timeout: float = 10) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http only
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - http only
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -332,3 +334,90 @@ def test_header_values_cannot_inject_markup(tmp_path):
             web.terminate()
             web.wait(10)
         daemon.close()
+
+
+def test_a_page_from_another_site_cannot_read_the_status_by_dns_rebinding(scene):
+    """A hostile page whose name is made to point at 127.0.0.1 sends its own
+    name as Host: refused; an address or localhost is served."""
+    port = int(scene.url.rsplit(":", 1)[1])
+    refused = raw_request(port, b"GET /metrics HTTP/1.1\r\nHost: attacker.example\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.0 421 "), refused[:100]
+    assert b"dicom_watcher" not in refused
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        answer = raw_request(port, f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.0 200 "), answer[:100]
+
+
+def test_an_error_naming_a_patients_folder_shows_only_with_patient_ids():
+    """A parked study's error names the folder it failed on, which the rule's
+    template may have made of the PatientID."""
+    from watcher.web import render_page
+
+    study = {
+        "study": "1.2.3",
+        "patient": PATIENT_ID,
+        "labs": ["smith"],
+        "parked_since": 1.0,
+        "files": 1,
+        "age_seconds": 5,
+        "next": "parked: next try in 5 s",
+        "attempts": 2,
+        "last_error": f"not a folder (or a link) ({PATIENT_ID})",
+    }
+    status = {"updated": 100.0, "pid": 1, "studies": [study]}
+    assert PATIENT_ID not in render_page(status, 100.0, False, None)
+    assert PATIENT_ID not in render_page(status, 100.0, False, "smith")
+    assert PATIENT_ID in render_page(status, 100.0, True, None)
+
+
+def test_slow_clients_cannot_hold_the_server(scene):
+    """More connections than the web process has file descriptors, each
+    sending a byte now and then: it refuses those beyond what it serves at
+    once, cuts the slow ones at its deadline, and answers again."""
+    from watcher.web import REQUEST_DEADLINE
+
+    port = free_port()
+    limit = 64
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    web = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "web", "--config", str(scene.daemon.config_path)]
+        + ["--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=few_descriptors,  # noqa: PLW1509 - only setrlimit, before exec
+    )
+    slow = []
+    stop = threading.Event()
+    try:
+        wait_for(lambda: listening(port), 30, "the web process to listen")
+        for _ in range(limit + 16):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+            connection.sendall(b"GET / HTTP/1.1\r\n")
+            slow.append(connection)
+
+        def trickle() -> None:  # a byte a second on each: no read ever times out
+            while not stop.wait(1.0):
+                for connection in slow:
+                    with contextlib.suppress(OSError):
+                        connection.sendall(b"X")
+
+        feeder = threading.Thread(target=trickle, daemon=True)
+        feeder.start()
+        started = time.monotonic()
+        while time.monotonic() - started < REQUEST_DEADLINE + 15:
+            with contextlib.suppress(OSError):
+                if get(f"http://127.0.0.1:{port}/metrics", timeout=3)[0] == 200:
+                    break
+            time.sleep(1)
+        else:
+            raise AssertionError("the server did not answer while slow clients held it")
+        assert web.poll() is None
+    finally:
+        stop.set()
+        for connection in slow:
+            connection.close()
+        web.terminate()
+        web.wait(10)

@@ -17,9 +17,13 @@ come from the scanners and rule names from the labs.
 
 from __future__ import annotations
 
+import contextlib
 import html
+import ipaddress
 import json
 import logging
+import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -42,8 +46,13 @@ STALE_SECONDS = 10.0
 REFRESH_SECONDS = 5
 #: Longest request target answered (a longer one gets 414).
 MAX_TARGET = 2048
-#: A client has this long for each read of its request.
+#: A client has this long for each read of its request, and this long in all
+#: for its request and the answer (then its connection is cut).
 REQUEST_TIMEOUT = 10.0
+REQUEST_DEADLINE = 30.0
+#: Connections served at once; more are closed at once, so that slow
+#: clients can hold neither all threads nor all file descriptors.
+MAX_CONNECTIONS = 32
 RECENT_ON_OVERVIEW = 30
 
 STYLE = """
@@ -82,7 +91,49 @@ class StatusServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], config: Config, source: StatusSource) -> None:
         self.config = config
         self.source = source
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.listen_host = address[0]
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: refused, not queued
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        def cut() -> None:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+        deadline = threading.Timer(REQUEST_DEADLINE, cut)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self.slots.release()
+
+    def allowed_host(self, header: str | None) -> bool:
+        """A Host an honest client sends: an address, localhost, or the
+        listening name. Any other name may be DNS rebinding: a page of some
+        site whose name now points at this machine, reading the status."""
+        if header is None:
+            return True  # (HTTP/1.0)
+        host = header.rsplit(":", 1)[0] if not header.endswith("]") else header
+        host = host.strip("[]").lower()
+        if host in ("localhost", self.listen_host.lower()):
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -90,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
     timeout = REQUEST_TIMEOUT
     server_version = "dicom-watcher-web"
     sys_version = ""
+    #: A request without a version still gets a status line and headers.
+    default_request_version = "HTTP/1.0"
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals, as the client's errors they are: an
@@ -113,9 +166,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, body: bool) -> None:
         self._body = body
+        self._answered = False
         try:
             if len(self.path) > MAX_TARGET:
                 self._send(HTTPStatus.REQUEST_URI_TOO_LONG, "text/plain", b"request too long\n")
+                return
+            if not self.server.allowed_host(self.headers.get("Host")):
+                self._send(HTTPStatus.MISDIRECTED_REQUEST, "text/plain", b"unknown host name\n")
                 return
             path = unquote(urlsplit(self.path).path)
             if path == "/metrics":
@@ -126,9 +183,15 @@ class Handler(BaseHTTPRequestHandler):
                 self._page(path[5:])
             else:
                 self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client left, or took too long
         except Exception:  # noqa: BLE001 - one bad request never ends the server
             log.exception(kv("web_error", path=self.path[:200]))
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain", b"internal error\n")
+            if not self._answered:
+                try:
+                    self._send(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain", b"internal error\n")
+                except OSError:
+                    self.close_connection = True
 
     def _metrics(self) -> None:
         status = self.server.source.read()
@@ -150,6 +213,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode())
 
     def _send(self, code: HTTPStatus, kind: str, data: bytes) -> None:
+        self._answered = True
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
@@ -323,7 +387,10 @@ def _studies_table(studies: list[Mapping[str, Any]], now: float, show_patients: 
         parked = study.get("parked_since") is not None
         state = study.get("next", "")
         if parked and study.get("last_error"):
-            state = f"{state}; last error: {study['last_error']} (attempts {study.get('attempts')})"
+            # An error names the file or folder it is about, which may be a
+            # patient's: shown only where patient IDs are.
+            error = study["last_error"] if show_patients else "(see dicom-watcher status)"
+            state = f"{state}; last error: {error} (attempts {study.get('attempts')})"
         rows.append(
             (
                 study["study"],
@@ -406,11 +473,13 @@ def esc(value: object) -> str:
 
 
 def _cell(text: object, css: str) -> _Html:
-    return _Html(f"<span class='{css}'>{esc(text)}</span>")
+    return _Html(f"<span class='{esc(css)}'>{esc(text)}</span>")
 
 
 def _num(value: object) -> _Html:
     number = float(value) if isinstance(value, int | float) else 0.0
+    if not math.isfinite(number):
+        return _Html("<span class='num'>?</span>")
     shown = f"{number:,.0f}" if number == int(number) else f"{number:,.2f}"
     return _Html(f"<span class='num'>{shown}</span>")
 
