@@ -3,7 +3,9 @@ a file it reads late still counts as arrived when it was written."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,29 @@ def test_a_file_written_in_the_future_counts_as_arrived_when_it_was_read(tmp_pat
     the read that found the file."""
     seen, arrived = read_late(tmp_path, mtime_before_seen=-3600, read_after=3.0)
     assert arrived == seen + 3.0
+
+
+def test_a_study_is_not_quiet_while_files_wait_unread(tmp_path):
+    """A daemon that reads late does not know which study its unread files
+    belong to: until they are as old as the quiet period, no study that
+    merely went quiet is placed (it could be split)."""
+    clock = FakeClock(time.time())
+    daemon, lab = in_process_daemon(tmp_path, clock, quiet_seconds=60)
+    write_study(StudySpec(series=1, instances=1), daemon.config.inbox)
+    daemon.tick()
+    (study,) = daemon.studies
+    start = clock.now
+    # one more file, 4 s later, still being written (not closed, not settled)
+    daemon.config = dataclasses.replace(daemon.config, settle_seconds=600)
+    (late,) = write_study(StudySpec(series=1, instances=1), tmp_path / "late")
+    arrived = daemon.config.inbox / late.name
+    late.rename(arrived)
+    os.utime(arrived, (start + 4, start + 4))
+    daemon._observe(str(arrived), start + 4)
+    clock.now = start + 61  # the first study's own quiet period is over
+    daemon.tick()
+    assert list(lab.rglob("*.dcm")) == []
+    assert study.uid not in daemon.delivery.in_flight
+    clock.now = start + 65  # the unread file too is 60 s old
+    daemon.tick()
+    assert len(list(lab.rglob("*.dcm"))) == 1

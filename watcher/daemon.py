@@ -258,6 +258,17 @@ class Daemon:
             now, self.config.quiet_seconds, self.config.max_study_age_seconds, self._completion
         )
         due = [(study, why) for study, why in due if study.uid not in self.delivery.in_flight]
+        if due and len(self.arrivals):
+            # A study counts as quiet only once the files still unread (they may
+            # be its own: the daemon yields to the receiver and reads late) are
+            # as old as its quiet period.
+            unread = self.arrivals.newest_unread(now)
+            if unread is not None:
+                due = [
+                    (study, why)
+                    for study, why in due
+                    if why != "quiet" or now - unread >= self._completion(study)[0]
+                ]
         if due and not self.stop.is_set():
             if self.once:
                 self.delivery.place_studies(due)

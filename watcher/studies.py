@@ -87,6 +87,13 @@ class Arrivals:
     def forget(self, path: str) -> None:
         self.files.pop(path, None)
 
+    def newest_unread(self, now: float) -> float | None:
+        """The latest arrival among the files not read yet (any study's: it
+        is not known before the read), leaving out those found unreadable."""
+        return max(
+            (c.arrived(now) for c in self.files.values() if c.failed_at is None), default=None
+        )
+
     def ready(self, now: float, settle: float, wall_now: float) -> list[str]:
         """Paths whose writer is done: closed, or unchanged for `settle`
         seconds (by our observation, or by the file's own modification time).
