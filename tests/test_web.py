@@ -421,3 +421,25 @@ def test_slow_clients_cannot_hold_the_server(scene):
             connection.close()
         web.terminate()
         web.wait(10)
+
+
+def test_a_metrics_file_that_cannot_be_written_is_said_once_and_stops_nothing(tmp_path):
+    """Its folder missing (node_exporter not installed yet): one warning,
+    placements go on, and the file is written once the folder is there."""
+    daemon = DaemonProcess(tmp_path, metrics_file="textfile/dicom-watcher.prom")
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    daemon.add_rule("all", lab)
+    try:
+        daemon.start()
+        daemon.wait_event("metrics_write_failed")
+        write_study(StudySpec(series=1, instances=2), daemon.inbox)
+        daemon.wait_event("study_placed")
+        time.sleep(4.5)  # two more status writes, each failing again
+        assert len(daemon.logs("metrics_write_failed")) == 1
+        (tmp_path / "textfile").mkdir()
+        daemon.wait_event("metrics_written_again")
+        found = samples((tmp_path / "textfile" / "dicom-watcher.prom").read_text())
+        assert found[("dicom_watcher_placed_files_total", (("lab", "all"),))] == 2
+    finally:
+        daemon.close()

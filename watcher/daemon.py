@@ -106,6 +106,7 @@ class Daemon:
         self.unmatched_dir = config.state / "unmatched"
         self.retry_dir = config.state / "retry"
         self._quarantine_reasons = QuarantineReasons(self.quarantine_dir)
+        self._metrics_failed = False
         self.hook_store = DaemonStore(config.state / "hooks", on_change=self._hook_changed)
         self.hooks = HookRunner(
             self.hook_store,
@@ -608,6 +609,7 @@ class Daemon:
                     "last_error": study.last_error,
                 }
             )
+        reasons = self._quarantine_reasons.count()
         status = {
             "pid": os.getpid(),
             "started": self.started,
@@ -615,8 +617,8 @@ class Daemon:
             "inbox": str(self.config.inbox),
             "files_arriving": len(self.arrivals),
             "studies": studies,
-            "quarantine_files": _count_files(self.quarantine_dir, ".reason.txt"),
-            "quarantine_reasons": self._quarantine_reasons.count(),
+            "quarantine_files": sum(reasons.values()),
+            "quarantine_reasons": reasons,
             "quarantine_failed": [
                 {
                     "path": path,
@@ -654,12 +656,18 @@ class Daemon:
             try:
                 atomic_write(self.config.metrics_file, metrics.render(status, now).decode())
             except OSError as error:
-                log.warning(kv("metrics_write_failed", error=error.strerror or error))
+                if not self._metrics_failed:  # said once, not every 2 s
+                    log.warning(kv("metrics_write_failed", error=error.strerror or error))
+                self._metrics_failed = True
+            else:
+                if self._metrics_failed:
+                    log.info(kv("metrics_written_again", path=self.config.metrics_file))
+                self._metrics_failed = False
 
 
 class QuarantineReasons:
-    """The quarantined files' reasons (the first line of each reason file),
-    each file read once."""
+    """The quarantined files' reasons (the first line of each reason file,
+    one per quarantined file), each file read once."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -678,7 +686,7 @@ class QuarantineReasons:
                         with open(path, encoding="utf-8", errors="replace") as handle:
                             reason = handle.readline(500).strip() or "(no reason given)"
                     except OSError:
-                        continue
+                        reason = "(its reason file cannot be read)"
                 seen[path] = reason
         self.known = seen
         return dict(Counter(seen.values()).most_common())

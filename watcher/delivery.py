@@ -564,13 +564,6 @@ class Delivery:
         seconds = time.monotonic() - progress.started
         now = self.clock()
         self.counts.placed_files += progress.files
-        self.counts.last_placement = {
-            "study": study.uid,
-            "lab": rule.lab_name,
-            "files": progress.files,
-            "destination": str(progress.folder),
-            "time": now,
-        }
         record = {
             "study": study.uid,
             "patient": study.patient,
@@ -582,6 +575,7 @@ class Delivery:
             "time": now,
             "destination": str(progress.folder),
         }
+        self.counts.last_placement = {"lab": rule.lab_name, **record}
         self.counts.placed(rule.lab_name, record, max(now - study.last_arrival, 0.0))
         # The summary line comes last, so that a study logged as placed has
         # its manifest written as well.
