@@ -142,6 +142,50 @@ def test_a_file_written_in_the_future_counts_as_arrived_when_it_was_read(tmp_pat
     assert arrived == seen + 3.0
 
 
+def test_a_file_written_during_a_long_turn_counts_from_its_write(tmp_path):
+    """A turn that starts at T and drains events for 3 s reads files written
+    meanwhile: they arrived when written, not at T (their study would be
+    placed 3 s early)."""
+    clock = FakeClock(time.time())
+    daemon, _lab = in_process_daemon(tmp_path, clock, quiet_seconds=60)
+    turn_start = clock.now
+    (path,) = write_study(StudySpec(series=1, instances=1), daemon.config.inbox)
+    written = turn_start + 3
+    os.utime(path, (written, written))
+    clock.now = written + 0.2  # the drain went on; the file is read now
+    daemon._observe(str(path), written, closed=True)
+    daemon._read_ready(turn_start)
+    (study,) = daemon.studies
+    assert study.last_arrival == pytest.approx(written, abs=0.01)
+
+
+def test_an_event_counts_from_when_the_watcher_saw_it_not_when_the_loop_took_it(tmp_path):
+    """The inbox's events wait in a queue while the loop yields; a file whose
+    own time cannot be trusted (moved in with an old one) counts from when
+    its event came, not from when the loop got round to it."""
+    from watcher.inbox import InboxWatcher
+
+    clock = FakeClock(time.time())
+    daemon, _lab = in_process_daemon(tmp_path, clock, quiet_seconds=60)
+    daemon.watcher = InboxWatcher(daemon.config.inbox, False, 1.0, clock)
+    daemon.watcher.start()
+    try:
+        (source,) = write_study(StudySpec(series=1, instances=1), tmp_path / "elsewhere")
+        os.utime(source, (clock.now - 3600, clock.now - 3600))
+        seen = clock.now
+        source.rename(daemon.config.inbox / source.name)
+        deadline = time.monotonic() + 10
+        while daemon.watcher.events.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not daemon.watcher.events.empty(), "no inbox event"
+        clock.now = seen + 3  # the loop takes the event 3 s later
+        daemon.tick()
+    finally:
+        daemon.watcher.stop()
+    (study,) = daemon.studies
+    assert study.last_arrival == seen
+
+
 def test_a_study_is_not_quiet_while_files_wait_unread(tmp_path):
     """A daemon that reads late does not know which study its unread files
     belong to: until they are as old as the quiet period, no study that

@@ -451,7 +451,7 @@ def test_inotify_watch_limit_falls_back_to_polling(tmp_path, caplog):
         polling = {watcher.observer} | set(watcher.observer.emitters)
         assert set(threading.enumerate()) - threads_before - polling == set()
         write_dataset(make_dataset(), inbox / "study3" / "new.dcm")
-        kind, path = watcher.events.get(timeout=10)
+        kind, path, _seen = watcher.events.get(timeout=10)
         assert path.endswith("new.dcm") or "study3" in path
     finally:
         watcher.stop()

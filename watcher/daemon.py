@@ -62,8 +62,6 @@ READ_CHUNK = 256
 #: Files ready at once from which the daemon reads them on every core.
 DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
-#: Inbox events taken before the clock is read again within one turn.
-EVENTS_PER_CLOCK = 64
 #: How often the labs' runners' results are taken up.
 HOOK_SYNC_SECONDS = 1.0
 #: The inbox's folder that kept unmatched files a rule matches now go back to.
@@ -161,7 +159,7 @@ class Daemon:
             from watcher.inbox import InboxWatcher  # (watchdog: not needed by --once)
 
             self.watcher = InboxWatcher(
-                self.config.inbox, self.config.poll, self.config.poll_seconds
+                self.config.inbox, self.config.poll, self.config.poll_seconds, self.clock
             )
             self.watcher.start()  # before the first scan: nothing falls between them
         log.info(
@@ -263,7 +261,7 @@ class Daemon:
             # A study counts as quiet only once the files still unread (they may
             # be its own: the daemon yields to the receiver and reads late) are
             # as old as its quiet period.
-            unread = self.arrivals.newest_unread(now)
+            unread = self.arrivals.newest_unread(self.clock())
             if unread is not None:
                 due = [
                     (study, why)
@@ -290,21 +288,21 @@ class Daemon:
         self._fresh.clear()
 
     def _take_events(self, now: float) -> None:
+        """Notice the files the inbox's events name, each as of when its
+        event was seen (a long drain would otherwise date the last ones late)."""
         if self.watcher is None:
             return
-        for taken in itertools.count(1):
+        while True:
             try:
-                kind, path = self.watcher.events.get_nowait()
+                kind, path, seen = self.watcher.events.get_nowait()
             except queue.Empty:
                 return
-            if taken % EVENTS_PER_CLOCK == 0:  # a long drain keeps its times true
-                now = self.clock()
             if kind == "dir":
                 self.scan(Path(path), now)  # files may predate its watch
             else:
                 if path in self.studies:  # rewritten after it was read
                     self.studies.remove_path(path)
-                self._observe(path, now, closed=kind == "closed")
+                self._observe(path, seen, closed=kind == "closed")
 
     def scan(self, folder: Path, now: float) -> int:
         """Notice every file under `folder` not known yet; return the number
@@ -390,6 +388,7 @@ class Daemon:
         now: float,
         retry_after: float,
     ) -> None:
+        read_at = self.clock()  # (`now` is the turn's start: the read came later)
         for path, result in zip(chunk, results, strict=True):
             if isinstance(result, NotRoutable):
                 self.arrivals.failed(path, result.reason, now, retry_after)
@@ -403,7 +402,7 @@ class Daemon:
                 self.arrivals.failed(path, reason, now, retry_after)
             else:
                 candidate = self.arrivals.files.pop(path, None)
-                arrived = now if candidate is None else candidate.arrived(now)
+                arrived = read_at if candidate is None else candidate.arrived(read_at)
                 study = self.studies.add(result, arrived)
                 self._apply_saved_retry(study)
 

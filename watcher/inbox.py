@@ -9,6 +9,8 @@ import errno
 import logging
 import os
 import queue
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import (
@@ -36,12 +38,21 @@ log = logging.getLogger(__name__)
 WATCHED_EVENTS = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent]
 
 
-class InboxHandler(FileSystemEventHandler):
-    """Puts `(kind, path)` on a queue; never raises (an exception in a
-    watchdog handler kills the observer thread without a word)."""
+#: What the handler queues: (kind, path, when it was seen, wall seconds).
+Event = tuple[str, str, float]
 
-    def __init__(self, events: queue.SimpleQueue[tuple[str, str]]) -> None:
+
+class InboxHandler(FileSystemEventHandler):
+    """Puts `(kind, path, seen)` on a queue; never raises (an exception in a
+    watchdog handler kills the observer thread without a word). `seen` is
+    taken here, not when the daemon's loop takes the event: a loop that
+    yields to the receiver may take it seconds later."""
+
+    def __init__(
+        self, events: queue.SimpleQueue[Event], clock: Callable[[], float] = time.time
+    ) -> None:
         self.events = events
+        self.clock = clock
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
@@ -56,7 +67,7 @@ class InboxHandler(FileSystemEventHandler):
                 if kind not in ("created", "moved"):
                     return
                 kind = "dir"
-            self.events.put((kind, path))
+            self.events.put((kind, path, self.clock()))
         except Exception:  # noqa: BLE001 - see class docstring
             log.exception(kv("watch_handler_error"))
 
@@ -65,11 +76,18 @@ class InboxWatcher:
     """The watchdog observer on the inbox, restarted if it dies, and moved to
     polling when inotify cannot watch any more folders."""
 
-    def __init__(self, inbox: Path, poll: bool, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        inbox: Path,
+        poll: bool,
+        poll_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.inbox = inbox
+        self.clock = clock
         self.poll = poll
         self.poll_seconds = poll_seconds
-        self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.observer: BaseObserver | None = None
         self._short = False
 
@@ -94,7 +112,7 @@ class InboxWatcher:
         observer = PollingObserver(timeout=self.poll_seconds) if poll else Observer()
         try:
             observer.schedule(
-                InboxHandler(self.events),
+                InboxHandler(self.events, self.clock),
                 str(self.inbox),
                 recursive=True,
                 event_filter=WATCHED_EVENTS,
