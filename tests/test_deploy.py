@@ -37,7 +37,7 @@ UNITS = ("storescp.service", "dicom-watcher.service", "dicom-watcher-web.service
 HOOKS_UNIT = "dicom-watcher-hooks@.service"
 HOOKS_INSTANCE = "dicom-watcher-hooks@smithlab.service"
 
-#: Where the units expect the installed programs (see "Installing as services" in README.md).
+#: Where the units expect the installed programs (docs/operators.md, "Installing as services").
 INSTALLED_STORESCP_SH = "/opt/dicom-watcher/scripts/storescp.sh"
 INSTALLED_DICOM_WATCHER = "/opt/dicom-watcher/venv/bin/dicom-watcher"
 
@@ -469,13 +469,13 @@ def test_storescp_receives_what_send_sh_sends(storescp: StoreSCP, tmp_path: Path
     assert storescp.process.wait(10) == -signal.SIGTERM
 
 
-# -- the install of README's "Installing as services" --------------------------
+# -- the install of docs/operators.md's "Installing as services" ---------------
 
 
-def readme_install_commands() -> list[str]:
-    """The pip lines of README's step "3. The program", as written there."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    step = readme.split("### 3. The program", 1)[1].split("\n### ", 1)[0]
+def manual_install_commands() -> list[str]:
+    """The pip lines of docs/operators.md's step "3. The program", as written there."""
+    manual = (ROOT / "docs" / "operators.md").read_text(encoding="utf-8")
+    step = manual.split("### 3. The program", 1)[1].split("\n### ", 1)[0]
     block = step.split("```sh\n", 1)[1].split("```", 1)[0]
     return [
         line.split("  #", 1)[0].strip()
@@ -495,8 +495,8 @@ def lock_pins(lock: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_readme_service_install_is_exactly_the_app_lock(tmp_path: Path) -> None:
-    commands = readme_install_commands()
+def test_the_manuals_service_install_is_exactly_the_app_lock(tmp_path: Path) -> None:
+    commands = manual_install_commands()
     assert len(commands) == 2 and all("install" in c for c in commands), commands
     assert "--require-hashes -r requirements/app.lock" in commands[0]
     venv = tmp_path / "venv"

@@ -51,6 +51,7 @@ command -v sshfs >/dev/null || missing+=(sshfs)               # a real network s
 [ -x /usr/bin/time ] || missing+=(time)                        # peak memory in scripts/bench
 command -v chromium >/dev/null || missing+=(chromium)         # the status page, in a real browser
 command -v promtool >/dev/null || missing+=(prometheus)       # checks the example alert rules
+[ -x /usr/sbin/logrotate ] || missing+=(logrotate)           # checks the logrotate example of docs/operators.md
 if ((${#missing[@]})); then
     apt_install "${missing[@]}" \
         || echo "setup: ${missing[*]} missing and cannot be installed without root (tests that need them skip)"
