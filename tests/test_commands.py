@@ -121,3 +121,14 @@ def test_status_without_a_status_file_is_one_error(tmp_path, capsys):
     assert cli.main(["status", "--config", str(config)]) != 0
     err = capsys.readouterr().err
     assert "no status in" in err and err.count("\n") == 1
+
+
+def test_preview_of_a_path_with_no_instances_exits_1(tmp_path, capsys):
+    """A mistyped path is not "nothing to do": it exits 1, saying why."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "all.yaml").write_text("match: {}\ndestination: /nas/x\npath: '{PatientID}.dcm'\n")
+    status = cli.main(["preview", str(tmp_path / "no-such-study"), "--rules", str(rules)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"not routable: {tmp_path / 'no-such-study'}: cannot read" in out

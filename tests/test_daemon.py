@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import yaml
 from harness import (
     DaemonProcess,
     assert_accounted,
@@ -585,3 +586,32 @@ def test_once_stopped_by_sigterm_mid_placement_accounts_for_what_its_workers_pla
     assert counts["placed"] == total
     [manifest] = lab.rglob("manifest.json")
     assert len(json.loads(manifest.read_text())["instances"]) == total
+
+
+def test_a_changed_config_file_is_said_once_and_applies_at_the_next_start(tmp_path):
+    """Rule files apply by themselves; the config (labs: with them) only at
+    a restart. An operator who edits it is told so, once, not every turn."""
+    daemon = DaemonProcess(tmp_path)
+    try:
+        daemon.start()
+        daemon.wait_event("started")
+        config = yaml.safe_load(daemon.config_path.read_text())
+        daemon.config_path.write_text(yaml.safe_dump({**config, "quiet_seconds": 30}))
+        (line,) = daemon.wait_event("config_changed")
+        assert line["path"] == str(daemon.config_path.resolve())
+        assert "restart" in line["action"]
+        time.sleep(1.5)  # several rule checks (rules_check_seconds 0.3)
+        assert len(daemon.logs("config_changed")) == 1
+    finally:
+        daemon.close()
+
+
+def test_a_lab_folder_without_labs_in_the_config_is_said_not_ignored_silently(tmp_path):
+    daemon = DaemonProcess(tmp_path)
+    (daemon.rules / "smithlab").mkdir()
+    try:
+        daemon.start()
+        (line,) = daemon.wait_event("rules_warning")
+        assert "smithlab/ is not a lab of the config" in line["warning"]
+    finally:
+        daemon.close()

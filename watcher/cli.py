@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from watcher import __version__, headers, logs, placement
-from watcher.config import load_config, parse_listen
+from watcher.config import config_file, load_config, parse_listen
 from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
 from watcher.errors import NotRoutable, WatcherError
 from watcher.priority import yield_to_receiver
@@ -194,7 +194,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     if not args.once:  # before any thread or placer starts: they inherit it
         log.info(logs.kv("priority", yields_to_receiver=yield_to_receiver()))
-    return Daemon(config, once=args.once, stop=stop, quiet_override=args.quiet_seconds).run()
+    return Daemon(
+        config,
+        once=args.once,
+        stop=stop,
+        quiet_override=args.quiet_seconds,
+        config_file=config_file(args.config),
+    ).run()
 
 
 def cmd_hooks(args: argparse.Namespace) -> int:
@@ -527,7 +533,7 @@ def preview(sources: Sequence[str], ruleset: RuleSet) -> int:
         f"{len(studies)} stud(ies), {sum(map(len, studies.values()))} instance(s), "
         f"{len(not_routable)} not routable"
     )
-    return EXIT_OK
+    return EXIT_OK if studies else EXIT_INCOMPLETE  # (nothing to preview: a mistyped path?)
 
 
 class RuleTally:

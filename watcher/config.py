@@ -80,6 +80,15 @@ def parse_listen(value: str, where: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def config_file(path: str | Path | None) -> Path | None:
+    """The file `load_config(path)` reads, made absolute; None for the defaults."""
+    if path is None:
+        path = DEFAULT_CONFIG_FILE
+        if not Path(path).is_file():
+            return None
+    return Path(path).resolve()
+
+
 def load_config(path: str | Path | None, *, resolve: bool = True) -> Config:
     """Load a config file; `None` means `./dicom-watcher.yaml` if present, else defaults.
 

@@ -79,8 +79,14 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
         quiet_override: float | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self.config = config
+        #: The config file it was started with, and that file's signature
+        #: then: a change is said once (it applies at the next start).
+        self.config_file = config_file
+        self._config_seen = _signature(config_file)
+        self._config_said = False
         self.once = once
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -247,6 +253,7 @@ class Daemon:
             self._next_rules = now + self.config.rules_check_seconds
             if self._reload_rules():
                 self._reroute_unmatched()
+            self._check_config_file()
         self._read_ready(now)
         self._handle_unroutable(now)
         for destination in self.work.poll():
@@ -451,6 +458,23 @@ class Daemon:
 
     # -- rules --
 
+    def _check_config_file(self) -> None:
+        """Say once that the config file changed since the start: the rules
+        are reloaded by themselves, the config (labs: included) only by a
+        restart."""
+        if self.config_file is None:
+            return
+        changed = _signature(self.config_file) != self._config_seen
+        if changed and not self._config_said:
+            log.warning(
+                kv(
+                    "config_changed",
+                    path=self.config_file,
+                    action="restart dicom-watcher to apply it (rule files apply by themselves)",
+                )
+            )
+        self._config_said = changed
+
     def _reload_rules(self) -> bool:
         problems = self.rulebook.refresh()
         if problems is None:
@@ -458,6 +482,8 @@ class Daemon:
         for problem in problems:
             log.error(kv("rule_problem", problem=str(problem)))
         ruleset = self.rulebook.ruleset
+        for warning in ruleset.warnings:  # (a lab's folder the config does not name)
+            log.warning(kv("rules_warning", warning=warning))
         log.info(
             kv(
                 "rules_loaded",
@@ -698,3 +724,14 @@ def _count_files(folder: Path, suffix: str = "") -> int:
             1 for name in files if name.endswith(suffix) and not name.startswith(TEMP_PREFIX)
         )
     return total
+
+
+def _signature(path: Path | None) -> tuple[int, int, bytes] | None:
+    """A file's size, modification time and content, or None if unreadable."""
+    if path is None:
+        return None
+    try:
+        status = path.stat()
+        return status.st_size, status.st_mtime_ns, path.read_bytes()
+    except OSError:
+        return None

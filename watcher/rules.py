@@ -361,6 +361,7 @@ class Survey:
         return (
             tuple((f.path, f.signature) for f in self.files),
             tuple(str(p) for p in self.problems),
+            tuple(self.warnings),
         )
 
 
