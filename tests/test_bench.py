@@ -85,6 +85,7 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
         for where, data_set in (("loopback", "A"), ("loopback", "B"), ("1 ms round trip", "C")):
             title = f"Network share ({where}), data set {data_set}:"
             start = next(i for i, line in enumerate(lines) if line.startswith(title))
+            assert "peak MiB" in lines[start + 1], lines[start + 1]
             rows = lines[start + 2 : start + 2 + len(SHARE_ROWS)]
             for row, tool in zip(rows, SHARE_ROWS, strict=True):
                 assert row.strip().startswith(tool) and "n/a" not in row, row
@@ -102,6 +103,9 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
     for data_set in ("A", "B"):
         assert set(report["results"][data_set]["tools"]) == set(TOOL_ROWS)
     assert report["results"]["pending"]["files"] > 0
+    if os.geteuid() == 0 and shutil.which("sshfs"):
+        for tool in SHARE_ROWS:
+            assert report["results"]["share-loopback-A"][tool]["peak_mib"] > 0, tool
     # the run folder (and its loop mount, as root) is gone
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("dw-bench-")]
 
