@@ -253,9 +253,10 @@ def commands(block: Block) -> list[list[str]]:
 
 
 def program(argv: list[str]) -> list[str]:
-    """The command without `sudo` and `sudo -u USER` in front."""
-    while argv and argv[0] == "sudo":
+    """The command without `sudo [-u USER]` or `runuser -u USER --` in front."""
+    while argv and argv[0] in {"sudo", "runuser"}:
         argv = argv[3:] if argv[1:2] == ["-u"] else argv[1:]
+        argv = argv[1:] if argv[:1] == ["--"] else argv
     return argv
 
 
@@ -321,6 +322,7 @@ def test_shell_commands_name_what_exists(block: Block) -> None:
         "install -m 0644 systemd/no-such.service /etc/systemd/system/",
         "systemctl enable --now dicom-watcher-hooks@smithlab dicom-watcher-webb",
         "./scripts/no-such-script",
+        "runuser -u dicom-watcher -- /opt/dicom-watcher/venv/bin/dicom-watcher status --jsn",
     ],
 )
 def test_a_broken_command_fails(line: str) -> None:
