@@ -90,6 +90,10 @@ def test_bench_tiny_run_prints_every_table(tmp_path: Path) -> None:
             for row, tool in zip(rows, SHARE_ROWS, strict=True):
                 assert row.strip().startswith(tool) and "n/a" not in row, row
     assert "Targets" in output
+    # the local-disk ratios are reference figures, not targets
+    targets = output.split("\nTargets", 1)[1].split("\nReference figures", 1)
+    assert len(targets) == 2 and "cp -r && sync on A" not in targets[0], output
+    assert "sort / cp -r && sync on A:" in targets[1]
     assert any(line.strip().startswith(("met ", "NOT met ", "n/a ")) for line in lines)
     assert "file system:" in output
     if os.geteuid() == 0:
