@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from harness import assert_accounted, lab_files, snapshot, wait_for
 from share import Share
 
-from watcher import placement
+from watcher import bookkeeping, placement
 from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, write_study
 
@@ -316,3 +317,60 @@ def test_a_batch_onto_a_share_is_placed_side_by_side_each_file_once_with_its_own
     assert len(on_share) == 40 + 1, "each file once, beside the one that was there"
     assert not [p for p in on_share if p.name.startswith(TEMP_PREFIX)]
     assert len([p for p in local.rglob("*") if p.is_file()]) == 10
+
+
+@dataclass
+class Tree:
+    """A lab's destination root and another lab's folder beside it on one
+    filesystem, as placements see them (`root`, `jones`) and as the file
+    server does (`served`, `jones_served`: the same folders on local disk)."""
+
+    root: Path
+    served: Path
+    jones: Path
+    jones_served: Path
+
+
+@pytest.fixture(params=["sshfs", "local disk"])
+def tree(request, tmp_path: Path) -> Iterator[Tree]:
+    """The trees on a share, and on local disk, where links are followed (this
+    machine's sshfs refuses to read one: EPERM)."""
+    if request.param == "local disk":
+        out, jones = tmp_path / "nas" / "out", tmp_path / "nas" / "jones"
+        for folder in (out, jones):
+            folder.mkdir(parents=True)
+        yield Tree(out, out, jones, jones)
+        return
+    share = Share(tmp_path / "share")
+    try:
+        for name in ("out", "jones"):
+            (share.export / name).mkdir()
+        yield Tree(
+            share.mount / "out", share.export / "out", share.mount / "jones", share.export / "jones"
+        )
+    finally:
+        share.close()
+
+
+def test_crash_cleanup_removes_the_scratch_folders_below_a_journaled_root(tree):
+    # A placement killed mid-way left a scratch folder with temporary files
+    # below the root of a journaled folder; the lab keeps, under names like
+    # ours, a link to another lab's folder and a folder of its own files.
+    (tree.served / "S1").mkdir()
+    theirs = tree.jones_served / f"{TEMP_PREFIX}work.dcm"
+    theirs.write_bytes(b"jones's")
+    left = tree.served / f"{TEMP_PREFIX}a1b2c3"
+    left.mkdir()
+    for number in range(3):
+        (left / f"{TEMP_PREFIX}d4e5f6{number}.1.dcm").write_bytes(b"half")
+    (tree.served / f"{TEMP_PREFIX}link").symlink_to(tree.jones)
+    own = tree.served / f"{TEMP_PREFIX}own"
+    own.mkdir()
+    (own / "notes.txt").write_text("the lab's")
+
+    removed, kept = bookkeeping.clean_folders({placement.Folder(tree.root, ("S1",))})
+
+    assert removed == 3 and kept == set()
+    assert not left.exists()
+    assert theirs.read_bytes() == b"jones's"
+    assert (own / "notes.txt").read_text() == "the lab's"

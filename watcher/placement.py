@@ -1179,3 +1179,29 @@ def remove_temporaries(folder_fd: int) -> int:
         except OSError:
             pass  # gone already, or the folder is read-only: try again later
     return removed
+
+
+def remove_scratch_folders(root_fd: int) -> tuple[int, bool]:
+    """Delete the scratch folders that interrupted placements left below the
+    open destination root (see `_Batch.temporary_folder`), with the temporary
+    files in them; return how many files were removed and whether some stay.
+    Each is opened without following a link: a link or anything else a lab
+    put under such a name is left alone, as are its own files there."""
+    removed, left = 0, False
+    try:
+        names = [name for name in os.listdir(root_fd) if name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return 0, False
+    for name in names:
+        try:
+            fd = os.open(name, DIRECTORY_FLAGS, dir_fd=root_fd)
+        except OSError:
+            continue  # a file, a link, or gone
+        try:
+            removed += remove_temporaries(fd)
+            left = left or bool(temporaries(fd))
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):  # (not empty: the lab's own files stay)
+            os.rmdir(name, dir_fd=root_fd)
+    return removed, left
