@@ -383,7 +383,7 @@ class SpreadPlacement:
 
     def __init__(self, jobs: Sequence[Job], remote: list[int], writeback: bool = False) -> None:
         spread = min(SHARE_THREADS, len(remote))
-        groups = [remote[start::spread] for start in range(spread)]
+        groups = _deal(jobs, remote, spread)
         local = sorted(set(range(len(jobs))) - set(remote))
         if local:
             groups.append(local)
@@ -428,6 +428,18 @@ class SpreadPlacement:
 
 
 Placing = BatchPlacement | SpreadPlacement
+
+
+def _deal(jobs: Sequence[Job], indexes: list[int], count: int) -> list[list[int]]:
+    """The jobs (`indexes` into `jobs`) dealt out into `count` groups of
+    neighbours, the jobs of a folder together, so that the groups work in
+    different folders at once: a new name in a folder waits for the names
+    being made there, each for its round trip to the server."""
+    ordered = sorted(
+        indexes, key=lambda i: (str(jobs[i].root), jobs[i].relative.rpartition("/")[0])
+    )
+    size = len(ordered)
+    return [ordered[size * k // count : size * (k + 1) // count] for k in range(count)]
 
 
 def _root_flushes_by_syncfs(root: Path) -> bool:
