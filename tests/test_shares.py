@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import assert_accounted, lab_files, snapshot, wait_for
 from share import Share
 
-from watcher import placement
+from watcher import bookkeeping, placement
 from watcher.placement import TEMP_PREFIX
 from watcher.synthetic import StudySpec, write_study
 
@@ -192,6 +194,47 @@ def test_sigterm_while_a_share_is_frozen_ends_the_daemon_within_the_timeout(
     assert not [p for p in share.export.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
 
+def _scratch_temporaries(folder: Path) -> list[Path]:
+    """Temporary files in the scratch folders below `folder`."""
+    return [
+        p
+        for p in folder.glob(f"{TEMP_PREFIX}*/{TEMP_PREFIX}*")
+        if p.is_file() and p.parent.parent == folder
+    ]
+
+
+def test_a_daemon_killed_while_placing_onto_a_share_leaves_no_temporary_file_behind(
+    daemon, tmp_path, share
+):
+    # SIGKILL while the share holds temporary files in scratch folders (the
+    # share frozen meanwhile, so that none goes): the next start removes
+    # them with their folders, and places everything once.
+    run, smith, jones = _two_labs(daemon, tmp_path, share, destination_timeout_seconds=TIMEOUT)
+    run.start()
+    run.wait_event("watching")
+    spec = StudySpec(series=4, instances=200, description="SMITH^Memory", rows=32, columns=32)
+    write_study(spec, run.inbox)
+    entered = snapshot(run.inbox)
+    served = share.export / "smith"
+    wait_for(lambda: _scratch_temporaries(served), 60, "temporary files in scratch folders")
+    share.freeze()
+    try:
+        run.kill()  # SIGKILL
+        left = _scratch_temporaries(served)
+    finally:
+        share.thaw()
+    assert left, "the kill left no temporary file: the test missed its aim"
+    run.start()
+    [cleaned] = run.wait_event("cleaned_interrupted_placement", timeout=60)
+    assert int(cleaned["temporary_files"]) >= len(left)
+    run.wait_drained(timeout=120)
+    wait_for(lambda: len(lab_files(served)) == 800, 60, "all of smith's study")
+    assert run.terminate() == 0
+    counts = assert_accounted(entered, [served], run.state, run.inbox)
+    assert counts["placed"] == 800 and counts["still_in_inbox"] == 0
+    assert not [p for p in share.export.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
 def test_a_slow_share_gets_everything_and_does_not_slow_the_other_lab(daemon, tmp_path):
     # Smith's file server is 10 ms of round trip away: its study takes a while,
     # and jones's study, arriving after smith's placement began, is placed
@@ -207,7 +250,8 @@ def test_a_slow_share_gets_everything_and_does_not_slow_the_other_lab(daemon, tm
         entered.update(snapshot(run.inbox))
         [first] = run.wait_event("study_placed", timeout=60)
         assert first["lab"] == "jones", "jones's study did not wait for smith's share"
-        assert len(lab_files(slow.export / "smith")) < 200, "smith's was still under way"
+        named = [p for p in lab_files(slow.export / "smith") if TEMP_PREFIX not in str(p)]
+        assert len(named) < 200, "smith's was still under way"
         placed = run.wait_event("study_placed", count=2, timeout=120)
         assert placed[1]["lab"] == "smith"
         run.wait_drained()
@@ -316,3 +360,213 @@ def test_a_batch_onto_a_share_is_placed_side_by_side_each_file_once_with_its_own
     assert len(on_share) == 40 + 1, "each file once, beside the one that was there"
     assert not [p for p in on_share if p.name.startswith(TEMP_PREFIX)]
     assert len([p for p in local.rglob("*") if p.is_file()]) == 10
+
+
+def _spread_jobs(sources: Path, root: Path, count: int = 96) -> list[placement.Job]:
+    """Jobs for `count` small files into two folders below `root`: enough to
+    be placed side by side, more than a few a batch."""
+    sources.mkdir(exist_ok=True)
+    jobs = []
+    for number in range(count):
+        source = sources / f"{number:03d}"
+        source.write_bytes(f"instance {number}\n".encode() * (number + 1))
+        jobs.append(placement.Job(str(source), root, f"S{number % 2}/{number:03d}.dcm"))
+    return jobs
+
+
+def _place_spread(
+    jobs: list[placement.Job], monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[placement.Placement | BaseException], list[str]]:
+    """Place the jobs side by side (`SpreadPlacement`, as onto a share),
+    knowing that their filesystem has no O_TMPFILE (as from the batch
+    before); returns their outcomes and where each temporary file was made."""
+    device = jobs[0].root.stat().st_dev
+    monkeypatch.setattr(placement, "_NO_TMPFILE", {*placement._NO_TMPFILE, device})
+    made: list[str] = []
+    real_new_file = placement._new_file
+
+    def new_file(*args: Any) -> tuple[int, str | None]:
+        fd, temporary = real_new_file(*args)
+        made.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fd, temporary
+
+    monkeypatch.setattr(placement, "_new_file", new_file)
+    placing = placement.SpreadPlacement(jobs, list(range(len(jobs))))
+    placing.write()
+    placing.flush()
+    results = placing.finish()
+    monkeypatch.setattr(placement, "_new_file", real_new_file)
+    return results, made
+
+
+def _server_requests(server_log: Path) -> list[tuple[str, list[str]]]:
+    """From the share server's log: each request's kind and the paths it names."""
+    requests = []
+    for line in server_log.read_text().splitlines():
+        requests.append((line.split(" ", 1)[0], line.split('"')[1::2]))
+    return requests
+
+
+def test_files_placed_side_by_side_get_their_temporary_names_in_scratch_folders(
+    tmp_path, share, monkeypatch
+):
+    # Creating or removing a name holds its folder's lock for a round trip
+    # to the server: the temporary names go into scratch folders below the
+    # root, so that the target folders see nothing but the links.
+    root = share.mount / "out"
+    root.mkdir()
+    jobs = _spread_jobs(tmp_path / "sources", root)
+    before = len(share.server_log.read_text().splitlines())
+
+    results, _ = _place_spread(jobs, monkeypatch)
+
+    for job, result in zip(jobs, results, strict=True):
+        assert isinstance(result, placement.Placement), result
+        assert result.path.read_bytes() == Path(job.source).read_bytes()
+    requests = _server_requests(share.server_log)[before:]
+    created = [paths[0] for kind, paths in requests if kind == "open" and TEMP_PREFIX in paths[0]]
+    assert len(created) == len(jobs)
+    export = share.export / "out"
+    for path in created:
+        scratch = Path(path).parent
+        assert scratch.parent == export and scratch.name.startswith(TEMP_PREFIX), path
+    linked = [paths for kind, paths in requests if kind == "hardlink"]
+    assert sorted(Path(new).parent.name for _, new in linked) == ["S0"] * 48 + ["S1"] * 48
+    assert [p for p in export.rglob("*") if p.name.startswith(TEMP_PREFIX)] == [], (
+        "the scratch folders go with their batches"
+    )
+
+
+def test_a_folder_on_another_filesystem_of_the_server_gets_the_temporary_names_itself(
+    tmp_path, share, monkeypatch
+):
+    # On the server, a folder of the lab's tree is a filesystem of its own
+    # (a dataset of its own, say): sshfs shows one, and a link from the
+    # scratch folder into it fails (EXDEV on the server, EPERM through
+    # sshfs). Those files are written again beside their final names.
+    root, served = share.mount / "out", share.export / "out" / "S1"
+    served.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(served)], check=True)
+    try:
+        jobs = _spread_jobs(tmp_path / "sources", root)
+        before = len(share.server_log.read_text().splitlines())
+
+        results, _ = _place_spread(jobs, monkeypatch)
+
+        for job, result in zip(jobs, results, strict=True):
+            assert isinstance(result, placement.Placement), result
+            assert result.path.read_bytes() == Path(job.source).read_bytes()
+        requests = _server_requests(share.server_log)[before:]
+        linked = [paths for kind, paths in requests if kind == "hardlink"]
+        assert any(Path(old).parent == served for old, _ in linked), "written again in S1"
+        assert [p for p in share.export.rglob("*") if p.name.startswith(TEMP_PREFIX)] == []
+    finally:
+        subprocess.run(["umount", "-l", str(served)], check=False)
+
+
+@dataclass
+class Tree:
+    """A lab's destination root and another lab's folder beside it on one
+    filesystem, as placements see them (`root`, `jones`) and as the file
+    server does (`served`, `jones_served`: the same folders on local disk)."""
+
+    root: Path
+    served: Path
+    jones: Path
+    jones_served: Path
+
+
+@pytest.fixture(params=["sshfs", "local disk"])
+def tree(request, tmp_path: Path) -> Iterator[Tree]:
+    """The trees on a share, and on local disk, where links are followed (this
+    machine's sshfs refuses to read one: EPERM)."""
+    if request.param == "local disk":
+        out, jones = tmp_path / "nas" / "out", tmp_path / "nas" / "jones"
+        for folder in (out, jones):
+            folder.mkdir(parents=True)
+        yield Tree(out, out, jones, jones)
+        return
+    share = Share(tmp_path / "share")
+    try:
+        for name in ("out", "jones"):
+            (share.export / name).mkdir()
+        yield Tree(
+            share.mount / "out", share.export / "out", share.mount / "jones", share.export / "jones"
+        )
+    finally:
+        share.close()
+
+
+def _made_in(tree: Tree, made: list[str]) -> None:
+    """Every temporary file was made in the lab's tree, none in jones's."""
+    assert made
+    root = os.path.realpath(tree.root)
+    outside = [path for path in made if not path.startswith(f"{root}/")]
+    assert outside == [], "temporary files made outside the lab's tree"
+    assert list(tree.jones_served.iterdir()) == []
+
+
+def test_a_link_planted_at_the_scratch_folder_name_is_not_followed(tmp_path, tree, monkeypatch):
+    # A lab that knows (or guesses) the name of a scratch folder to come puts
+    # a link there into another lab's folder: the scratch folder is then not
+    # made, and the temporary names go into their target folders.
+    name = f"{TEMP_PREFIX}planted"
+    monkeypatch.setattr(placement, "_scratch_name", lambda: name)
+    (tree.served / name).symlink_to(tree.jones)
+    jobs = _spread_jobs(tmp_path / "sources", tree.root)
+
+    results, made = _place_spread(jobs, monkeypatch)
+
+    assert all(isinstance(r, placement.Placement) for r in results), results
+    _made_in(tree, made)
+    assert (tree.served / name).is_symlink(), "the lab's link is left alone"
+    assert len(lab_files(tree.served)) == len(jobs)
+
+
+def test_a_scratch_folder_swapped_for_a_link_once_made_is_not_followed(tmp_path, tree, monkeypatch):
+    # The lab swaps the scratch folder for a link into another lab's folder
+    # between its making and its opening: it is opened without following.
+    real_mkdir = os.mkdir
+    swapped = []
+
+    def mkdir_then_swap(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        if dir_fd is not None and str(path).startswith(TEMP_PREFIX):
+            os.rmdir(path, dir_fd=dir_fd)
+            os.symlink(tree.jones, path, dir_fd=dir_fd)
+            swapped.append(path)
+
+    monkeypatch.setattr(placement.os, "mkdir", mkdir_then_swap)
+    jobs = _spread_jobs(tmp_path / "sources", tree.root)
+
+    results, made = _place_spread(jobs, monkeypatch)
+    monkeypatch.setattr(placement.os, "mkdir", real_mkdir)
+
+    assert swapped, "no scratch folder was made"
+    assert all(isinstance(r, placement.Placement) for r in results), results
+    _made_in(tree, made)
+    assert len(lab_files(tree.served)) == len(jobs)
+
+
+def test_crash_cleanup_removes_the_scratch_folders_below_a_journaled_root(tree):
+    # A placement killed mid-way left a scratch folder with temporary files
+    # below the root of a journaled folder; the lab keeps, under names like
+    # ours, a link to another lab's folder and a folder of its own files.
+    (tree.served / "S1").mkdir()
+    theirs = tree.jones_served / f"{TEMP_PREFIX}work.dcm"
+    theirs.write_bytes(b"jones's")
+    left = tree.served / f"{TEMP_PREFIX}a1b2c3"
+    left.mkdir()
+    for number in range(3):
+        (left / f"{TEMP_PREFIX}d4e5f6{number}.1.dcm").write_bytes(b"half")
+    (tree.served / f"{TEMP_PREFIX}link").symlink_to(tree.jones)
+    own = tree.served / f"{TEMP_PREFIX}own"
+    own.mkdir()
+    (own / "notes.txt").write_text("the lab's")
+
+    removed, kept = bookkeeping.clean_folders({placement.Folder(tree.root, ("S1",))})
+
+    assert removed == 3 and kept == set()
+    assert not left.exists()
+    assert theirs.read_bytes() == b"jones's"
+    assert (own / "notes.txt").read_text() == "the lab's"

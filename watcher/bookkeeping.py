@@ -18,7 +18,14 @@ from typing import Any
 from watcher import headers
 from watcher.errors import DestinationUnavailable
 from watcher.manifest import Entry, manifest_path
-from watcher.placement import Folder, Placement, remove_temporaries, sha256_of_fd, temporaries
+from watcher.placement import (
+    Folder,
+    Placement,
+    remove_scratch_folders,
+    remove_temporaries,
+    sha256_of_fd,
+    temporaries,
+)
 from watcher.rules import PER_SERIES_COUNT, Route, RuleSet
 from watcher.state import atomic_write
 from watcher.studies import Study
@@ -337,7 +344,8 @@ def clean_folders(folders: set[Folder]) -> tuple[int, set[Folder]]:
     cannot be reached now (unmounted, say), to be cleaned when they can.
     Each is reached through handles, as placements reach it: a folder a lab
     swapped for a link is not followed into someone else's tree, and is
-    dropped, as is one that has gone."""
+    dropped, as is one that has gone. The roots of the folders lose the
+    scratch folders that placements there put temporary files in."""
     removed, left = 0, set[Folder]()
     for folder in folders:
         try:
@@ -353,4 +361,16 @@ def clean_folders(folders: set[Folder]) -> tuple[int, set[Folder]]:
                 left.add(folder)
         finally:
             os.close(fd)
+    for root in {Folder(f.root, (), f.anchor, f.beneath) for f in folders}:
+        try:
+            fd = root.open()
+        except (DestinationUnavailable, OSError):
+            continue  # (its folders are left, and bring it back)
+        try:
+            scratch_removed, stay = remove_scratch_folders(fd)
+        finally:
+            os.close(fd)
+        removed += scratch_removed
+        if stay:
+            left.add(root)
     return removed, left

@@ -10,9 +10,12 @@
   lead outside the root;
 - bytes go to an unnamed file in the target folder (`O_TMPFILE`: nothing is
   visible, and a crash leaves nothing behind) or, where the filesystem has
-  none, to a temporary name (`TEMP_PREFIX...`); they are flushed to disk,
-  then linked to the final name, which fails rather than replacing an
-  existing file; the folder is flushed last. Many files share one flush
+  none, to a temporary name (`TEMP_PREFIX...`), in the target folder or, for
+  files placed side by side onto a share, in a scratch folder of the batch's
+  own below the destination root (so that the target folder's lock is held
+  for the link alone); they are flushed to disk, then linked to the final
+  name, which fails rather than replacing an existing file; the folder is
+  flushed last. Many files share one flush
   (`place_batch`: one syncfs per filesystem where syncfs flushes, one fsync
   per file elsewhere, as on FUSE and SMB mounts), and bytes are copied in the
   kernel (copy_file_range, sendfile) unless their SHA-256 is wanted;
@@ -244,12 +247,16 @@ class BatchPlacement:
     `finish`, which another thread can do while the caller writes the next
     batch; `finish` must not begin before it returns, and then only names
     the files (a thread that names them while the caller writes makes both
-    wait for each other at every file, for the interpreter's lock)."""
+    wait for each other at every file, for the interpreter's lock).
 
-    def __init__(self, jobs: Sequence[Job], writeback: bool = False) -> None:
+    `scratch=True` puts temporary names (where there are no unnamed files)
+    into a scratch folder of the batch's own (see `_Batch.temporary_folder`):
+    for batches that work side by side into the same folders."""
+
+    def __init__(self, jobs: Sequence[Job], writeback: bool = False, scratch: bool = False) -> None:
         self.jobs = jobs
         self.results: list[Placement | BaseException | None] = [None] * len(jobs)
-        self.batch = _Batch(writeback)
+        self.batch = _Batch(writeback, scratch)
         self.at_once = open_at_once()
         #: Jobs whose bytes are written and not yet named.
         self.written: list[tuple[int, _Written]] = []
@@ -369,17 +376,25 @@ class SpreadPlacement:
     """`BatchPlacement`'s steps for jobs spread over several batches, each
     step taken by all of them at once in threads: the jobs bound for network
     shares (`remote`, indexes into `jobs`) dealt out over up to
-    `SHARE_THREADS` batches, the others in one batch of their own."""
+    `SHARE_THREADS` batches, the others in one batch of their own. A batch
+    bound for a share with more than a few files puts their temporary names
+    in a scratch folder of its own, so that the batches, working in the same
+    folders, do not wait for each other's temporary names there."""
 
     def __init__(self, jobs: Sequence[Job], remote: list[int], writeback: bool = False) -> None:
         spread = min(SHARE_THREADS, len(remote))
-        groups = [remote[start::spread] for start in range(spread)]
+        groups = _deal(jobs, remote, spread)
         local = sorted(set(range(len(jobs))) - set(remote))
         if local:
             groups.append(local)
         self.size = len(jobs)
         self.groups = groups
-        self.batches = [BatchPlacement([jobs[i] for i in group], writeback) for group in groups]
+        self.batches = [
+            BatchPlacement(
+                [jobs[i] for i in group], writeback, scratch=number < spread and len(group) > FEW
+            )
+            for number, group in enumerate(groups)
+        ]
 
     def _each(self, step: Callable[[BatchPlacement], Any]) -> list[Any]:
         with ThreadPoolExecutor(len(self.batches), thread_name_prefix="place") as threads:
@@ -413,6 +428,18 @@ class SpreadPlacement:
 
 
 Placing = BatchPlacement | SpreadPlacement
+
+
+def _deal(jobs: Sequence[Job], indexes: list[int], count: int) -> list[list[int]]:
+    """The jobs (`indexes` into `jobs`) dealt out into `count` groups of
+    neighbours, the jobs of a folder together, so that the groups work in
+    different folders at once: a new name in a folder waits for the names
+    being made there, each for its round trip to the server."""
+    ordered = sorted(
+        indexes, key=lambda i: (str(jobs[i].root), jobs[i].relative.rpartition("/")[0])
+    )
+    size = len(ordered)
+    return [ordered[size * k // count : size * (k + 1) // count] for k in range(count)]
 
 
 def _root_flushes_by_syncfs(root: Path) -> bool:
@@ -460,6 +487,8 @@ class _Written:
     fd: int
     device: int
     temporary: str | None = None
+    #: The folder the temporary name is in, when not the target folder.
+    scratch_fd: int = -1
     linked_source: bool = False
     #: The source's inode, for a linked source; for one not held open, an
     #: open handle on its folder (the batch's) to link it from.
@@ -468,7 +497,10 @@ class _Written:
 
     def link(self, name: str) -> None:
         """Give the bytes `name`; FileExistsError if it is taken."""
-        if self.temporary is not None:
+        if self.temporary is not None and self.scratch_fd >= 0:
+            # (a failure other than EEXIST: the caller writes it again in the folder)
+            os.link(self.temporary, name, src_dir_fd=self.scratch_fd, dst_dir_fd=self.folder_fd)
+        elif self.temporary is not None:
             _link_into_place(self.temporary, name, self.folder_fd)
         elif self.fd < 0:  # a linked source not held open: by its name, then checked
             os.link(
@@ -486,10 +518,15 @@ class _Written:
         else:  # a linked source, without /proc: by its path
             os.link(self.job.source, name, dst_dir_fd=self.folder_fd)
 
+    @property
+    def temporary_folder(self) -> int:
+        """The handle on the folder of the temporary name."""
+        return self.scratch_fd if self.scratch_fd >= 0 else self.folder_fd
+
     def discard(self) -> None:
         """Drop the bytes after a failure; the source is never touched."""
         if self.temporary is not None:
-            _discard(self.temporary, self.folder_fd)
+            _discard(self.temporary, self.temporary_folder)
 
     def close(self) -> None:
         """Close the file; the temporary name goes (an unnamed file goes by itself)."""
@@ -498,14 +535,20 @@ class _Written:
             self.fd = -1
         if self.temporary is not None:
             temporary, self.temporary = self.temporary, None
-            _unlink_quietly(temporary, self.folder_fd)
+            _unlink_quietly(temporary, self.temporary_folder)
 
 
 class _Batch:
     """The folders, filesystems and new names of one `place_batch` call."""
 
-    def __init__(self, writeback: bool = False) -> None:
+    def __init__(self, writeback: bool = False, scratch: bool = False) -> None:
         self.writeback = writeback
+        self.scratch = scratch
+        #: The scratch folder made below each root (its handle, name and
+        #: device), or None where none can be made.
+        self.scratches: dict[tuple[Path, Path | None], tuple[int, str, int] | None] = {}
+        #: Where the temporary names for each target folder go, by its handle.
+        self.temporaries_in: dict[int, int] = {}
         self.roots: dict[tuple[Path, Path | None], int | DestinationUnavailable] = {}
         self.folders: dict[tuple[Path, tuple[str, ...]], tuple[int, Path, int]] = {}
         #: The group a setgid folder gives what is made in it, by folder handle.
@@ -575,8 +618,11 @@ class _Batch:
                 item.inode = status.st_ino
                 source = -1  # kept open by the item
                 return item
-            fd, temporary = _new_file(job.root, folder_fd, name, device)
+            where = self.temporary_folder(job, folder_fd, device)
+            fd, temporary = _new_file(job.root, where, name, device)
             item = _Written(job, folder_fd, folder, name, status.st_size, "", fd, device, temporary)
+            if where != folder_fd:
+                item.scratch_fd = where
             try:
                 item.sha256 = _copy(source, fd, status.st_size, job.digest and not known) or known
                 if self.writeback:
@@ -589,6 +635,83 @@ class _Batch:
             return item
         finally:
             if source >= 0 and not borrowed:
+                os.close(source)
+
+    def temporary_folder(self, job: Job, folder_fd: int, device: int) -> int:
+        """The handle on the folder where a temporary name for the folder
+        `folder_fd` goes: the batch's scratch folder, when it has one (see
+        `_scratch`) and files made there come out as they would in the
+        target folder (same group, same default ACL); else the folder itself."""
+        if not self.scratch or not _named_temporaries(device):
+            return folder_fd
+        where = self.temporaries_in.get(folder_fd)
+        if where is None:
+            where = folder_fd
+            scratch = self._scratch(job)
+            if (
+                scratch is not None
+                and scratch[2] == device
+                and _makes_alike(
+                    scratch[0],
+                    self.inherited.get(scratch[0]),
+                    folder_fd,
+                    self.inherited.get(folder_fd),
+                )
+            ):
+                where = scratch[0]
+            self.temporaries_in[folder_fd] = where
+        return where
+
+    def _scratch(self, job: Job) -> tuple[int, str, int] | None:
+        """The batch's scratch folder below the job's root, made at first use
+        under a new name (`TEMP_PREFIX` and random: never one that exists, so
+        never a link a lab planted) and opened without following a link;
+        None when it cannot be made."""
+        key = (job.root, job.anchor)
+        if key in self.scratches:
+            return self.scratches[key]
+        root_fd = self.roots[key]
+        assert isinstance(root_fd, int)  # (the job's folder was opened from it)
+        self.scratches[key] = None
+        name = _scratch_name()
+        try:
+            os.mkdir(name, 0o700, dir_fd=root_fd)
+        except OSError:
+            return None  # a name taken, a root we may not write: the target folders then
+        try:
+            fd = os.open(name, DIRECTORY_FLAGS, dir_fd=root_fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=root_fd)
+            return None
+        status = os.fstat(fd)
+        self.inherited[fd] = status.st_gid if status.st_mode & stat.S_ISGID else None
+        scratch = self.scratches[key] = (fd, name, status.st_dev)
+        return scratch
+
+    def _rewrite_in_folder(self, item: _Written) -> None:
+        """Write the item's bytes again, under a temporary name in its target
+        folder, as the folder's next files will be: the link from the scratch
+        folder failed (on another filesystem of the server, say, which sshfs
+        reports as EPERM, not EXDEV), and one within the folder may not."""
+        self.temporaries_in[item.folder_fd] = item.folder_fd
+        job = item.job
+        item.close()
+        item.scratch_fd = -1
+        borrowed = job.source_fd >= 0
+        source = job.source_fd if borrowed else os.open(job.source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            item.fd, item.temporary = _new_file(job.root, item.folder_fd, item.name, item.device)
+            try:
+                _copy(source, item.fd, item.size, False)
+                job.permissions.apply_to_file(item.fd)
+                os.fsync(item.fd)
+            except OSError as error:
+                item.discard()
+                item.close()
+                raise _classify(job.root, error) from error
+        finally:
+            if not borrowed:
                 os.close(source)
 
     def _may_link(self, job: Job, source: int, inherited: int | None) -> bool:
@@ -678,6 +801,9 @@ class _Batch:
                 candidates.pop(0)
                 continue
             except OSError as error:
+                if item.scratch_fd >= 0:
+                    self._rewrite_in_folder(item)
+                    continue
                 item.discard()
                 raise _classify(job.root, error) from error
             self.named.setdefault(item.device, {}).setdefault(item.folder_fd, []).append(index)
@@ -724,7 +850,17 @@ class _Batch:
         return failed
 
     def close(self) -> None:
+        """Close the batch's folders; its scratch folders go (one still
+        holding a temporary name stays, for `remove_scratch_folders`)."""
         self.source_folders.close()
+        for key, scratch in self.scratches.items():
+            if scratch is not None:
+                os.close(scratch[0])
+                root_fd = self.roots[key]
+                assert isinstance(root_fd, int)
+                with contextlib.suppress(OSError):
+                    os.rmdir(scratch[1], dir_fd=root_fd)
+        self.scratches.clear()
         roots = {fd for fd in self.roots.values() if isinstance(fd, int)}
         for fd, _, _ in self.folders.values():
             if fd not in roots:
@@ -977,6 +1113,28 @@ def _new_file(root: Path, folder_fd: int, name: str, device: int) -> tuple[int, 
         raise _classify(root, error) from error
 
 
+def _named_temporaries(device: int) -> bool:
+    """Whether new bytes on this filesystem go under temporary names."""
+    return not (_PROC_FD and hasattr(os, "O_TMPFILE")) or device in _NO_TMPFILE
+
+
+def _scratch_name() -> str:
+    return f"{TEMP_PREFIX}{os.urandom(6).hex()}"
+
+
+def _makes_alike(one: int, one_group: int | None, other: int, other_group: int | None) -> bool:
+    """Whether files made in the two open folders come out alike: the same
+    group given by a setgid folder (or none), the same default ACL."""
+    return one_group == other_group and _default_acl(one) == _default_acl(other)
+
+
+def _default_acl(fd: int) -> bytes | None:
+    try:
+        return os.getxattr(fd, "system.posix_acl_default")
+    except OSError:
+        return None
+
+
 def _copy(source: int, target: int, size: int, digest: bool) -> str:
     """Copy `size` bytes; return their SHA-256 when `digest` is set, else "".
     The source is read at explicit offsets: its descriptor may be shared."""
@@ -1179,3 +1337,29 @@ def remove_temporaries(folder_fd: int) -> int:
         except OSError:
             pass  # gone already, or the folder is read-only: try again later
     return removed
+
+
+def remove_scratch_folders(root_fd: int) -> tuple[int, bool]:
+    """Delete the scratch folders that interrupted placements left below the
+    open destination root (see `_Batch.temporary_folder`), with the temporary
+    files in them; return how many files were removed and whether some stay.
+    Each is opened without following a link: a link or anything else a lab
+    put under such a name is left alone, as are its own files there."""
+    removed, left = 0, False
+    try:
+        names = [name for name in os.listdir(root_fd) if name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return 0, False
+    for name in names:
+        try:
+            fd = os.open(name, DIRECTORY_FLAGS, dir_fd=root_fd)
+        except OSError:
+            continue  # a file, a link, or gone
+        try:
+            removed += remove_temporaries(fd)
+            left = left or bool(temporaries(fd))
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):  # (not empty: the lab's own files stay)
+            os.rmdir(name, dir_fd=root_fd)
+    return removed, left
