@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -436,8 +437,13 @@ def placed_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_study(StudySpec(series=2, instances=3), root / "inbox")
     (root / "config.yaml").write_text("inbox: inbox\nrules: rules\nstate: state\n")
-    with contextlib.redirect_stderr(io.StringIO()):
-        assert main(["run", "--once", "--config", str(root / "config.yaml")]) == 0
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            assert main(["run", "--once", "--config", str(root / "config.yaml")]) == 0
+    finally:  # (`run` installs its stop handlers in this process)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     (manifest,) = (root / "lab").rglob("manifest.json")
     return manifest
 

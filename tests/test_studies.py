@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -917,3 +918,22 @@ def test_temporaries_that_cannot_be_removed_are_told_once_not_at_every_retry(tmp
         assert "folders_left=1" in cleaned
     finally:
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
+
+
+def test_a_forked_worker_dies_on_sigterm_though_its_parent_catches_it():
+    """The daemon's SIGTERM handler (its stop flag) is inherited by forked
+    workers; they reset it, or a broken pool could never end them, nor their
+    parent's death (PR_SET_PDEATHSIG sends SIGTERM)."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    pool = header_pool(threads_running=False)
+    try:
+        assert pool.submit(os.getpid).result(timeout=60) != os.getpid()
+        workers = list(pool._processes.values())  # type: ignore[attr-defined]
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(10)
+        assert [w.exitcode for w in workers] == [-signal.SIGTERM] * len(workers)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)

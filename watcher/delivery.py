@@ -520,9 +520,7 @@ class Delivery:
         go on without workers."""
         if self.workers is not None:
             log.error(kv("workers_lost", error=lost))
-            # Broken: its processes are ended by its manager thread, which is
-            # joined here, so that nothing of the pool outlives this call.
-            self.workers.shutdown(wait=True, cancel_futures=True)
+            self.workers.shutdown(wait=False, cancel_futures=True)
             self.workers = None
 
     def _take_placed(

@@ -367,6 +367,10 @@ def header_pool(threads_running: bool = True) -> Executor:
 
 
 def _init_worker() -> None:
+    # A forked worker inherits the parent's SIGTERM handler (the daemon's sets
+    # its stop flag): reset, so that SIGTERM ends a worker, whether from the
+    # pool ending its workers or from its parent's death below.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):  # Linux only
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
