@@ -11,12 +11,13 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from harness import DaemonProcess, FakeClock, lab_files, skip_or_fail, wait_for
+from harness import DaemonProcess, FakeClock, in_process_daemon, lab_files, skip_or_fail, wait_for
 
 from watcher.hooks import DaemonStore, HookRunner, make_job
 from watcher.labjobs import Mailbox, Result, finish, post, prepare
@@ -392,6 +393,38 @@ def test_a_rule_with_its_own_short_quiet_period_and_a_count(daemon, lab, tmp_pat
     run.wait_event("study_placed", count=2, timeout=30)  # long before 120 s
     assert len(run.logs("study_complete_by_count")) == 1
     assert len(lab_files(lab)) == 2 and len(lab_files(other)) == 4
+
+
+def test_a_hooks_states_are_recorded_by_the_loops_thread(tmp_path):
+    """A job's start is told from the thread that runs it; its record goes
+    through the placers, which belong to the loop's thread (two threads at
+    once there crashed the daemon: BufferError on the placer's pipe)."""
+    clock = FakeClock(time.time())
+    failing = {"command": ["sh", "-c", "exit 3"], "retries": 0}
+    daemon, lab = in_process_daemon(tmp_path, clock, {"hooks": [failing]}, quiet_seconds=1)
+    told: list[tuple[threading.Thread, str]] = []
+    records = daemon.delivery.records
+    record_state = records.hook_changed
+
+    def recording(job, record):  # type: ignore[no-untyped-def]
+        told.append((threading.current_thread(), str(record["state"])))
+        record_state(job, record)
+
+    records.hook_changed = recording  # type: ignore[method-assign]
+    for path in write_study(StudySpec(series=1, instances=2), daemon.config.inbox):
+        daemon._observe(str(path), clock.now, closed=True)
+    deadline = time.monotonic() + 30
+    while "gave_up" not in [state for _, state in told]:
+        assert time.monotonic() < deadline, f"the hook did not end: {told}"
+        clock.now += 2
+        daemon.tick()
+        time.sleep(0.05)
+    assert [state for _, state in told] == ["pending", "running", "gave_up"]
+    assert {thread for thread, _ in told} == {threading.main_thread()}
+    daemon.settle()
+    (manifest,) = lab.rglob("manifest.json")
+    (hook,) = json.loads(manifest.read_text())["hooks"]
+    assert hook["state"] == "gave_up" and hook["exit_status"] == 3
 
 
 def test_a_hook_pending_at_a_crash_runs_after_the_restart(daemon, lab, stand_ins):

@@ -111,6 +111,12 @@ class Daemon:
         self.retry_dir = config.state / "retry"
         self._quarantine_reasons = QuarantineReasons(self.quarantine_dir)
         self._metrics_failed = False
+        #: Hook jobs' new states, recorded by the loop's thread: a job's
+        #: start is told from the thread that runs it, and the records (and
+        #: the placers they write through) belong to the loop.
+        self._hook_changes: queue.SimpleQueue[tuple[HookJob, dict[str, object]]] = (
+            queue.SimpleQueue()
+        )
         self.hook_store = DaemonStore(config.state / "hooks", on_change=self._hook_changed)
         self.hooks = HookRunner(
             self.hook_store,
@@ -196,6 +202,7 @@ class Daemon:
             if self.delivery.workers is not None:
                 self.delivery.workers.shutdown(cancel_futures=True)
                 self.delivery.workers = None
+            self._record_hook_changes()
             self.delivery.finish()
             self._write_status()
         parked = [s for s in self.studies if s.parked_since is not None]
@@ -286,6 +293,7 @@ class Daemon:
             self._next_hook_sync = now + HOOK_SYNC_SECONDS
             self.lab_jobs.sync()
             self.delivery.records.retry()
+        self._record_hook_changes()
         if self.watcher is not None and not self.watcher.healthy() and not self.stop.is_set():
             self.watcher.restart()
             self._next_rescan = 0.0
@@ -514,8 +522,17 @@ class Daemon:
         )
 
     def _hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
-        """A hook job's new state goes into its study's manifest."""
-        self.delivery.records.hook_changed(job, record)
+        """A hook job's new state, for its study's manifest (from any thread)."""
+        self._hook_changes.put((job, record))
+
+    def _record_hook_changes(self) -> None:
+        """The hook jobs' new states go into their studies' manifests, in order."""
+        while True:
+            try:
+                job, record = self._hook_changes.get_nowait()
+            except queue.Empty:
+                return
+            self.delivery.records.hook_changed(job, record)
 
     def _reread(self, study: Study) -> None:
         for pending in list(study.instances.values()):
