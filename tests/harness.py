@@ -338,6 +338,18 @@ def assert_accounted(
     return counts
 
 
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text, read with prometheus-client's own parser: (name,
+    sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
 def _sop_instance_uid(path: Path) -> str:
     import pydicom
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import DaemonProcess, free_port, listening, skip_or_fail, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from harness import DaemonProcess, free_port, listening, metric_samples, skip_or_fail, wait_for
 
 from watcher.synthetic import StudySpec, write_study
 from watcher.web import STALE_SECONDS
@@ -65,7 +64,9 @@ def make_scene(root: Path, **settings: object) -> Iterator[Scene]:
     )
     smith = root / "nas" / "smith"
     smith.mkdir(parents=True)
-    daemon.add_rule("smith", smith, match={"StudyDescription": "^SMITH"})
+    # (its post-processing fails, once a study: the hooks' failed jobs)
+    failing = {"command": ["sh", "-c", "exit 3"], "retries": 0}
+    daemon.add_rule("smith", smith, match={"StudyDescription": "^SMITH"}, hooks=[failing])
     daemon.add_rule("jones", root / "nas" / "jones-unmounted", match={"StudyDescription": "^JONES"})
     daemon.add_rule(
         "slow",
@@ -93,9 +94,10 @@ def make_scene(root: Path, **settings: object) -> Iterator[Scene]:
                 (s := daemon.status())
                 and s.get("quarantine_files") == 1
                 and len(s.get("studies", [])) == 2
+                and s["hooks"]["operator"]["failed"] == 2  # type: ignore[index]
             ),
             30,
-            "a status with the quarantine and the two waiting studies",
+            "a status with the quarantine, the two waiting studies and the failed hooks",
         )
         port = free_port()
         web = start_web(daemon, port)
@@ -129,18 +131,10 @@ def get(url: str, timeout: float = 10) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
 def test_metrics_count_what_the_daemon_did(scene):
     status, text = get(scene.url + "/metrics")
     assert status == 200
-    found = samples(text)
+    found = metric_samples(text)
     assert found[("dicom_watcher_placed_studies_total", (("lab", "smith"),))] == 2
     assert found[("dicom_watcher_placed_files_total", (("lab", "smith"),))] == scene.placed_files
     placed_bytes = sum(
@@ -177,6 +171,11 @@ def test_metrics_count_what_the_daemon_did(scene):
         == 2
     )
     assert 0 <= found[("dicom_watcher_last_loop_turn_age_seconds", ())] < STALE_SECONDS
+    failed_jobs = list((scene.daemon.state / "hooks" / "failed").glob("*.json"))
+    assert len(failed_jobs) == 2
+    operator = (("lab", "(operator)"),)
+    assert found[("dicom_watcher_hook_jobs", (*operator, ("state", "failed")))] == len(failed_jobs)
+    assert found[("dicom_watcher_hook_jobs", (*operator, ("state", "waiting")))] == 0
     assert PATIENT_ID not in text
 
 
@@ -185,7 +184,7 @@ def test_the_metrics_file_is_written_for_node_exporter(tmp_path):
     with make_scene(tmp_path, metrics_file="metrics/dicom-watcher.prom") as scene:
         path = tmp_path / "metrics" / "dicom-watcher.prom"
         text = wait_for(lambda: path.exists() and path.read_text(), 10, "the metrics file")
-        found = samples(text)
+        found = metric_samples(text)
         assert (
             found[("dicom_watcher_placed_files_total", (("lab", "smith"),))] == scene.placed_files
         )
@@ -226,6 +225,14 @@ def test_the_page_shows_the_daemons_studies_in_a_real_browser(scene, tmp_path):
     assert all(uid in placed for uid in scene.placed_uids)
     assert "not a DICOM file" in dom[dom.index('id="quarantine-reasons"') :]
     assert "jones-unmounted" in dom and "unavailable" in dom
+    hooks = dom[dom.index('id="hooks"') :]
+    hooks = hooks[: hooks.index("</table>")]
+    operator_row = hooks[hooks.index("(operator") :]
+    cells = [
+        re.sub(r"<[^>]*>", "", cell)
+        for cell in re.findall(r"<td[^>]*>(.*?)</td>", operator_row[: operator_row.index("</tr>")])
+    ]
+    assert cells[:4] == ["0", "0", "", "2"], cells  # waiting, running, retrying, failed
     assert PATIENT_ID not in dom
     screenshot = tmp_path / "status.png"
     browse(scene.url + "/", f"--screenshot={screenshot}", "--window-size=1280,900")
@@ -260,7 +267,7 @@ def test_a_silent_daemon_shows_as_stale(tmp_path):
                 every=2.0,
             )
             assert "STALE" in dom
-            found = samples(get(scene.url + "/metrics")[1])
+            found = metric_samples(get(scene.url + "/metrics")[1])
             assert found[("dicom_watcher_last_loop_turn_age_seconds", ())] > STALE_SECONDS
         finally:
             scene.daemon.process.send_signal(signal.SIGCONT)
@@ -439,7 +446,7 @@ def test_a_metrics_file_that_cannot_be_written_is_said_once_and_stops_nothing(tm
         assert len(daemon.logs("metrics_write_failed")) == 1
         (tmp_path / "textfile").mkdir()
         daemon.wait_event("metrics_written_again")
-        found = samples((tmp_path / "textfile" / "dicom-watcher.prom").read_text())
+        found = metric_samples((tmp_path / "textfile" / "dicom-watcher.prom").read_text())
         assert found[("dicom_watcher_placed_files_total", (("lab", "all"),))] == 2
     finally:
         daemon.close()

@@ -17,6 +17,7 @@ from harness import (
     files_under,
     free_port,
     listening,
+    metric_samples,
     send_command,
     skip_or_fail,
     storescp_command,
@@ -80,6 +81,16 @@ def write_into(run: DaemonProcess, spec: StudySpec, name: str) -> dict[str, str]
 def own(run: DaemonProcess) -> list[Path]:
     """What a test itself makes beside a daemon: rules, config, log, staging."""
     return [run.rules, run.config_path, run.log_path, run.root / "staging"]
+
+
+#: Where the fault tests' daemons write their metrics (config `metrics_file`),
+#: inside their state folder, which the accounting allows.
+METRICS_FILE = "state/metrics.prom"
+
+
+def metrics_of(run: DaemonProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The metrics the daemon last wrote to METRICS_FILE, parsed."""
+    return metric_samples((run.root / METRICS_FILE).read_text())
 
 
 def temporaries(folder: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from faultlib import own
+from faultlib import METRICS_FILE, metrics_of, own
 from harness import DaemonProcess, lab_files, paths_under, sha256, wait_for
 
 from watcher.synthetic import StudySpec, make_dataset, study_datasets, write_dataset
@@ -56,7 +56,12 @@ def test_bad_files_are_quarantined_and_a_slow_file_is_placed_whole(tmp_path, dae
     lab.mkdir(parents=True)
     # quarantine_after_seconds well above the pause of the slow writer (the
     # default is 60; 10 keeps the test short); quiet_seconds above it too.
-    run = DaemonProcess(tmp_path / "node", quarantine_after_seconds=10.0, quiet_seconds=2.0)
+    run = DaemonProcess(
+        tmp_path / "node",
+        quarantine_after_seconds=10.0,
+        quiet_seconds=2.0,
+        metrics_file=METRICS_FILE,
+    )
     daemons.append(run)
     run.add_rule("lab", lab)
     corpus = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
@@ -143,4 +148,10 @@ def test_bad_files_are_quarantined_and_a_slow_file_is_placed_whole(tmp_path, dae
     )
     assert counts["placed"] == 3 and counts["quarantine"] == len(bad)
     assert counts["still_in_inbox"] == 0
+    # the metrics the daemon wrote last, at its stop, say the same
+    found = metrics_of(run)
+    assert found[("dicom_watcher_placed_files_total", (("lab", "lab"),))] == counts["placed"]
+    assert found[("dicom_watcher_quarantined_files", ())] == counts["quarantine"]
+    assert found[("dicom_watcher_unmatched_files", ())] == counts.get("unmatched", 0)
+    assert found[("dicom_watcher_pending_studies", ())] == 0
     shutil.rmtree(made)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 from faultlib import (
+    METRICS_FILE,
     deliver,
     fill,
     free_bytes,
+    metrics_of,
     own,
     pages,
     stage,
@@ -42,7 +44,7 @@ def test_destination_fills_up_then_gets_room_again(tmp_path, mounts, daemons, ac
     share = mounts.tmpfs(tmp_path / "nas", "2m")
     lab = share / "lab"
     lab.mkdir()
-    run = DaemonProcess(tmp_path / "node")
+    run = DaemonProcess(tmp_path / "node", metrics_file=METRICS_FILE)
     daemons.append(run)
     run.add_rule("lab", lab)
     before = paths_under(tmp_path)
@@ -61,6 +63,14 @@ def test_destination_fills_up_then_gets_room_again(tmp_path, mounts, daemons, ac
     assert 0 < placed_while_full <= 10, "some are placed before the disk is full"
     assert not temporaries(lab), "no temporary file is left behind by a failed write"
     assert list((run.state / "retry").glob("*.json")), "the retry is recorded in the state folder"
+    parked_metrics = wait_for(
+        lambda: (m := metrics_of(run))[("dicom_watcher_parked_studies", ())] == 1 and m,
+        10,
+        "the metrics to show the parked study",
+    )
+    assert parked_metrics[("dicom_watcher_pending_studies", ())] == 1
+    # (a study's files count as placed once it is, whole)
+    assert ("dicom_watcher_placed_files_total", (("lab", "lab"),)) not in parked_metrics
 
     # 2. Room again: the study resumes and the rest is placed.
     filler.unlink()
@@ -104,6 +114,10 @@ def test_destination_fills_up_then_gets_room_again(tmp_path, mounts, daemons, ac
         },
     )
     assert counts["placed"] == 50 and counts["lab_files"] == 50 and counts["still_in_inbox"] == 0
+    found = metrics_of(run)
+    assert found[("dicom_watcher_placed_files_total", (("lab", "lab"),))] == counts["placed"]
+    assert found[("dicom_watcher_parked_studies", ())] == 0
+    assert found[("dicom_watcher_pending_studies", ())] == 0
 
 
 def test_destination_remounted_read_only_then_writable(tmp_path, mounts, daemons, account):
