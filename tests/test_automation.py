@@ -112,7 +112,13 @@ def test_slurm_example_submits_with_study_folder_and_manifest(daemon, lab, stand
     assert env["DW_FILES"] == "3" and env["DW_LAB"] == "smithlab"
     manifest = json.loads(Path(args[-1]).read_text())
     assert manifest["files"] == 3, "the manifest is complete when the hook runs"
-    # The operator's hook, run by the daemon, is recorded in the manifest too.
+    # The operator's hook, run by the daemon, is recorded in the manifest too
+    # (by the destination's placer, soon after).
+    manifest = wait_for(
+        lambda: (m := json.loads(Path(args[-1]).read_text()))["hooks"][0]["state"] == "done" and m,
+        10,
+        "the hook's end in the manifest",
+    )
     [hook] = manifest["hooks"]
     assert (hook["hook"], hook["state"], hook["exit_status"], hook["attempts"]) == (
         "sbatch",

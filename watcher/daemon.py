@@ -117,6 +117,7 @@ class Daemon:
         self._hook_changes: queue.SimpleQueue[tuple[HookJob, dict[str, object]]] = (
             queue.SimpleQueue()
         )
+        self._loop_thread = threading.get_ident()
         self.hook_store = DaemonStore(config.state / "hooks", on_change=self._hook_changed)
         self.hooks = HookRunner(
             self.hook_store,
@@ -522,8 +523,11 @@ class Daemon:
         )
 
     def _hook_changed(self, job: HookJob, record: dict[str, object]) -> None:
-        """A hook job's new state, for its study's manifest (from any thread)."""
+        """A hook job's new state, for its study's manifest (from any thread):
+        the loop's own are sent at once, after those queued before them."""
         self._hook_changes.put((job, record))
+        if threading.get_ident() == self._loop_thread:
+            self._record_hook_changes()
 
     def _record_hook_changes(self) -> None:
         """The hook jobs' new states go into their studies' manifests, in order."""
