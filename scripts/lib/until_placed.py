@@ -19,15 +19,18 @@ import time
 POLL_SECONDS = 0.05
 
 
-def files_in(folder: str) -> int:
-    return sum(len(files) for _, _, files in os.walk(folder))
+def holds_a_file(folder: str) -> bool:
+    """Whether anything but folders is left under `folder`. Stops at the
+    first file: a walk of the whole inbox every 50 ms (20,000 files: 7 ms)
+    would take processor time from the daemon it times."""
+    return any(files for _, _, files in os.walk(folder))
 
 
 def main(argv: list[str]) -> int:
     program, config, inbox = argv
     daemon = subprocess.Popen([program, "run", "--config", config])
     try:
-        while files_in(inbox):
+        while holds_a_file(inbox):
             if daemon.poll() is not None:
                 print(f"until_placed: the daemon exited with {daemon.returncode}", file=sys.stderr)
                 return 1
