@@ -312,6 +312,51 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(scene):
     assert get(scene.url + "/")[0] == 200
 
 
+def tcp_listeners(port: int) -> list[str]:
+    """The addresses something listens on at `port` (IPv4 and IPv6), from /proc."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # (0A: LISTEN)
+                    raw = bytes.fromhex(address)
+                    # (the kernel prints each 32-bit word in host order)
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+                    found.append(socket.inet_ntop(family, words))
+    return found
+
+
+def test_the_page_listens_on_loopback_only_by_default(tmp_path):
+    """With no web_listen nor --listen, nothing beyond this machine reaches
+    the page (the reverse proxy in front is the way in)."""
+    from watcher.config import Config, parse_listen
+
+    _, port = parse_listen(Config().web_listen, "web_listen")
+    daemon = DaemonProcess(tmp_path)
+    assert "web_listen" not in daemon.config_path.read_text()
+    web = None
+    try:
+        daemon.start()
+        daemon.wait_event("started")
+        web = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "web", "--config", str(daemon.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "web.log", "ab"),  # noqa: SIM115 - the child holds it
+        )
+        wait_for(lambda: listening(port) or web.poll() is not None, 30, "the web process")
+        assert web.poll() is None, (tmp_path / "web.log").read_text()
+        assert tcp_listeners(port) == ["127.0.0.1"]
+        assert get(f"http://127.0.0.1:{port}/metrics")[0] == 200
+    finally:
+        if web is not None:
+            web.terminate()
+            web.wait(10)
+        daemon.close()
+
+
 def test_header_values_cannot_inject_markup(tmp_path):
     """A study description is the scanner's (or an attacker's) text: it
     reaches the page as text, never as markup."""
