@@ -45,7 +45,7 @@ from watcher.labjobs import Dispatch
 from watcher.logs import kv
 from watcher.placement import TEMP_PREFIX, place
 from watcher.placing import Immediate, PlacerPool
-from watcher.rules import RuleBook
+from watcher.rules import Resolver, RuleBook
 from watcher.state import atomic_write, make_private, trusted
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
@@ -64,6 +64,10 @@ DAEMON_POOL_THRESHOLD = 20000
 STATUS_SECONDS = 2.0
 #: How often the labs' runners' results are taken up.
 HOOK_SYNC_SECONDS = 1.0
+#: How long a rule reload waits for a lab destination's lookup: milliseconds
+#: on a disk or a share that answers; a share that hangs must not stall the
+#: loop (the rule waits, its last good version in force).
+RESOLVE_SECONDS = 2.0
 #: The inbox's folder that kept unmatched files a rule matches now go back to.
 REROUTED = "rerouted"
 
@@ -91,7 +95,7 @@ class Daemon:
         self.clock = clock
         self.stop = stop or threading.Event()
         self.quiet_override = quiet_override
-        self.rulebook = RuleBook(config.rules, config.labs)
+        self.rulebook = RuleBook(config.rules, config.labs, Resolver(RESOLVE_SECONDS))
         self.arrivals = Arrivals()
         #: Files whose size and mtime were taken in this turn of the loop: not
         #: looked at again before they are read.

@@ -13,7 +13,9 @@ import grp
 import os
 import re
 import stat
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -473,7 +475,60 @@ class _Refused(Exception):
         self.key = key
 
 
-def _bound_to_lab(rule: Rule, lab: Lab) -> Rule:
+class Unanswered(OSError):
+    """A destination's lookup did not answer in time (its share may hang)."""
+
+
+class Resolver:
+    """`os.path.realpath` with a deadline, for a daemon's rule reloads: the
+    lookups of a lab's destination on a share that hangs wait in the kernel
+    for as long as it hangs, and must not hold up the loop that places for
+    every lab. A lookup still stuck is not started again; once it returns,
+    `answered` says so (the rules that waited on it can be loaded again)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._pending: dict[str, futures.Future[str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str | Path) -> str:
+        key = os.fspath(path)
+        with self._lock:
+            future = self._pending.get(key)
+            late = future is not None  # (timed out before: not waited for again)
+            if future is None:
+                future = self._pending[key] = futures.Future()
+                threading.Thread(
+                    target=self._resolve, args=(key, future), daemon=True, name="resolve"
+                ).start()
+        try:
+            found = future.result(0 if late else self.timeout)
+        except futures.TimeoutError:
+            raise Unanswered(f"{key} did not answer within {self.timeout:g} s") from None
+        with self._lock:
+            if self._pending.get(key) is future:
+                del self._pending[key]
+        return found
+
+    @staticmethod
+    def _resolve(path: str, future: futures.Future[str]) -> None:
+        try:
+            future.set_result(os.path.realpath(path))
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting caller
+            future.set_exception(error)
+
+    def answered(self) -> bool:
+        """Whether a lookup that timed out has returned since (each is told once)."""
+        with self._lock:
+            done = [key for key, future in self._pending.items() if future.done()]
+            for key in done:
+                del self._pending[key]
+        return bool(done)
+
+
+def _bound_to_lab(
+    rule: Rule, lab: Lab, resolve: Callable[[str | Path], str] = os.path.realpath
+) -> Rule:
     """The rule as its lab may have it: namespaced, claimed, grouped; raises
     `_Refused` when it reaches beyond what the config gives the lab."""
     if rule.lab and rule.lab != lab.name:
@@ -484,7 +539,14 @@ def _bound_to_lab(rule: Rule, lab: Lab) -> Rule:
         )
     if not lab.destinations:
         raise _Refused("destination", f"refused: labs.{lab.name} has no destinations")
-    target = Path(os.path.realpath(rule.destination))
+    try:
+        target = Path(resolve(rule.destination))
+    except Unanswered as error:
+        raise _Refused(
+            "destination",
+            f"destination {rule.destination} does not answer (its share may hang): "
+            f"{error}; loaded once it answers",
+        ) from None
     # The roots as resolved when the config was loaded: a link the lab puts
     # in place of its root (or a folder above it) since cannot move them.
     roots = list(lab.destinations)
@@ -572,10 +634,14 @@ def read_rule_text(path: Path, lab: Lab | None) -> str:
 
 
 def load_rule_file(
-    path: Path, labs: Mapping[str, Lab] | None = None, tenant: str = ""
+    path: Path,
+    labs: Mapping[str, Lab] | None = None,
+    tenant: str = "",
+    resolve: Callable[[str | Path], str] = os.path.realpath,
 ) -> tuple[Rule | None, list[RuleError]]:
     """Parse and validate one rule file of `tenant` ("" for the operator);
-    return the rule (or None) and its problems."""
+    return the rule (or None) and its problems. `resolve` finds where a lab
+    rule's destination really is."""
     import yaml  # here, not above: `sort --dest` reads no YAML, and starts sooner
 
     source = str(path)
@@ -611,7 +677,7 @@ def load_rule_file(
     rule, problems = _validate(source, path.stem, data, lines)
     if rule is not None and lab is not None:
         try:
-            rule = _bound_to_lab(rule, lab)
+            rule = _bound_to_lab(rule, lab, resolve)
         except _Refused as refused:
             return None, [RuleError(source, lines.get(refused.key, 1), str(refused))]
     return rule, problems
@@ -940,12 +1006,21 @@ class RuleBook:
     reported once per change.
     """
 
-    def __init__(self, directory: str | Path, labs: Mapping[str, Lab] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        labs: Mapping[str, Lab] | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.labs = labs
         self.ruleset = RuleSet()
         self._good: dict[Path, Rule] = {}
         self._signature: tuple[object, ...] | None = None
+        #: With a resolver, a lab rule whose destination does not answer is
+        #: not loaded (its last good version stays), and the folder is
+        #: loaded again once that destination answers.
+        self.resolver = resolver
 
     def refresh(self) -> list[RuleError] | None:
         """Reload if anything changed: return the problems found (maybe
@@ -954,7 +1029,8 @@ class RuleBook:
             found = survey(self.directory, self.labs)
         except RuleError as error:
             found = Survey(problems=[error])
-        if found.signature == self._signature:
+        waited = self.resolver is not None and self.resolver.answered()
+        if found.signature == self._signature and not waited:
             return None
         self._signature = found.signature
         problems = list(found.problems)
@@ -963,7 +1039,9 @@ class RuleBook:
             if path not in present:
                 del self._good[path]
         for path, entry in sorted(present.items()):
-            rule, more = load_rule_file(path, self.labs, entry.tenant)
+            rule, more = load_rule_file(
+                path, self.labs, entry.tenant, self.resolver or os.path.realpath
+            )
             problems.extend(more)
             if rule is not None:
                 self._good[path] = rule
