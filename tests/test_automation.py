@@ -256,6 +256,7 @@ def test_a_failing_hook_is_retried_a_bounded_number_of_times(daemon, lab, stand_
     assert len(recorded(records, "record")) == 3
     assert len(list((run.state / "hooks" / "failed").glob("*.json"))) == 1
     assert not list((run.state / "hooks").glob("*.json")), "no job left pending"
+    run.wait_settled()  # (the manifest's records of the job are written by its placer)
     assert len(lab_files(lab)) == 2, "a failed hook does not undo the placement"
 
 
