@@ -440,6 +440,20 @@ def _server_requests(server_log: Path) -> list[tuple[str, list[str]]]:
     return requests
 
 
+def _place_spread_and_log(
+    tmp_path: Path, share: Share, root: Path, monkeypatch
+) -> tuple[list[placement.Job], list[tuple[str, list[str]]]]:
+    """Place `_spread_jobs` into `root` side by side, check each file arrived
+    whole, and return the jobs and the requests the server logged meanwhile."""
+    jobs = _spread_jobs(tmp_path / "sources", root)
+    before = len(share.server_log.read_text().splitlines())
+    results, _ = _place_spread(jobs, monkeypatch)
+    for job, result in zip(jobs, results, strict=True):
+        assert isinstance(result, placement.Placement), result
+        assert result.path.read_bytes() == Path(job.source).read_bytes()
+    return jobs, _server_requests(share.server_log)[before:]
+
+
 def test_files_placed_side_by_side_get_their_temporary_names_in_scratch_folders(
     tmp_path, share, monkeypatch
 ):
@@ -448,15 +462,7 @@ def test_files_placed_side_by_side_get_their_temporary_names_in_scratch_folders(
     # root, so that the target folders see nothing but the links.
     root = share.mount / "out"
     root.mkdir()
-    jobs = _spread_jobs(tmp_path / "sources", root)
-    before = len(share.server_log.read_text().splitlines())
-
-    results, _ = _place_spread(jobs, monkeypatch)
-
-    for job, result in zip(jobs, results, strict=True):
-        assert isinstance(result, placement.Placement), result
-        assert result.path.read_bytes() == Path(job.source).read_bytes()
-    requests = _server_requests(share.server_log)[before:]
+    jobs, requests = _place_spread_and_log(tmp_path, share, root, monkeypatch)
     created = [paths[0] for kind, paths in requests if kind == "open" and TEMP_PREFIX in paths[0]]
     assert len(created) == len(jobs)
     export = share.export / "out"
@@ -481,15 +487,7 @@ def test_a_folder_on_another_filesystem_of_the_server_gets_the_temporary_names_i
     served.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(served)], check=True)
     try:
-        jobs = _spread_jobs(tmp_path / "sources", root)
-        before = len(share.server_log.read_text().splitlines())
-
-        results, _ = _place_spread(jobs, monkeypatch)
-
-        for job, result in zip(jobs, results, strict=True):
-            assert isinstance(result, placement.Placement), result
-            assert result.path.read_bytes() == Path(job.source).read_bytes()
-        requests = _server_requests(share.server_log)[before:]
+        _, requests = _place_spread_and_log(tmp_path, share, root, monkeypatch)
         linked = [paths for kind, paths in requests if kind == "hardlink"]
         assert any(Path(old).parent == served for old, _ in linked), "written again in S1"
         assert [p for p in share.export.rglob("*") if p.name.startswith(TEMP_PREFIX)] == []
