@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import math
 import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -484,30 +486,52 @@ class Resolver:
     lookups of a lab's destination on a share that hangs wait in the kernel
     for as long as it hangs, and must not hold up the loop that places for
     every lab. A lookup still stuck is not started again; once it returns,
-    `answered` says so (the rules that waited on it can be loaded again)."""
+    `answered` says so (the rules that waited on it can be loaded again).
+
+    The lookups of one reload wait `timeout` in all, not each (`begin`;
+    each at least FLOOR_SECONDS): a lab with many rule files into a share
+    that hangs costs the loop about one wait, not one a file; and at most
+    MAX_PENDING lookups of one owner (a lab) are stuck at once, so that its
+    rules cannot use up the threads, nor the waits of another lab's."""
+
+    MAX_PENDING = 16
+    #: What a lookup gets once the reload's wait is spent: plenty for a
+    #: disk or a share that answers.
+    FLOOR_SECONDS = 0.05
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._pending: dict[str, futures.Future[str]] = {}
+        self._owners: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._until = math.inf
 
-    def __call__(self, path: str | Path) -> str:
+    def begin(self) -> None:
+        """A reload starts: its lookups together wait at most `timeout`."""
+        self._until = time.monotonic() + self.timeout
+
+    def __call__(self, path: str | Path, owner: str = "") -> str:
         key = os.fspath(path)
         with self._lock:
             future = self._pending.get(key)
             late = future is not None  # (timed out before: not waited for again)
             if future is None:
+                if sum(o == owner for o in self._owners.values()) >= self.MAX_PENDING:
+                    raise Unanswered(f"{key}: {self.MAX_PENDING} of its lookups wait already")
                 future = self._pending[key] = futures.Future()
+                self._owners[key] = owner
                 threading.Thread(
                     target=self._resolve, args=(key, future), daemon=True, name="resolve"
                 ).start()
+        left = self._until - time.monotonic()
+        wait = 0.0 if late else min(self.timeout, max(left, self.FLOOR_SECONDS))
         try:
-            found = future.result(0 if late else self.timeout)
+            found = future.result(wait)
         except futures.TimeoutError:
-            raise Unanswered(f"{key} did not answer within {self.timeout:g} s") from None
+            raise Unanswered(f"{key} did not answer within {wait:.2g} s") from None
         with self._lock:
             if self._pending.get(key) is future:
-                del self._pending[key]
+                del self._pending[key], self._owners[key]
         return found
 
     @staticmethod
@@ -522,13 +546,16 @@ class Resolver:
         with self._lock:
             done = [key for key, future in self._pending.items() if future.done()]
             for key in done:
-                del self._pending[key]
+                del self._pending[key], self._owners[key]
         return bool(done)
 
 
-def _bound_to_lab(
-    rule: Rule, lab: Lab, resolve: Callable[[str | Path], str] = os.path.realpath
-) -> Rule:
+def _realpath(path: str | Path, owner: str = "") -> str:
+    """`os.path.realpath`, waiting as long as it takes (`check`, `preview`)."""
+    return os.path.realpath(path)
+
+
+def _bound_to_lab(rule: Rule, lab: Lab, resolve: Callable[..., str] = _realpath) -> Rule:
     """The rule as its lab may have it: namespaced, claimed, grouped; raises
     `_Refused` when it reaches beyond what the config gives the lab."""
     if rule.lab and rule.lab != lab.name:
@@ -540,7 +567,7 @@ def _bound_to_lab(
     if not lab.destinations:
         raise _Refused("destination", f"refused: labs.{lab.name} has no destinations")
     try:
-        target = Path(resolve(rule.destination))
+        target = Path(resolve(rule.destination, lab.name))
     except Unanswered as error:
         raise _Refused(
             "destination",
@@ -637,7 +664,7 @@ def load_rule_file(
     path: Path,
     labs: Mapping[str, Lab] | None = None,
     tenant: str = "",
-    resolve: Callable[[str | Path], str] = os.path.realpath,
+    resolve: Callable[..., str] = _realpath,
 ) -> tuple[Rule | None, list[RuleError]]:
     """Parse and validate one rule file of `tenant` ("" for the operator);
     return the rule (or None) and its problems. `resolve` finds where a lab
@@ -1033,15 +1060,15 @@ class RuleBook:
         if found.signature == self._signature and not waited:
             return None
         self._signature = found.signature
+        if self.resolver is not None:
+            self.resolver.begin()
         problems = list(found.problems)
         present = {entry.path: entry for entry in found.files}
         for path in list(self._good):
             if path not in present:
                 del self._good[path]
         for path, entry in sorted(present.items()):
-            rule, more = load_rule_file(
-                path, self.labs, entry.tenant, self.resolver or os.path.realpath
-            )
+            rule, more = load_rule_file(path, self.labs, entry.tenant, self.resolver or _realpath)
             problems.extend(more)
             if rule is not None:
                 self._good[path] = rule
