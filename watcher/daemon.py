@@ -751,12 +751,13 @@ def _count_files(folder: Path, suffix: str = "") -> int:
     return total
 
 
-def _signature(path: Path | None) -> tuple[int, int, bytes] | None:
-    """A file's size, modification time and content, or None if unreadable."""
+def _signature(path: Path | None) -> tuple[int, int, int, int] | None:
+    """A file's inode, size and change times (a write or a replacement
+    changes them; nothing is read), or None if it cannot be looked at."""
     if path is None:
         return None
     try:
         status = path.stat()
-        return status.st_size, status.st_mtime_ns, path.read_bytes()
     except OSError:
         return None
+    return status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
