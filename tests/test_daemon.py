@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -286,6 +287,43 @@ def test_sigterm_finishes_and_exits_zero_and_once_drains(daemon, lab):
     assert once.returncode == 0, once.stderr
     assert run.inbox_files() == []
     assert len(lab_files(lab)) == 6
+
+
+# A command's loop waiting on its stop, as `web` does from the moment it
+# listens, while SIGTERM comes. A handler that set a threading.Event hung
+# the process whenever the signal landed while the main thread held the
+# event's lock (3 runs in 5 when the loop waits in short turns).
+STOP_LOOP = """
+import logging, sys, threading
+from watcher.stopping import stop_on_signals
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+stop = stop_on_signals()
+other = threading.Thread(target=stop.wait)
+other.start()
+print("waiting", flush=True)
+while not stop.wait(0):
+    pass
+other.join(5)
+print("stopped", "other thread woke" if not other.is_alive() else "other thread asleep")
+"""
+
+
+def test_a_signal_stops_a_loop_at_any_moment_of_its_wait_in_every_thread():
+    for _ in range(5):
+        child = subprocess.Popen(
+            [sys.executable, "-c", STOP_LOOP], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert child.stdout is not None and child.stdout.readline() == b"waiting\n"
+        time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)
+        try:
+            out, err = child.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            raise AssertionError("SIGTERM did not stop the loop: the process hung") from None
+        assert child.returncode == 0, err
+        assert out == b"stopped other thread woke\n"
+        assert err.decode().splitlines() == ["event=stopping signal=SIGTERM"]
 
 
 def test_once_drains_pydicom_corpus_and_synthetic_studies_accounting_by_hash(daemon, lab, tmp_path):

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from watcher.engine import POOL_THRESHOLD, Sorter, header_pool, iter_files
 from watcher.errors import NotRoutable, WatcherError
 from watcher.priority import yield_to_receiver
 from watcher.rules import Lab, Rule, RuleSet, describe_claim, load_rules, single_rule
+from watcher.stopping import stop_on_signals
 
 log = logging.getLogger("watcher.cli")
 
@@ -172,19 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- run and status ----------------------------------------------------------
-
-
-def stop_on_signals() -> threading.Event:
-    """An event that SIGTERM and SIGINT set (logged), for a command's loop."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info(logs.kv("stopping", signal=signal.Signals(signum).name))
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return stop
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ from watcher.placement import TEMP_PREFIX, place
 from watcher.placing import Immediate, PlacerPool
 from watcher.rules import Resolver, RuleBook
 from watcher.state import atomic_write, make_private, trusted
+from watcher.stopping import StopRequest
 from watcher.studies import Arrivals, Studies, Study
 from watcher.template import safe_component
 
@@ -81,7 +82,7 @@ class Daemon:
         *,
         once: bool = False,
         clock: Callable[[], float] = time.time,
-        stop: threading.Event | None = None,
+        stop: StopRequest | None = None,
         quiet_override: float | None = None,
         config_file: Path | None = None,
     ) -> None:

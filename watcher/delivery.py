@@ -19,7 +19,6 @@ import collections
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
@@ -55,6 +54,7 @@ from watcher.placing import Immediate, PlacerPool, place_part
 from watcher.records import Records
 from watcher.rules import Route, RuleBook
 from watcher.state import atomic_write, trusted
+from watcher.stopping import StopRequest
 from watcher.studies import Studies, Study
 from watcher.template import safe_component
 
@@ -102,7 +102,7 @@ class Delivery:
         hooks: Hooks,
         counts: Counts,
         reread: Callable[[Study], None],
-        stop: threading.Event,
+        stop: StopRequest,
         clock: Callable[[], float],
         once: bool,
     ) -> None:

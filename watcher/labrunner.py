@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import stat
-import threading
 import time
 
 from watcher.config import Config
@@ -34,6 +33,7 @@ from watcher.labjobs import (
     user_name,
 )
 from watcher.logs import kv
+from watcher.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ POLL_SECONDS = 0.5
 WAIT_SECONDS = 2.0
 
 
-def run_lab_hooks(config: Config, lab_name: str, once: bool, stop: threading.Event) -> int:
+def run_lab_hooks(config: Config, lab_name: str, once: bool, stop: StopRequest) -> int:
     """Run `lab_name`'s jobs until `stop` is set (or, with `once`, until
     none is waiting or running)."""
     _check_account(config, lab_name)
@@ -104,9 +104,7 @@ def _check_account(config: Config, lab_name: str) -> None:
         raise WatcherError(f"lab {lab_name}'s hooks run as {lab.hook_user}, not as {user_name()}")
 
 
-def _wait_for_jobs(
-    config: Config, lab_name: str, stop: threading.Event
-) -> tuple[Mailbox, int] | None:
+def _wait_for_jobs(config: Config, lab_name: str, stop: StopRequest) -> tuple[Mailbox, int] | None:
     """The lab's mailbox and the service user's uid, once the daemon has made
     the lab's jobs folder (a runner may start first) and it is the daemon's
     alone; None if stopped while waiting."""

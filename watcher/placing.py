@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import select
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from watcher.errors import DestinationHung
 from watcher.manifest import Entry, update_hooks, write_manifest
 from watcher.placers import CutOff, Placer
 from watcher.rules import Route, Rule
+from watcher.stopping import StopRequest
 
 Then = Callable[[Any], None]
 
@@ -143,7 +143,7 @@ class PlacerPool:
                 then(value)
         return self._probe()
 
-    def wait(self, timeout: float, stop: threading.Event) -> None:
+    def wait(self, timeout: float, stop: StopRequest) -> None:
         """Wait up to `timeout` seconds for `stop`, or only until a placer
         has an answer: the loop takes it, and hands over the next part, at
         once rather than at its next turn."""
@@ -233,7 +233,7 @@ class Immediate:
     def poll(self) -> list[str]:
         return []
 
-    def wait(self, timeout: float, stop: threading.Event) -> None:
+    def wait(self, timeout: float, stop: StopRequest) -> None:
         stop.wait(timeout)
 
     def abandon_all(self) -> None:

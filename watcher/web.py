@@ -37,6 +37,7 @@ from watcher import metrics
 from watcher.config import Config
 from watcher.logs import kv
 from watcher.rules import NAME_PATTERN
+from watcher.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def known_labs(status: Mapping[str, Any], config: Config) -> set[str]:
     return labs
 
 
-def serve(config: Config, listen: tuple[str, int], stop: threading.Event) -> int:
+def serve(config: Config, listen: tuple[str, int], stop: StopRequest) -> int:
     server = StatusServer(listen, config, StatusSource(config.state))
     host, port = server.server_address[:2]
     log.info(kv("web_listening", url=f"http://{_host(str(host))}:{port}/", state=config.state))
